@@ -1,0 +1,58 @@
+"""Getting model inputs (and labels) out of the batches users' dataloaders yield."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["default_input_fn", "slice_batch", "to_device"]
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_ids")
+
+
+def default_input_fn(batch: Any) -> Any:
+    """The model input of a batch: a tensor as is, the first item of a tuple/list, or a dict's input key.
+
+    Dict batches are looked up under ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``,
+    ``"features"``, ``"pixel_values"`` or ``"input_ids"``.
+
+    Raises:
+        ValueError: when no input can be found (pass ``input_fn`` or ``example_inputs``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+    raise ValueError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}"
+        + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
+        + "; pass input_fn=lambda batch: ... or example_inputs=... to StructuredPruningCallback"
+    )
+
+
+def slice_batch(inputs: Any, size: int) -> Any:
+    """The first ``size`` samples of every tensor in ``inputs`` (nested tuples, lists and dicts)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:size] if inputs.dim() else inputs
+    if isinstance(inputs, Mapping):
+        return {k: slice_batch(v, size) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(slice_batch(v, size) for v in inputs)
+    return inputs
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """Move every tensor in ``inputs`` to ``device`` (detached, so never an inference tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach().clone().to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs

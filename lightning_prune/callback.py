@@ -1,0 +1,371 @@
+"""StructuredPruningCallback: remove channels for real in the middle of ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_prune._batch import default_input_fn, slice_batch, to_device
+from lightning_prune.criteria import Criterion, get_criterion
+from lightning_prune.engine import ChannelPruner, Cost, Target, layer_widths
+from lightning_prune.reporting import PruningRecord, format_count, summary_table
+from lightning_prune.schedules import SCHEDULES, Schedule, cumulative_targets
+
+__all__ = ["StructuredPruningCallback"]
+
+_ALLOCATIONS = ("uniform", "global")
+_EXAMPLE_SAMPLES = 2
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
+    return float(value)
+
+
+class StructuredPruningCallback(Callback):
+    r"""Structured (channel) pruning during ``fit``: the weakest channels are removed for real.
+
+    At the end of each epoch listed in ``epochs`` (and, optionally, once at the start of training)
+    the callback traces the model with torch-pruning's dependency graph, scores every group of
+    coupled channels with ``criterion``, chooses widths that meet the schedule's target for that
+    step and cuts the channels from every coupled layer (convolutions, norms, residual partners,
+    consumers). The existing optimizers are pointed at the new parameters with their state
+    (momentum, Adam moments) cut to the kept channels, so the LR schedule, checkpoints and loggers
+    carry on untouched, and training fine-tunes the slimmer model.
+
+    Example::
+
+        import lightning as L
+        from lightning_prune import StructuredPruningCallback
+
+        pruning = StructuredPruningCallback(criterion="l1", target_flops_reduction=0.5, epochs=[4, 8, 12])
+        trainer = L.Trainer(max_epochs=30, callbacks=[pruning])
+        trainer.fit(model, datamodule)  # ~50% fewer MACs, fine-tuned after each step
+
+    A pre-trained model is pruned once before the first training step, then fine-tuned::
+
+        StructuredPruningCallback("l1", target_flops_reduction=0.5, prune_on_train_start=True)
+
+    Args:
+        criterion: a registered name (``lightning_prune.available_criteria()``: ``"l1"``,
+            ``"l2"``, ``"fpgm"``, ``"random"``, ...) or a :class:`~lightning_prune.criteria.Criterion`
+            instance. Default ``"l1"``. Unknown names raise ``ValueError`` listing the valid ones.
+        target_flops_reduction: fraction of the dense model's MACs to remove, in (0, 1).
+        target_params_reduction: fraction of the dense model's parameters to remove, in (0, 1).
+        channel_ratio: fraction of the prunable channels to remove, in (0, 1).
+            Exactly one of the three targets must be given (``ValueError`` otherwise). The final
+            model meets it within 2 percentage points (MACs and parameters of the whole model, see
+            :mod:`lightning_prune.engine.cost`).
+        epochs: epochs (0-based, as ``trainer.current_epoch``) at whose end a pruning step runs.
+            Default: ``[0]``, one step after the first epoch (``[]`` when
+            ``prune_on_train_start``). Must be sorted, unique, non-negative and below
+            ``max_epochs`` (checked in ``setup``).
+        schedule: how the target is spread over the steps: ``"linear"`` (default),
+            ``"geometric"`` (the same fraction of what remains at each step, as in the PLS paper),
+            ``"agp"`` (cubic), or a callable ``f(i, n, final)`` (see :mod:`lightning_prune.schedules`).
+        prune_on_train_start: also prune once before the first training step (for pre-trained
+            models: prune, then fine-tune). Counts as the first step of the schedule. Default False.
+        allocation: ``"uniform"`` (every group loses the same fraction, default) or ``"global"``
+            (one ranking across layers; scores are normalised per group unless the criterion's
+            scores are comparable across layers).
+        max_layer_ratio: largest fraction of a group's original width that may be removed, in
+            (0, 1). Default 0.9. A layer never loses its last channel.
+        ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
+            The layer producing the model's output is never pruned, without being listed. An unknown
+            name raises ``ValueError`` in ``setup``.
+        round_to: kept widths are multiples of this (e.g. 8 for tensor cores). Default None.
+            Must be a positive integer.
+        example_inputs: inputs for tracing the model; default: the first two samples of the
+            first training batch (extracted with ``input_fn``).
+        input_fn: maps a training batch to the model's input. Default: the batch itself if a
+            tensor, its first item if a tuple/list, else the ``"x"``/``"input"``/``"image"``... key.
+        criterion_kwargs: keyword arguments for a criterion given by name.
+        seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
+        verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
+
+    Attributes:
+        history: one :class:`~lightning_prune.reporting.PruningRecord` per completed step.
+        dense_cost: MACs per sample and parameters of the model before pruning.
+
+    Raises:
+        ValueError / TypeError: at construction or in ``setup``, before any training step, for any
+            invalid argument, an unreachable target or a model without prunable layers.
+        lightning_prune.engine.PruningError: when a step fails during fit (the model and optimizers
+            are left exactly as they were before the step).
+    """
+
+    def __init__(
+        self,
+        criterion: str | Criterion = "l1",
+        *,
+        target_flops_reduction: float | None = None,
+        target_params_reduction: float | None = None,
+        channel_ratio: float | None = None,
+        epochs: int | Sequence[int] | None = None,
+        schedule: str | Schedule = "linear",
+        prune_on_train_start: bool = False,
+        allocation: str = "uniform",
+        max_layer_ratio: float = 0.9,
+        ignored_layers: Sequence[str | nn.Module] = (),
+        round_to: int | None = None,
+        example_inputs: Any = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        criterion_kwargs: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.criterion = get_criterion(criterion, **dict(criterion_kwargs or {}))
+        self.target = self._parse_target(target_flops_reduction, target_params_reduction, channel_ratio)
+        self.epochs = self._parse_epochs(epochs, prune_on_train_start)
+        self.prune_on_train_start = bool(prune_on_train_start)
+        if isinstance(schedule, str) and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or a callable, got '{schedule}'")
+        self.schedule = schedule
+        self.step_targets = cumulative_targets(self.target.value, self.num_steps, schedule)
+        if allocation not in _ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(_ALLOCATIONS)}, got {allocation!r}")
+        self.allocation = allocation
+        self.max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio)
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        self.round_to = round_to
+        for layer in ignored_layers:
+            if not isinstance(layer, (str, nn.Module)):
+                raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
+        self.ignored_layers = list(ignored_layers)
+        self.example_inputs = example_inputs
+        self.input_fn = input_fn or default_input_fn
+        self.seed = int(seed)
+        self.verbose = verbose
+
+        self.history: list[PruningRecord] = []
+        self.dense_cost: Cost | None = None
+        self._original_widths: dict[str, int] = {}
+        self._pruner: ChannelPruner | None = None
+        self._example: Any = None
+
+    # ------------------------------------------------------------------ validation helpers
+    @staticmethod
+    def _parse_target(flops: float | None, params: float | None, channels: float | None) -> Target:
+        given = {
+            name: value
+            for name, value in (
+                ("target_flops_reduction", flops),
+                ("target_params_reduction", params),
+                ("channel_ratio", channels),
+            )
+            if value is not None
+        }
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of target_flops_reduction, target_params_reduction, channel_ratio; "
+                f"got {', '.join(f'{k}={v}' for k, v in given.items()) or 'none'}"
+            )
+        name, value = next(iter(given.items()))
+        kind = {"target_flops_reduction": "flops", "target_params_reduction": "params", "channel_ratio": "channels"}[name]
+        return Target(kind, _check_fraction(name, value))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _parse_epochs(epochs: int | Sequence[int] | None, on_start: bool) -> list[int]:
+        if epochs is None:
+            return [] if on_start else [0]
+        values = [epochs] if isinstance(epochs, int) and not isinstance(epochs, bool) else list(epochs)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"epochs must hold non-negative integers (0-based epoch indices), got {epochs!r}")
+        if values != sorted(set(values)):
+            raise ValueError(f"epochs must be sorted and unique, got {epochs!r}; e.g. epochs={sorted(set(values))}")
+        if not values and not on_start:
+            raise ValueError("epochs is empty and prune_on_train_start is False: no pruning step would run")
+        return values
+
+    @property
+    def num_steps(self) -> int:
+        """Total number of pruning steps (the start-of-training step included)."""
+        return len(self.epochs) + int(self.prune_on_train_start)
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.history)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.epochs and self.epochs[-1] >= max_epochs:
+            raise ValueError(
+                f"epochs={self.epochs} reaches beyond max_epochs={max_epochs}: epochs are 0-based, the last one "
+                f"that can end is {max_epochs - 1}"
+            )
+        if trainer.world_size > 1:
+            raise ValueError(
+                "StructuredPruningCallback does not support multi-process training yet "
+                f"(world_size={trainer.world_size}); run with devices=1"
+            )
+        if next(pl_module.parameters(), None) is not None:
+            self._prepare(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pruner is None:  # model built in configure_model: analyse it now
+            self._prepare(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prune_on_train_start and self.steps_done == 0:
+            self._prune(trainer, pl_module, epoch=-1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch in self.epochs and not any(r.epoch == epoch for r in self.history):
+            self._prune(trainer, pl_module, epoch=epoch)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.verbose and self.history and self.dense_cost is not None:
+            rank_zero_info("Structured pruning summary\n" + self.summary())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "history": [r.to_dict() for r in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [PruningRecord.from_dict(r) for r in state_dict.get("history", [])]
+
+    # ------------------------------------------------------------------ the work
+    def summary(self) -> str:
+        """The table of completed steps (empty string before the first one)."""
+        if self.dense_cost is None:
+            return ""
+        return summary_table(self.history, self.dense_cost.macs, self.dense_cost.params)
+
+    def _resolve_ignored(self, pl_module: pl.LightningModule) -> list[nn.Module]:
+        named = dict(pl_module.named_modules())
+        modules = []
+        for layer in self.ignored_layers:
+            if isinstance(layer, nn.Module):
+                if not any(layer is m for m in named.values()):
+                    raise ValueError(f"ignored_layers holds a {type(layer).__name__} that is not part of the model")
+                modules.append(layer)
+            elif layer in named:
+                modules.append(named[layer])
+            else:
+                close = [n for n in named if n and (layer in n or n in layer)][:5]
+                hint = f" Did you mean one of {close}?" if close else ""
+                raise ValueError(f"ignored_layers: the model has no layer named '{layer}'.{hint}")
+        return modules
+
+    def _example_from_data(self, trainer: pl.Trainer) -> Any:
+        try:
+            loader = trainer.fit_loop._data_source.dataloader()
+            if isinstance(loader, Mapping):
+                loader = next(iter(loader.values()))
+            elif isinstance(loader, (list, tuple)):
+                loader = loader[0]
+            batch = next(iter(loader))
+        except Exception as error:
+            raise ValueError(
+                "could not take example inputs from the training dataloader "
+                f"({type(error).__name__}: {error}); pass example_inputs=... to StructuredPruningCallback"
+            ) from error
+        return self.input_fn(batch)
+
+    def _inputs_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        inputs = to_device(self._example, pl_module.device)
+        return trainer.precision_plugin.convert_input(inputs)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ignored = self._resolve_ignored(pl_module)
+        self._pruner = ChannelPruner(
+            self.criterion,
+            allocation=self.allocation,  # type: ignore[arg-type]
+            max_layer_ratio=self.max_layer_ratio,
+            round_to=self.round_to,
+            ignored_layers=ignored,
+        )
+        example = self.example_inputs if self.example_inputs is not None else self._example_from_data(trainer)
+        self._example = slice_batch(example, _EXAMPLE_SAMPLES) if self.example_inputs is None else example
+        try:
+            analysis = self._pruner.analyse(pl_module, self._inputs_for(trainer, pl_module))
+        except Exception as error:
+            raise ValueError(
+                f"torch-pruning could not trace the model with the example inputs ({type(error).__name__}: {error}); "
+                "check example_inputs / input_fn"
+            ) from error
+        if not analysis.groups:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no prunable layer: no convolution or linear layer whose output "
+                "channels can be removed (the output layer and ignored_layers are never pruned)"
+            )
+        if self.steps_done == 0:
+            self.dense_cost = analysis.cost
+            self._original_widths = layer_widths(pl_module)
+        reachable = self._pruner.max_reduction(analysis, self.target, self.dense_cost, self._original_widths)
+        if reachable < self.target.value - 0.02:
+            raise ValueError(
+                f"the target ({self.target.describe()}) is unreachable: with max_layer_ratio={self.max_layer_ratio}, "
+                f"round_to={self.round_to} and {len(ignored)} ignored layer(s) at most {reachable:.1%} can be removed"
+            )
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        assert self._pruner is not None and self.dense_cost is not None
+        index = self.steps_done
+        target = Target(self.target.kind, self.step_targets[index])
+        generator = torch.Generator().manual_seed(self.seed + index)
+        result = self._pruner.step(
+            pl_module,
+            self._inputs_for(trainer, pl_module),
+            target,
+            dense=self.dense_cost,
+            original_widths=self._original_widths,
+            optimizers=trainer.optimizers,
+            generator=generator,
+            step_index=index,
+        )
+        flops_reduction, params_reduction = result.after.reduction_from(self.dense_cost)
+        record = PruningRecord(
+            step=index,
+            epoch=epoch,
+            criterion=self.criterion.name or type(self.criterion).__name__,
+            target_kind=target.kind,
+            target=target.value,
+            macs_before=result.before.macs,
+            macs_after=result.after.macs,
+            params_before=result.before.params,
+            params_after=result.after.params,
+            flops_reduction=flops_reduction,
+            params_reduction=params_reduction,
+            widths=result.widths,
+            seconds=result.seconds,
+        )
+        self.history.append(record)
+        self._log(trainer, record)
+
+    def _log(self, trainer: pl.Trainer, record: PruningRecord) -> None:
+        metrics = {
+            "prune/macs": float(record.macs_after),
+            "prune/params": float(record.params_after),
+            "prune/flops_reduction": record.flops_reduction,
+            "prune/params_reduction": record.params_reduction,
+            "prune/seconds": record.seconds,
+            "prune/step": float(record.step + 1),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if self.verbose:
+            when = "train start" if record.epoch < 0 else f"end of epoch {record.epoch}"
+            rank_zero_info(
+                f"[lightning-prune] step {record.step + 1}/{self.num_steps} ({when}, {record.criterion}): "
+                f"MACs {format_count(record.macs_before)} -> {format_count(record.macs_after)} "
+                f"(-{record.flops_reduction:.1%} vs dense), params {format_count(record.params_after)} "
+                f"(-{record.params_reduction:.1%}), {record.seconds:.2f}s"
+            )
+        if record.macs_after == record.macs_before and record.step + 1 < self.num_steps:
+            rank_zero_warn(f"pruning step {record.step + 1} removed nothing (the schedule's target was already met)")

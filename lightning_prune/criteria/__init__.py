@@ -1,0 +1,25 @@
+"""Pruning criteria: the protocol, the registry and the built-in criteria."""
+
+from lightning_prune.criteria.base import Criterion, GroupCriterion, Requirements, ScoringContext
+from lightning_prune.criteria.registry import available_criteria, get_criterion, register_criterion
+
+# Built-in criteria register themselves on import.
+from lightning_prune.criteria.fpgm import FPGM, geometric_median_scores  # noqa: E402
+from lightning_prune.criteria.norm import L1Norm, L2Norm, LpNorm  # noqa: E402
+from lightning_prune.criteria.random import RandomCriterion  # noqa: E402
+
+__all__ = [
+    "Criterion",
+    "FPGM",
+    "GroupCriterion",
+    "L1Norm",
+    "L2Norm",
+    "LpNorm",
+    "RandomCriterion",
+    "Requirements",
+    "ScoringContext",
+    "available_criteria",
+    "geometric_median_scores",
+    "get_criterion",
+    "register_criterion",
+]

@@ -1,0 +1,121 @@
+"""The criterion protocol: how a scoring method plugs into lightning-prune.
+
+A criterion turns channel groups into importance scores, one tensor per group with one entry per
+channel (higher = more important). It declares what it needs in :class:`Requirements`; the
+callback provides it through the :class:`ScoringContext`: the model and its dependency graph
+always; collected activations, labels and a way to run extra forward passes when asked for.
+
+Two base classes cover most criteria:
+
+* :class:`Criterion`: scores all groups at once (a criterion fitting one model over the whole
+  network, such as PLS + VIP, overrides :meth:`Criterion.score`);
+* :class:`GroupCriterion`: scores each group on its own (:meth:`GroupCriterion.score_group`).
+
+Example, a criterion that keeps the channels whose filters have the largest mean value::
+
+    import torch
+    from lightning_prune.criteria import GroupCriterion, register_criterion
+
+    @register_criterion("mean_weight")
+    class MeanWeight(GroupCriterion):
+        def score_group(self, group, context):
+            rows = [s.per_channel(group.size) for s in group.slices if s.is_output]
+            return torch.stack([r.mean(1) for r in rows if r is not None]).mean(0)
+
+    # StructuredPruningCallback(criterion="mean_weight", ...) or criterion=MeanWeight()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_prune.engine.graph import ChannelGroup
+
+
+__all__ = ["Criterion", "GroupCriterion", "Requirements", "ScoringContext"]
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a criterion needs beyond the weights.
+
+    Attributes:
+        activations: pooled activations of the prunable layers, collected during training.
+        labels: the labels of the collected samples (implies ``activations``).
+        forward_passes: a callable to run extra (masked) forward passes on held-out batches.
+    """
+
+    activations: bool = False
+    labels: bool = False
+    forward_passes: bool = False
+
+
+@dataclass
+class ScoringContext:
+    """Everything a criterion may use to score one pruning step.
+
+    Attributes:
+        model: the model being pruned (in its current, possibly already pruned, shape).
+        example_inputs: inputs that the model accepts (used for tracing).
+        graph: torch-pruning's dependency graph of ``model``.
+        generator: a seeded CPU generator; criteria that sample must draw from it.
+        step: index of the pruning step (0 for the first).
+        activations: collected statistics, when the criterion requires them.
+        labels: labels of the collected samples, when required.
+        forward: runs the model on held-out batches, when ``forward_passes`` is required.
+        extras: free-form data for user criteria.
+    """
+
+    model: nn.Module
+    example_inputs: Any
+    graph: Any
+    generator: torch.Generator
+    step: int = 0
+    activations: Any = None
+    labels: torch.Tensor | None = None
+    forward: Callable[..., Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Criterion(abc.ABC):
+    """Base class of all criteria. Subclasses set :attr:`name` and implement :meth:`score`.
+
+    Attributes:
+        name: the registry name (set by :func:`~lightning_prune.criteria.register_criterion`).
+        requirements: what the callback must collect for this criterion.
+        comparable_across_layers: True when scores of different groups share one scale (a
+            global model such as PLS); otherwise a global ranking first divides each group's scores
+            by their mean magnitude.
+    """
+
+    name: ClassVar[str] = ""
+    requirements: ClassVar[Requirements] = Requirements()
+    comparable_across_layers: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
+        """One importance tensor per group, ``group.size`` entries each; higher is more important."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class GroupCriterion(Criterion):
+    """A criterion that scores each channel group independently."""
+
+    def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
+        return [self.score_group(group, context) for group in groups]
+
+    @abc.abstractmethod
+    def score_group(self, group: ChannelGroup, context: ScoringContext) -> torch.Tensor:
+        """Importance of each of ``group.size`` channels."""

@@ -1,0 +1,62 @@
+"""Criterion names: look-up, registration and listing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lightning_prune.criteria.base import Criterion
+
+__all__ = ["available_criteria", "get_criterion", "register_criterion"]
+
+_REGISTRY: dict[str, Callable[..., Criterion]] = {}
+_F = TypeVar("_F", bound=Callable[..., Criterion])
+
+
+def register_criterion(name: str, *aliases: str, overwrite: bool = False) -> Callable[[_F], _F]:
+    """Class decorator (or decorator of a factory) that makes a criterion available by name.
+
+    Raises:
+        ValueError: if the name is taken and ``overwrite`` is False.
+    """
+
+    def decorator(factory: _F) -> _F:
+        for key in (name, *aliases):
+            key = key.lower()
+            if key in _REGISTRY and not overwrite:
+                raise ValueError(f"criterion name '{key}' is already registered; pass overwrite=True to replace it")
+            _REGISTRY[key] = factory
+        if isinstance(factory, type) and not getattr(factory, "name", ""):
+            factory.name = name
+        return factory
+
+    return decorator
+
+
+def available_criteria() -> list[str]:
+    """Registered criterion names (aliases included), sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
+    """Resolve ``criterion`` to an instance: a registered name (built with ``kwargs``) or an instance.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+        TypeError: neither a string nor a :class:`Criterion`.
+    """
+    if isinstance(criterion, Criterion):
+        if kwargs:
+            raise ValueError("criterion_kwargs can only be used with a criterion given by name")
+        return criterion
+    if not isinstance(criterion, str):
+        raise TypeError(
+            f"criterion must be a registered name or a Criterion instance, got {type(criterion).__name__}: {criterion!r}"
+        )
+    factory = _REGISTRY.get(criterion.lower())
+    if factory is None:
+        raise ValueError(f"unknown criterion '{criterion}'. Valid names: {', '.join(available_criteria())}")
+    instance = factory(**kwargs)
+    if not getattr(instance, "name", ""):
+        instance.name = criterion.lower()  # type: ignore[misc]
+    return instance

@@ -1,0 +1,252 @@
+"""Width allocation: how many channels each group keeps, and which ones.
+
+Every admissible shrink of a group (one position, or a block when ``round_to`` asks for
+multiples) is a *removal event*. Events are put in one order, then the shortest prefix of that
+order that meets the target is taken, found by bisection on the exact :class:`CostModel`:
+
+* ``"uniform"``: events ordered by the fraction of the group removed after them, so that every
+  group loses the same fraction of its original width (to within one channel);
+* ``"global"``: events ordered by the (per-group normalised) scores of the channels they remove,
+  one ranking across layers.
+
+Inside a group the lowest-scored positions always go first. Caps: a group keeps at least
+``1 - max_layer_ratio`` of its *original* width and never fewer than one position. The chosen
+prefix is the one whose reduction is closest to the target among the two that bracket it, so
+the error is at most half the cost of one event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lightning_prune.engine.cost import Cost, CostModel
+from lightning_prune.engine.graph import ChannelGroup
+
+__all__ = ["Allocation", "Plan", "Target", "TargetUnreachableError", "plan_pruning", "max_reduction"]
+
+Allocation = Literal["uniform", "global"]
+TargetKind = Literal["flops", "params", "channels"]
+
+
+class TargetUnreachableError(ValueError):
+    """The caps (``max_layer_ratio``, ``round_to``, ignored layers) do not allow the target."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A reduction relative to the dense model: ``value`` of the MACs, parameters or channels."""
+
+    kind: TargetKind
+    value: float
+
+    def describe(self) -> str:
+        noun = {"flops": "MACs", "params": "parameters", "channels": "prunable channels"}[self.kind]
+        return f"{self.value:.1%} of the {noun}"
+
+
+@dataclass
+class Plan:
+    """What one pruning step removes: root-channel indices per group index."""
+
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    predicted: Cost | None = None
+    reduction: float = 0.0  #: the achieved value of the target's metric (predicted)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.removed.values())
+
+
+@dataclass(frozen=True)
+class _Event:
+    key: float
+    group: int
+    order: int
+    kept_positions: int
+
+
+def _allowed_widths(group: ChannelGroup, original_size: int, max_layer_ratio: float, round_to: int | None) -> list[int]:
+    """Admissible kept-position counts, descending, starting with the current width."""
+    g = group.channel_groups
+    current = group.positions
+    min_channels = max(g, math.ceil((1.0 - max_layer_ratio) * original_size - 1e-9))
+    min_positions = max(1, math.ceil(min_channels / g))
+    allowed = [current]
+    for kept in range(current - 1, min_positions - 1, -1):
+        if round_to and (kept * g) % round_to:
+            continue
+        allowed.append(kept)
+    return allowed
+
+
+def _position_scores(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.detach().double().flatten().cpu()
+    if scores.numel() != group.size:
+        raise ValueError(
+            f"criterion returned {scores.numel()} scores for group '{group.root_name}' of {group.size} channels"
+        )
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"criterion returned non-finite scores for group '{group.root_name}'")
+    return scores.view(group.channel_groups, group.positions).mean(0)
+
+
+def _events(
+    groups: Sequence[ChannelGroup],
+    position_scores: Sequence[torch.Tensor],
+    original_sizes: Sequence[int],
+    allocation: Allocation,
+    max_layer_ratio: float,
+    round_to: int | None,
+    normalize: bool,
+) -> tuple[list[_Event], list[torch.Tensor]]:
+    events: list[_Event] = []
+    orders: list[torch.Tensor] = []
+    for gi, (group, pos_scores, original) in enumerate(zip(groups, position_scores, original_sizes)):
+        order = torch.argsort(pos_scores, stable=True)  # lowest score first
+        orders.append(order)
+        widths = _allowed_widths(group, original, max_layer_ratio, round_to)
+        ranked = pos_scores[order]
+        if normalize:
+            scale = ranked.abs().mean()
+            ranked = ranked / scale if scale > 0 else ranked
+        running = -math.inf
+        for k in range(1, len(widths)):
+            if allocation == "uniform":
+                key = 1.0 - widths[k] * group.channel_groups / original
+            else:
+                chunk = ranked[group.positions - widths[k - 1] : group.positions - widths[k]]
+                running = max(running, float(chunk.mean()))
+                key = running
+            events.append(_Event(key=key, group=gi, order=k, kept_positions=widths[k]))
+    events.sort(key=lambda e: (e.key, e.group, e.order))
+    return events, orders
+
+
+def _metric(target: Target, cost: Cost, dense: Cost, kept_channels: int, original_channels: int) -> float:
+    if target.kind == "flops":
+        return 1.0 - cost.macs / max(1, dense.macs)
+    if target.kind == "params":
+        return 1.0 - cost.params / max(1, dense.params)
+    return 1.0 - kept_channels / max(1, original_channels)
+
+
+class _Prefix:
+    """Evaluates the plan made of the first ``m`` events."""
+
+    def __init__(self, groups, events, cost_model, target, dense, original_sizes):
+        self.groups = groups
+        self.events = events
+        self.cost_model = cost_model
+        self.target = target
+        self.dense = dense
+        self.original_total = sum(original_sizes)
+
+    def kept(self, m: int) -> list[int]:
+        kept = [g.positions for g in self.groups]
+        for event in self.events[:m]:
+            kept[event.group] = event.kept_positions
+        return kept
+
+    def __call__(self, m: int) -> tuple[float, Cost, list[int]]:
+        kept = self.kept(m)
+        removed = [(g.positions - k) * g.channel_groups for g, k in zip(self.groups, kept)]
+        cost = self.cost_model.evaluate(removed)
+        kept_channels = sum(k * g.channel_groups for g, k in zip(self.groups, kept))
+        return _metric(self.target, cost, self.dense, kept_channels, self.original_total), cost, kept
+
+
+def _original_sizes(groups: Sequence[ChannelGroup], original_widths: Mapping[str, int] | None) -> list[int]:
+    widths = original_widths or {}
+    return [max(g.size, int(widths.get(g.root_name, g.size))) for g in groups]
+
+
+def max_reduction(
+    groups: Sequence[ChannelGroup],
+    cost_model: CostModel,
+    target: Target,
+    dense: Cost,
+    *,
+    max_layer_ratio: float,
+    round_to: int | None,
+    original_widths: Mapping[str, int] | None = None,
+) -> float:
+    """The largest reduction of ``target``'s metric that the caps allow."""
+    originals = _original_sizes(groups, original_widths)
+    flat = [torch.zeros(g.positions) for g in groups]
+    events, _ = _events(groups, flat, originals, "uniform", max_layer_ratio, round_to, False)
+    prefix = _Prefix(groups, events, cost_model, target, dense, originals)
+    return prefix(len(events))[0]
+
+
+def plan_pruning(
+    groups: Sequence[ChannelGroup],
+    scores: Sequence[torch.Tensor],
+    cost_model: CostModel,
+    target: Target,
+    dense: Cost,
+    *,
+    allocation: Allocation = "uniform",
+    max_layer_ratio: float = 0.9,
+    round_to: int | None = None,
+    original_widths: Mapping[str, int] | None = None,
+    normalize_scores: bool = True,
+    tolerance: float = 0.02,
+) -> Plan:
+    """Choose the channels to remove so that the model meets ``target`` (relative to ``dense``).
+
+    Args:
+        groups: the channel groups of the current model.
+        scores: one importance tensor per group (higher = more important), ``group.size`` long.
+        cost_model: the exact cost model of the current model.
+        target: the cumulative reduction to reach, relative to ``dense``.
+        dense: the cost of the unpruned model.
+        allocation: ``"uniform"`` or ``"global"``.
+        max_layer_ratio: largest fraction of a group's original width that may be removed.
+        round_to: kept widths are multiples of this (a group may also stay untouched).
+        original_widths: root layer name -> width in the dense model (defaults to the current one).
+        normalize_scores: divide each group's scores by their mean magnitude before a global
+            ranking (for criteria whose scores are not comparable across layers).
+        tolerance: how far below the target the best plan may fall before it is an error.
+
+    Raises:
+        TargetUnreachableError: when even removing everything the caps allow falls short.
+    """
+    if len(scores) != len(groups):
+        raise ValueError(f"expected {len(groups)} score tensors, got {len(scores)}")
+    originals = _original_sizes(groups, original_widths)
+    position_scores = [_position_scores(g, s) for g, s in zip(groups, scores)]
+    events, orders = _events(
+        groups, position_scores, originals, allocation, max_layer_ratio, round_to, normalize_scores and allocation == "global"
+    )
+    prefix = _Prefix(groups, events, cost_model, target, dense, originals)
+
+    lo_value, lo_cost, _ = prefix(0)
+    if lo_value >= target.value:
+        return Plan(predicted=lo_cost, reduction=lo_value)
+    hi_value, _, _ = prefix(len(events))
+    if hi_value < target.value - tolerance:
+        raise TargetUnreachableError(
+            f"cannot remove {target.describe()}: with max_layer_ratio={max_layer_ratio} and round_to={round_to} "
+            f"at most {hi_value:.1%} can go. Lower the target, raise max_layer_ratio, or ignore fewer layers."
+        )
+    lo, hi = 0, len(events)  # value(lo) < target <= value(hi) (or hi is everything)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if prefix(mid)[0] >= target.value:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [prefix(lo) + (lo,), prefix(hi) + (hi,)]
+    value, cost, kept, _ = min(candidates, key=lambda c: (abs(c[0] - target.value), -c[3]))
+
+    plan = Plan(predicted=cost, reduction=value)
+    for gi, (group, order, k) in enumerate(zip(groups, orders, kept)):
+        if k < group.positions:
+            drop = order[: group.positions - k].tolist()
+            plan.removed[gi] = group.channels_of_positions(drop)
+    return plan

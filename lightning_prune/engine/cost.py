@@ -1,0 +1,159 @@
+"""What a model costs: multiply-accumulates (MACs) per sample and parameters.
+
+Definition (the one every number of this library uses): MACs are the multiply-accumulates of
+every convolution and linear layer of the whole model, per sample, counted from a real forward
+pass; a layer's count is ``positions * weight.numel()`` where ``positions`` is the number of
+output positions (input positions for transposed convolutions) per sample. Bias additions,
+normalisation and activations are not MACs. Parameters are all ``nn.Parameter`` entries.
+
+Because both counts are sums of ``numel`` of parameters, the cost of any candidate pruning plan
+follows exactly from the parameter slices each channel group owns: :class:`CostModel` evaluates a
+plan without touching the model, which is what lets the allocator hit a target within one
+channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.engine.graph import ChannelGroup, preserved_training_modes
+
+__all__ = ["Cost", "CostModel", "count_cost", "call_model", "batch_size_of"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs per sample and parameter count of a model."""
+
+    macs: int
+    params: int
+
+    def reduction_from(self, dense: Cost) -> tuple[float, float]:
+        """Fractions of MACs and parameters removed relative to ``dense``."""
+        return 1.0 - self.macs / max(1, dense.macs), 1.0 - self.params / max(1, dense.params)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` the way torch-pruning does: tuples/lists are unpacked, dicts are keywords."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    """Batch size of the first tensor found in ``inputs``."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
+            return batch_size_of(value)
+    return 1
+
+
+def _layer_weight(module: nn.Module) -> nn.Parameter | None:
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return module.weight
+    return None
+
+
+def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, batch: int) -> float:
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        x = inputs[0]
+        return x.numel() / (batch * module.in_channels)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return output.numel() / (batch * module.out_channels)
+    return output.numel() / (batch * module.out_features)  # nn.Linear: tokens per sample
+
+
+def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter, float]:
+    """Output positions per sample of every conv/linear weight, from one forward pass (eval mode)."""
+    batch = batch_size_of(example_inputs)
+    positions: dict[nn.Parameter, float] = {}
+    handles = []
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        weight = _layer_weight(module)
+        if weight is not None and isinstance(output, torch.Tensor):
+            positions[weight] = positions.get(weight, 0.0) + _positions(module, inputs, output, batch)
+
+    for module in model.modules():
+        if _layer_weight(module) is not None:
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with preserved_training_modes(model), torch.no_grad():
+            model.eval()
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return positions
+
+
+def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
+    """Measure MACs per sample and parameters of ``model`` (see the module docstring)."""
+    positions = layer_positions(model, example_inputs)
+    macs = sum(p * w.numel() for w, p in positions.items())
+    params = sum(p.numel() for p in model.parameters())
+    return Cost(macs=int(round(macs)), params=int(params))
+
+
+class CostModel:
+    """Exact MACs and parameters of ``model`` after removing channels, evaluated without surgery.
+
+    Args:
+        model: the model as it is now.
+        groups: its channel groups (from :func:`~lightning_prune.engine.graph.discover_groups`).
+        example_inputs: inputs for the forward pass that measures layer positions.
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any) -> None:
+        self._positions = layer_positions(model, example_inputs)
+        params = list(dict.fromkeys(model.parameters()))
+        self._index = {p: i for i, p in enumerate(params)}
+        self._shapes = [tuple(p.shape) for p in params]
+        self._numel = [p.numel() for p in params]
+        self._macs_weight = [self._positions.get(p, 0.0) for p in params]
+        # For each group: (param index, dim, entries removed along dim per channel removed)
+        self._effects: list[list[tuple[int, int, float]]] = []
+        for group in groups:
+            effects = []
+            for s in group.slices:
+                if s.param in self._index:
+                    effects.append((self._index[s.param], s.dim, s.removal_ratio))
+            self._effects.append(effects)
+        self.current = self.evaluate([0] * len(groups))
+
+    def evaluate(self, removed_channels: Sequence[int]) -> Cost:
+        """Cost after removing ``removed_channels[g]`` channels from group ``g``."""
+        removed: dict[tuple[int, int], float] = {}
+        for effects, count in zip(self._effects, removed_channels):
+            if count:
+                for index, dim, ratio in effects:
+                    removed[(index, dim)] = removed.get((index, dim), 0.0) + ratio * count
+        factors: dict[int, float] = {}
+        for (index, dim), amount in removed.items():
+            size = self._shapes[index][dim]
+            factors[index] = factors.get(index, 1.0) * max(0.0, (size - amount) / size)
+        macs = 0.0
+        params = 0.0
+        for index, numel in enumerate(self._numel):
+            kept = numel * factors.get(index, 1.0)
+            params += kept
+            macs += self._macs_weight[index] * kept
+        return Cost(macs=int(round(macs)), params=int(round(params)))
+
+    @staticmethod
+    def relative_error(predicted: Cost, measured: Cost) -> float:
+        """Largest relative difference between two costs (used to check the model after surgery)."""
+        return max(
+            abs(predicted.macs - measured.macs) / max(1, measured.macs),
+            abs(predicted.params - measured.params) / max(1, measured.params),
+        )

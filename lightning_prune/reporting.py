@@ -1,0 +1,70 @@
+"""What pruning did: per-step records and the summary table printed at the end of fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["PruningRecord", "format_count", "summary_table"]
+
+
+@dataclass
+class PruningRecord:
+    """One pruning step, as plain data (safe to store in a checkpoint).
+
+    Attributes:
+        step: index of the step (0 = first).
+        epoch: the epoch at whose end it ran (-1: at the start of training).
+        criterion: the criterion's name.
+        target_kind: ``"flops"``, ``"params"`` or ``"channels"``.
+        target: the cumulative target of this step (fraction of the dense model removed).
+        macs_before / macs_after: MACs per sample before and after the step.
+        params_before / params_after: parameter counts before and after.
+        flops_reduction / params_reduction: cumulative reductions relative to the dense model.
+        widths: output width of every conv/linear layer after the step.
+        seconds: wall time of the step (tracing, scoring, allocation, surgery, optimizer remap).
+    """
+
+    step: int
+    epoch: int
+    criterion: str
+    target_kind: str
+    target: float
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    flops_reduction: float
+    params_reduction: float
+    widths: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
+        return cls(**data)
+
+
+def format_count(value: float) -> str:
+    """``1234567 -> '1.23M'``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def summary_table(records: Sequence[PruningRecord], dense_macs: int, dense_params: int) -> str:
+    """A compact text table of the steps, with the dense model as the first row."""
+    header = f"{'step':>4} {'epoch':>5} {'target':>7} {'MACs':>9} {'-MACs':>7} {'params':>9} {'-params':>8} {'time':>7}"
+    lines = [header, "-" * len(header)]
+    lines.append(f"{'dense':>4} {'':>5} {'':>7} {format_count(dense_macs):>9} {'':>7} {format_count(dense_params):>9} {'':>8} {'':>7}")
+    for r in records:
+        epoch = "start" if r.epoch < 0 else str(r.epoch)
+        lines.append(
+            f"{r.step + 1:>4} {epoch:>5} {r.target:>7.1%} {format_count(r.macs_after):>9} {r.flops_reduction:>7.1%} "
+            f"{format_count(r.params_after):>9} {r.params_reduction:>8.1%} {r.seconds:>6.2f}s"
+        )
+    return "\n".join(lines)
