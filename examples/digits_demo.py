@@ -21,7 +21,9 @@ import torch
 
 from lightning_prune import StructuredPruningCallback, available_criteria, count_cost
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.engine import layer_widths
 from lightning_prune.models import ImageClassifier, SmallResNet
+from lightning_prune.reporting import plot_widths
 
 
 def latency_ms(model: torch.nn.Module, batch: int, repeats: int = 30) -> list[float]:
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="also save a widths-per-layer plot (PNG) here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -103,6 +106,9 @@ def main() -> None:
         print(f"{name:<22}{a:>14}{b:>14}{c:>14}")
     print()
     print("Widths after pruning:", {k: v for k, v in pruning.history[-1].widths.items() if "shortcut" not in k})
+    if args.plot:
+        plot_widths(pruning.history, layer_widths(dense), str(args.plot))
+        print(f"Widths plot written to {args.plot}")
     if args.json:
         args.json.write_text(
             json.dumps(

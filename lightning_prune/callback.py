@@ -212,6 +212,7 @@ class StructuredPruningCallback(Callback):
                 "StructuredPruningCallback does not support multi-process training yet "
                 f"(world_size={trainer.world_size}); run with devices=1"
             )
+        self._guard_resume(pl_module)
         if next(pl_module.parameters(), None) is not None:
             self._prepare(trainer, pl_module)
 
@@ -239,6 +240,35 @@ class StructuredPruningCallback(Callback):
         self.history = [PruningRecord.from_dict(r) for r in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------ the work
+    def _guard_resume(self, pl_module: pl.LightningModule) -> None:
+        """Refuse, with a clear message, a pruned checkpoint whose structure the model does not have.
+
+        Lightning loads the weights before any callback hook runs, so the check wraps the module's
+        ``on_load_checkpoint`` (which runs just before the weights load).
+        """
+        original = pl_module.on_load_checkpoint
+        if getattr(original, "_lightning_prune_guard", False):
+            return
+
+        def guarded(checkpoint: dict[str, Any]) -> Any:
+            states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(type(self).__qualname__)]
+            history = states[0].get("history", []) if states else []
+            if history:
+                saved = history[-1]["widths"]
+                current = layer_widths(pl_module)
+                differing = [n for n, w in saved.items() if current.get(n) != w]
+                if differing:
+                    raise ValueError(
+                        f"the checkpoint holds a model pruned in {len(history)} step(s) (e.g. '{differing[0]}' has "
+                        f"{saved[differing[0]]} channels there, {current.get(differing[0])} here); resuming it into a "
+                        "freshly built dense model is not supported yet. Resume into the pruned model object, or "
+                        "restart the fit from the dense weights"
+                    )
+            return original(checkpoint)
+
+        guarded._lightning_prune_guard = True  # type: ignore[attr-defined]
+        pl_module.on_load_checkpoint = guarded  # type: ignore[method-assign]
+
     def summary(self) -> str:
         """The table of completed steps (empty string before the first one)."""
         if self.dense_cost is None:

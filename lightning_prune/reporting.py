@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PruningRecord", "format_count", "summary_table"]
+__all__ = ["PruningRecord", "format_count", "plot_widths", "summary_table"]
 
 
 @dataclass
@@ -68,3 +68,30 @@ def summary_table(records: Sequence[PruningRecord], dense_macs: int, dense_param
             f"{format_count(r.params_after):>9} {r.params_reduction:>8.1%} {r.seconds:>6.2f}s"
         )
     return "\n".join(lines)
+
+
+def plot_widths(records: Sequence[PruningRecord], dense_widths: dict[str, int], path: str) -> None:
+    """Save a bar chart of every conv/linear layer's width: dense, then after each step.
+
+    Needs matplotlib (``pip install lightning-prune[plot]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dense_widths)
+    series = [("dense", [dense_widths[n] for n in names])]
+    series += [(f"step {r.step + 1} (-{r.flops_reduction:.0%} MACs)", [r.widths.get(n, 0) for n in names]) for r in records]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.2))
+    bar = 0.8 / len(series)
+    for i, (label, widths) in enumerate(series):
+        ax.bar([x + i * bar for x in range(len(names))], widths, width=bar, label=label)
+    ax.set_xticks([x + 0.4 - bar / 2 for x in range(len(names))])
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Width per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
