@@ -234,10 +234,19 @@ class StructuredPruningCallback(Callback):
             rank_zero_info("Structured pruning summary\n" + self.summary())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "history": [r.to_dict() for r in self.history]}
+        """Plain data (loads with ``torch.load(weights_only=True)``): steps done and the dense reference."""
+        return {
+            "version": 1,
+            "history": [r.to_dict() for r in self.history],
+            "dense": None if self.dense_cost is None else {"macs": self.dense_cost.macs, "params": self.dense_cost.params},
+            "original_widths": dict(self._original_widths),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [PruningRecord.from_dict(r) for r in state_dict.get("history", [])]
+        if state_dict.get("dense"):
+            self.dense_cost = Cost(**state_dict["dense"])
+            self._original_widths = dict(state_dict.get("original_widths", {}))
 
     # ------------------------------------------------------------------ the work
     def _guard_resume(self, pl_module: pl.LightningModule) -> None:

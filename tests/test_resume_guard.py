@@ -75,3 +75,30 @@ def test_widths_plot_is_written(tmp_path):
     out = tmp_path / "widths.png"
     plot_widths(cb.history, dense, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resumed_fit_keeps_the_dense_reference_for_the_steps_still_due(tmp_path):
+    """Stop after the first of two steps, resume into the pruned model: the second step aims at the
+    dense model's MACs, not at the pruned model's."""
+    L.seed_everything(0)
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.6, epochs=[0, 2])
+    model = _model()
+    x = torch.randn(2, 1, 8, 8)
+    from lightning_prune import count_cost
+
+    dense = count_cost(model, x)
+    path = tmp_path / "half.ckpt"
+
+    class StopAfterEpoch1(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.save_checkpoint(path)
+                trainer.should_stop = True
+
+    _trainer(tmp_path, [cb, StopAfterEpoch1()], 4).fit(model, DigitsDataModule())
+    assert len(cb.history) == 1
+    cb2 = StructuredPruningCallback("l1", target_flops_reduction=0.6, epochs=[0, 2])
+    _trainer(tmp_path, [cb2], 4).fit(model, DigitsDataModule(), ckpt_path=path)
+    assert [r.epoch for r in cb2.history] == [0, 2]
+    final = count_cost(model, x)
+    assert abs((1 - final.macs / dense.macs) - 0.6) <= 0.02
