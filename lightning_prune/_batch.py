@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_input_fn", "slice_batch", "to_device"]
+__all__ = ["default_input_fn", "default_label_fn", "slice_batch", "to_device"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_ids")
 
@@ -34,6 +34,21 @@ def default_input_fn(batch: Any) -> Any:
         + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
         + "; pass input_fn=lambda batch: ... or example_inputs=... to StructuredPruningCallback"
     )
+
+
+_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+
+def default_label_fn(batch: Any) -> torch.Tensor | None:
+    """The labels of a batch: the second item of a tuple/list, or a dict's ``"label"``, ``"labels"``,
+    ``"y"``, ``"target"`` or ``"targets"``; None when there is none."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in _LABEL_KEYS:
+            if key in batch and isinstance(batch[key], torch.Tensor):
+                return batch[key]
+    return None
 
 
 def slice_batch(inputs: Any, size: int) -> Any:

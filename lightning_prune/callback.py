@@ -12,9 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_prune._batch import default_input_fn, slice_batch, to_device
+from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
+from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import ChannelPruner, Cost, Target, layer_widths
+from lightning_prune.engine.cost import call_model
+from lightning_prune.engine.graph import preserved_training_modes
 from lightning_prune.reporting import PruningRecord, format_count, summary_table
 from lightning_prune.schedules import SCHEDULES, Schedule, cumulative_targets
 
@@ -22,12 +25,22 @@ __all__ = ["StructuredPruningCallback"]
 
 _ALLOCATIONS = ("uniform", "global")
 _EXAMPLE_SAMPLES = 2
+_START_PASS_BATCHES = 32
 
 
 def _check_fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
     return float(value)
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first dataloader of what a ``train_dataloader`` returned (one loader, a dict or a list)."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()))
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0]
+    return loaders
 
 
 class StructuredPruningCallback(Callback):
@@ -73,9 +86,11 @@ class StructuredPruningCallback(Callback):
             ``"agp"`` (cubic), or a callable ``f(i, n, final)`` (see :mod:`lightning_prune.schedules`).
         prune_on_train_start: also prune once before the first training step (for pre-trained
             models: prune, then fine-tune). Counts as the first step of the schedule. Default False.
-        allocation: ``"uniform"`` (every group loses the same fraction, default) or ``"global"``
-            (one ranking across layers; scores are normalised per group unless the criterion's
-            scores are comparable across layers).
+        allocation: ``"uniform"`` (every group loses the same fraction) or ``"global"`` (one
+            ranking across layers; scores are normalised per group unless the criterion's scores
+            are comparable across layers). Default None: the criterion's preference
+            (``"global"`` for ``"pls_vip"``, ``"uniform"`` otherwise). Criteria with their own width
+            rule (``"pca_gm"``) ignore it.
         max_layer_ratio: largest fraction of a group's original width that may be removed, in
             (0, 1). Default 0.9. A layer never loses its last channel.
         ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
@@ -87,6 +102,16 @@ class StructuredPruningCallback(Callback):
             first training batch (extracted with ``input_fn``).
         input_fn: maps a training batch to the model's input. Default: the batch itself if a
             tensor, its first item if a tuple/list, else the ``"x"``/``"input"``/``"image"``... key.
+        label_fn: maps a training batch to its labels, for criteria that need them (``"pls_vip"``).
+            Default: the second item of a tuple/list, or the ``"label"``/``"labels"``/``"y"``/
+            ``"target"`` key of a dict. A criterion that needs labels raises ``ValueError`` when it
+            finds none.
+        collect_batches: for criteria that need activations: collect during the last
+            ``collect_batches`` batches of the epoch that ends with a pruning step (default None:
+            the whole epoch); for the start-of-training step, the length of the dedicated
+            collection pass (default 32 batches).
+        max_samples: samples kept for per-sample statistics (a uniform reservoir over the window).
+            Default 2048. Memory does not grow with the data set or the number of epochs.
         criterion_kwargs: keyword arguments for a criterion given by name.
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
         verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
@@ -112,12 +137,15 @@ class StructuredPruningCallback(Callback):
         epochs: int | Sequence[int] | None = None,
         schedule: str | Schedule = "linear",
         prune_on_train_start: bool = False,
-        allocation: str = "uniform",
+        allocation: str | None = None,
         max_layer_ratio: float = 0.9,
         ignored_layers: Sequence[str | nn.Module] = (),
         round_to: int | None = None,
         example_inputs: Any = None,
         input_fn: Callable[[Any], Any] | None = None,
+        label_fn: Callable[[Any], Any] | None = None,
+        collect_batches: int | None = None,
+        max_samples: int = 2048,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         verbose: bool = True,
@@ -131,9 +159,9 @@ class StructuredPruningCallback(Callback):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or a callable, got '{schedule}'")
         self.schedule = schedule
         self.step_targets = cumulative_targets(self.target.value, self.num_steps, schedule)
-        if allocation not in _ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(_ALLOCATIONS)}, got {allocation!r}")
-        self.allocation = allocation
+        if allocation is not None and allocation not in _ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(_ALLOCATIONS)} or None, got {allocation!r}")
+        self.allocation = allocation or getattr(self.criterion, "default_allocation", "uniform")
         self.max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
@@ -144,6 +172,13 @@ class StructuredPruningCallback(Callback):
         self.ignored_layers = list(ignored_layers)
         self.example_inputs = example_inputs
         self.input_fn = input_fn or default_input_fn
+        self.label_fn = label_fn or default_label_fn
+        if collect_batches is not None and (isinstance(collect_batches, bool) or not isinstance(collect_batches, int) or collect_batches < 1):
+            raise ValueError(f"collect_batches must be a positive integer or None, got {collect_batches!r}")
+        self.collect_batches = collect_batches
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+            raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
+        self.max_samples = max_samples
         self.seed = int(seed)
         self.verbose = verbose
 
@@ -152,6 +187,8 @@ class StructuredPruningCallback(Callback):
         self._original_widths: dict[str, int] = {}
         self._pruner: ChannelPruner | None = None
         self._example: Any = None
+        self._collector: ActivationCollector | None = None
+        self._window_start: int | None = None
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -220,14 +257,51 @@ class StructuredPruningCallback(Callback):
         if self._pruner is None:  # model built in configure_model: analyse it now
             self._prepare(trainer, pl_module)
 
+    @property
+    def needs_activations(self) -> bool:
+        req = self.criterion.requirements
+        return bool(req.activations or req.labels)
+
+    def _pending(self, epoch: int) -> bool:
+        return epoch in self.epochs and not any(r.epoch == epoch for r in self.history)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prune_on_train_start and self.steps_done == 0:
+            if self.needs_activations:
+                self._collection_pass(trainer, pl_module)
             self._prune(trainer, pl_module, epoch=-1)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window_start = None
+        if self.needs_activations and self._pending(trainer.current_epoch):
+            total = trainer.num_training_batches
+            if self.collect_batches is None or not math.isfinite(total):
+                self._window_start = 0
+            else:
+                self._window_start = max(0, int(total) - self.collect_batches)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._window_start is None or batch_idx < self._window_start:
+            return
+        if self._collector is None:
+            self._collector = self._new_collector(trainer, pl_module)
+            self._collector.attach()
+        self._collector.begin_batch(self._labels_of(batch))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._collector is not None and self._collector.attached:
+            self._collector.end_batch()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch in self.epochs and not any(r.epoch == epoch for r in self.history):
+        if self._pending(epoch):
             self._prune(trainer, pl_module, epoch=epoch)
+        self._window_start = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_collector()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.verbose and self.history and self.dense_cost is not None:
@@ -302,17 +376,14 @@ class StructuredPruningCallback(Callback):
 
     def _example_from_data(self, trainer: pl.Trainer) -> Any:
         try:
-            loader = trainer.fit_loop._data_source.dataloader()
-            if isinstance(loader, Mapping):
-                loader = next(iter(loader.values()))
-            elif isinstance(loader, (list, tuple)):
-                loader = loader[0]
-            batch = next(iter(loader))
+            batch = next(iter(_first_loader(trainer.fit_loop._data_source.dataloader())))
         except Exception as error:
             raise ValueError(
                 "could not take example inputs from the training dataloader "
                 f"({type(error).__name__}: {error}); pass example_inputs=... to StructuredPruningCallback"
             ) from error
+        if self.criterion.requirements.labels:
+            self._labels_of(batch)  # fail before training when the labels cannot be found
         return self.input_fn(batch)
 
     def _inputs_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -352,8 +423,71 @@ class StructuredPruningCallback(Callback):
                 f"round_to={self.round_to} and {len(ignored)} ignored layer(s) at most {reachable:.1%} can be removed"
             )
 
+    def _labels_of(self, batch: Any) -> torch.Tensor | None:
+        if not self.criterion.requirements.labels:
+            return None
+        labels = self.label_fn(batch)
+        if labels is None:
+            raise ValueError(
+                f"criterion '{self.criterion.name}' needs labels but label_fn found none in a batch of type "
+                f"{type(batch).__name__}; pass label_fn=lambda batch: ... to StructuredPruningCallback"
+            )
+        return torch.as_tensor(labels)
+
+    def _new_collector(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCollector:
+        assert self._pruner is not None
+        analysis = self._pruner.analyse(pl_module, self._inputs_for(trainer, pl_module))
+        requests = self.criterion.activation_requests(analysis.groups)
+        return ActivationCollector(pl_module, requests, max_samples=self.max_samples, seed=self.seed + self.steps_done)
+
+    def _drop_collector(self) -> None:
+        if self._collector is not None:
+            self._collector.detach()
+            self._collector = None
+
+    def _collection_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A dedicated pass (eval mode, no gradient) over training batches, before the first step."""
+        from tqdm.auto import tqdm
+
+        loader = _first_loader(trainer.train_dataloader)
+        batches = self.collect_batches or _START_PASS_BATCHES
+        total = min(batches, len(loader)) if hasattr(loader, "__len__") else batches
+        self._collector = collector = self._new_collector(trainer, pl_module)
+        collector.attach()
+        show = self.verbose and trainer.is_global_zero
+        with preserved_training_modes(pl_module), torch.no_grad():
+            pl_module.eval()
+            progress = tqdm(total=total, desc="lightning-prune: collecting activations", disable=not show, leave=False)
+            for index, batch in enumerate(loader):
+                if index >= total:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                collector.begin_batch(self._labels_of(batch))
+                with trainer.precision_plugin.forward_context():
+                    call_model(pl_module, self.input_fn(batch))
+                collector.end_batch()
+                progress.update()
+            progress.close()
+        collector.detach()
+
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         assert self._pruner is not None and self.dense_cost is not None
+        context: dict[str, Any] = {}
+        if self.needs_activations:
+            if self._collector is None or self._collector.batches == 0:
+                self._drop_collector()
+                raise ValueError(
+                    f"criterion '{self.criterion.name}' needs activations but none were collected before the step at "
+                    f"epoch {epoch}; check collect_batches and that the epoch has training batches"
+                )
+            store = self._collector.store()
+            context = {"activations": store, "labels": store.labels}
+        try:
+            self._prune_step(trainer, pl_module, epoch, context)
+        finally:
+            self._drop_collector()  # statistics are indexed by the old channels: never reused
+
+    def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
         index = self.steps_done
         target = Target(self.target.kind, self.step_targets[index])
         generator = torch.Generator().manual_seed(self.seed + index)
@@ -364,6 +498,7 @@ class StructuredPruningCallback(Callback):
             dense=self.dense_cost,
             original_widths=self._original_widths,
             optimizers=trainer.optimizers,
+            context=context,
             generator=generator,
             step_index=index,
         )

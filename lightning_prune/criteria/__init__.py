@@ -6,6 +6,8 @@ from lightning_prune.criteria.registry import available_criteria, get_criterion,
 # Built-in criteria register themselves on import.
 from lightning_prune.criteria.fpgm import FPGM, geometric_median_scores  # noqa: E402
 from lightning_prune.criteria.norm import L1Norm, L2Norm, LpNorm  # noqa: E402
+from lightning_prune.criteria.pca_gm import PCAGeometricMedian  # noqa: E402
+from lightning_prune.criteria.pls_vip import PLSVIP  # noqa: E402
 from lightning_prune.criteria.random import RandomCriterion  # noqa: E402
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "L1Norm",
     "L2Norm",
     "LpNorm",
+    "PCAGeometricMedian",
+    "PLSVIP",
     "RandomCriterion",
     "Requirements",
     "ScoringContext",

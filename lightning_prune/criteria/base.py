@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from lightning_prune.collection.requests import ActivationRequest
     from lightning_prune.engine.graph import ChannelGroup
 
 
@@ -95,11 +96,32 @@ class Criterion(abc.ABC):
         comparable_across_layers: True when scores of different groups share one scale (a
             global model such as PLS); otherwise a global ranking first divides each group's scores
             by their mean magnitude.
+        default_allocation: the allocation used when the callback is given none.
     """
 
     name: ClassVar[str] = ""
     requirements: ClassVar[Requirements] = Requirements()
     comparable_across_layers: ClassVar[bool] = False
+    default_allocation: ClassVar[str] = "uniform"
+
+    def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
+        """The statistics to collect for ``groups`` (only called when ``requirements.activations``).
+
+        The callback collects them during the window before each step and passes the result as
+        ``context.activations`` (an :class:`~lightning_prune.collection.ActivationStore`, looked up
+        with the same requests).
+        """
+        return []
+
+    def width_losses(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor] | None:
+        """Optional: what each group loses at each width, to drive the allocation.
+
+        Return one tensor per group with ``group.positions + 1`` entries: entry ``k`` is the loss of
+        keeping ``k`` positions (non-increasing in ``k``, 0 at full width). Losses must be
+        comparable across groups: the allocation then shrinks, step by step, the group whose next
+        width loses least, until the target is met (overriding ``"uniform"``/``"global"``).
+        """
+        return None
 
     @abc.abstractmethod
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:

@@ -103,6 +103,7 @@ def _events(
     max_layer_ratio: float,
     round_to: int | None,
     normalize: bool,
+    width_losses: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[_Event], list[torch.Tensor]]:
     events: list[_Event] = []
     orders: list[torch.Tensor] = []
@@ -116,7 +117,10 @@ def _events(
             ranked = ranked / scale if scale > 0 else ranked
         running = -math.inf
         for k in range(1, len(widths)):
-            if allocation == "uniform":
+            if width_losses is not None:
+                running = max(running, float(width_losses[gi][widths[k]]))
+                key = running
+            elif allocation == "uniform":
                 key = 1.0 - widths[k] * group.channel_groups / original
             else:
                 chunk = ranked[group.positions - widths[k - 1] : group.positions - widths[k]]
@@ -195,6 +199,7 @@ def plan_pruning(
     round_to: int | None = None,
     original_widths: Mapping[str, int] | None = None,
     normalize_scores: bool = True,
+    width_losses: Sequence[torch.Tensor] | None = None,
     tolerance: float = 0.02,
 ) -> Plan:
     """Choose the channels to remove so that the model meets ``target`` (relative to ``dense``).
@@ -211,6 +216,9 @@ def plan_pruning(
         original_widths: root layer name -> width in the dense model (defaults to the current one).
         normalize_scores: divide each group's scores by their mean magnitude before a global
             ranking (for criteria whose scores are not comparable across layers).
+        width_losses: per group, the loss of keeping ``k`` positions (``positions + 1`` entries);
+            when given, events are ordered by it instead of by ``allocation`` (criteria with their
+            own width rule, such as PCA).
         tolerance: how far below the target the best plan may fall before it is an error.
 
     Raises:
@@ -220,8 +228,18 @@ def plan_pruning(
         raise ValueError(f"expected {len(groups)} score tensors, got {len(scores)}")
     originals = _original_sizes(groups, original_widths)
     position_scores = [_position_scores(g, s) for g, s in zip(groups, scores)]
+    if width_losses is not None:
+        if len(width_losses) != len(groups) or any(len(w) != g.positions + 1 for w, g in zip(width_losses, groups)):
+            raise ValueError("width_losses must hold, per group, one loss per kept width 0..positions")
     events, orders = _events(
-        groups, position_scores, originals, allocation, max_layer_ratio, round_to, normalize_scores and allocation == "global"
+        groups,
+        position_scores,
+        originals,
+        allocation,
+        max_layer_ratio,
+        round_to,
+        normalize_scores and allocation == "global",
+        width_losses,
     )
     prefix = _Prefix(groups, events, cost_model, target, dense, originals)
 

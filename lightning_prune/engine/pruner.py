@@ -210,6 +210,7 @@ class ChannelPruner:
                 )
                 with preserved_training_modes(model):
                     scores = self.criterion.score(analysis.groups, scoring)
+                    width_losses = self.criterion.width_losses(analysis.groups, scoring)
                 plan = plan_pruning(
                     analysis.groups,
                     scores,
@@ -221,6 +222,7 @@ class ChannelPruner:
                     round_to=self.round_to,
                     original_widths=original_widths,
                     normalize_scores=not self.criterion.comparable_across_layers,
+                    width_losses=width_losses,
                 )
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 after = self._check(model, example_inputs, params_before, changes, plan, signature) or analysis.cost

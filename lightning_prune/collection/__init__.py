@@ -1,0 +1,15 @@
+"""Activation collection: hooks on the training forward passes, bounded-memory statistics."""
+
+from lightning_prune.collection.collector import ActivationCollector, ActivationStore
+from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.collection.statistics import as_rows, covariance_from_sums, pool_channels, reservoir_merge
+
+__all__ = [
+    "ActivationCollector",
+    "ActivationRequest",
+    "ActivationStore",
+    "as_rows",
+    "covariance_from_sums",
+    "pool_channels",
+    "reservoir_merge",
+]

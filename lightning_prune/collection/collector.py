@@ -1,0 +1,254 @@
+"""Activation collection from the training forward passes themselves.
+
+:class:`ActivationCollector` attaches forward hooks for a list of
+:class:`~lightning_prune.collection.requests.ActivationRequest` and accumulates, on the
+activations' device and without any host synchronisation:
+
+* ``"pooled"`` requests: per-sample pooled channel values in one *shared* reservoir of at most
+  ``max_samples`` samples (uniform over all samples seen, the same samples for every layer, with
+  their labels), so criteria that concatenate layers (PLS) see aligned rows;
+* ``"covariance"`` requests: streaming channel sums and outer products over rows.
+
+Memory is bounded by ``max_samples`` and ``C^2`` per layer, whatever the data set size or the
+number of epochs. Hooks exist only between :meth:`attach` and :meth:`detach`. The result, an
+:class:`ActivationStore`, is what criteria read through their scoring context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.collection.statistics import as_rows, covariance_from_sums, pool_channels, reservoir_merge
+
+__all__ = ["ActivationCollector", "ActivationStore"]
+
+
+def _channel_dim(request: ActivationRequest, module: nn.Module) -> int:
+    if request.channel_dim is not None:
+        return request.channel_dim
+    if request.site == "output" and isinstance(module, nn.modules.conv._ConvNd):
+        return 1
+    if request.site == "input" and isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+        return 1
+    return -1
+
+
+class ActivationStore:
+    """Collected statistics, as handed to a criterion.
+
+    Attributes:
+        labels: labels of the reservoir's samples (``(N,)``), or None when none were given.
+    """
+
+    def __init__(
+        self,
+        pooled: dict[ActivationRequest, torch.Tensor],
+        covariances: dict[ActivationRequest, torch.Tensor],
+        labels: torch.Tensor | None,
+        rows_seen: dict[ActivationRequest, int],
+    ) -> None:
+        self._pooled = pooled
+        self._covariances = covariances
+        self.labels = labels
+        self.rows_seen = rows_seen
+
+    @property
+    def num_samples(self) -> int:
+        for value in self._pooled.values():
+            return int(value.shape[0])
+        return 0 if self.labels is None else int(self.labels.shape[0])
+
+    def _find(self, table: dict[ActivationRequest, torch.Tensor], request: ActivationRequest | str) -> torch.Tensor:
+        if isinstance(request, ActivationRequest):
+            if request in table:
+                return table[request]
+        else:
+            matches = [v for r, v in table.items() if r.module == request]
+            if len(matches) == 1:
+                return matches[0]
+        raise KeyError(f"no collected statistic for {request!r}; collected: {[r.module for r in table]}")
+
+    def pooled(self, request: ActivationRequest | str) -> torch.Tensor:
+        """``(N, C)`` pooled values of the reservoir's samples."""
+        return self._find(self._pooled, request)
+
+    def covariance(self, request: ActivationRequest | str) -> torch.Tensor:
+        """``(C, C)`` float64 channel covariance over all rows seen."""
+        return self._find(self._covariances, request)
+
+
+class ActivationCollector:
+    """Hooks that accumulate the statistics of ``requests`` while attached.
+
+    Args:
+        model: the model whose modules are named in the requests.
+        requests: what to collect.
+        max_samples: reservoir capacity for pooled statistics (samples kept, all layers share them).
+        seed: seed of the collector's own generator (sampling never touches the global RNG).
+
+    Use: :meth:`attach`; per training batch :meth:`begin_batch` (with the labels) before the
+    forward pass and :meth:`end_batch` after it; :meth:`store` at the prune; :meth:`detach`.
+    """
+
+    def __init__(
+        self, model: nn.Module, requests: Sequence[ActivationRequest], *, max_samples: int = 2048, seed: int = 0
+    ) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        modules = dict(model.named_modules())
+        missing = [r.module for r in requests if r.module not in modules]
+        if missing:
+            raise ValueError(f"activation requests name modules the model does not have: {missing}")
+        self.model = model
+        self.requests = list(dict.fromkeys(requests))
+        self.max_samples = int(max_samples)
+        self.seed = int(seed)
+        self._modules = {r: modules[r.module] for r in self.requests}
+        self._channel_dims = {r: _channel_dim(r, self._modules[r]) for r in self.requests}
+        self._handles: list[Any] = []
+        self._generator: torch.Generator | None = None
+        self.reset()
+
+    # -------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Drop everything collected (statistics are indexed by the current channels)."""
+        self._keys: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._pooled: dict[ActivationRequest, torch.Tensor] = {}
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor | None, dict[ActivationRequest, torch.Tensor]]] = []
+        self._pending_rows = 0
+        self._cov: dict[ActivationRequest, list[torch.Tensor]] = {}
+        self._rows_seen: dict[ActivationRequest, int] = {}
+        self._batch_labels: torch.Tensor | None = None
+        self._staged: dict[ActivationRequest, torch.Tensor] = {}
+        self.batches = 0
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if self._handles:
+            return
+        by_module: dict[nn.Module, list[ActivationRequest]] = {}
+        for request, module in self._modules.items():
+            by_module.setdefault(module, []).append(request)
+        for module, requests in by_module.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(requests)))
+
+    def detach(self) -> None:
+        """Remove every hook this collector registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -------------------------------------------------------------- per batch
+    def begin_batch(self, labels: torch.Tensor | None = None) -> None:
+        """Start a batch; ``labels`` (one per sample) are stored with the pooled samples."""
+        self._batch_labels = None if labels is None else labels.detach()
+        self._staged = {}
+
+    def end_batch(self) -> None:
+        """Move the batch's pooled values into the reservoir (amortised O(1) copies per sample)."""
+        pooled = {r: v for r, v in self._staged.items() if r.statistic == "pooled"}
+        self._staged = {}
+        self.batches += 1
+        if not pooled:
+            return
+        n = next(iter(pooled.values())).shape[0]
+        device = next(iter(pooled.values())).device
+        keys = torch.rand(n, generator=self._gen(device), device=device)
+        labels = self._batch_labels
+        if labels is not None and labels.shape[0] != n:
+            raise ValueError(f"label_fn returned {labels.shape[0]} labels for a batch of {n} samples")
+        self._chunks.append((keys, labels, pooled))
+        self._pending_rows += n
+        if self._pending_rows >= 2 * self.max_samples:
+            self._compact()
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def _compact(self) -> None:
+        if not self._chunks:
+            return
+        old_keys = self._keys if self._keys is not None else self._chunks[0][0][:0]
+        new_keys = torch.cat([c[0] for c in self._chunks])
+        index, self._keys = reservoir_merge(old_keys, new_keys, self.max_samples)
+        if all(c[1] is not None for c in self._chunks) and (old_keys.numel() == 0 or self._labels is not None):
+            old = self._labels if self._labels is not None else self._chunks[0][1][:0]
+            self._labels = torch.cat([old, *[c[1] for c in self._chunks]])[index]
+        else:
+            self._labels = None
+        for request in self._chunks[0][2]:
+            old = self._pooled.get(request)
+            parts = ([old] if old is not None else []) + [c[2][request] for c in self._chunks]
+            self._pooled[request] = torch.cat(parts)[index]
+        self._chunks = []
+        self._pending_rows = 0
+
+    def _make_hook(self, requests: list[ActivationRequest]):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            for request in requests:
+                x = output if request.site == "output" else (inputs[0] if inputs else None)
+                if not isinstance(x, torch.Tensor) or request in self._staged:
+                    continue  # a module called twice in one forward: the first call counts
+                if request.statistic == "pooled":
+                    self._staged[request] = pool_channels(x, request.pooling, self._channel_dims[request])
+                else:
+                    self._staged[request] = x  # marks the call
+                    self._accumulate_covariance(request, x)
+
+        return hook
+
+    def _accumulate_covariance(self, request: ActivationRequest, x: torch.Tensor) -> None:
+        rows = as_rows(x, self._channel_dims[request])
+        if rows.shape[0] > request.rows_per_batch:
+            pick = torch.randint(rows.shape[0], (request.rows_per_batch,), generator=self._gen(rows.device), device=rows.device)
+            rows = rows.index_select(0, pick)
+        rows = rows.float()
+        sums = self._cov.get(request)
+        if sums is None:
+            c = rows.shape[1]
+            sums = self._cov[request] = [
+                torch.zeros((), dtype=torch.float64, device=rows.device),
+                torch.zeros(c, dtype=torch.float64, device=rows.device),
+                torch.zeros(c, c, dtype=torch.float64, device=rows.device),
+            ]
+        sums[0] += rows.shape[0]
+        sums[1] += rows.sum(0).double()
+        sums[2] += (rows.T @ rows).double()
+        self._rows_seen[request] = self._rows_seen.get(request, 0) + int(rows.shape[0])
+
+    # -------------------------------------------------------------- results
+    def store(self) -> ActivationStore:
+        """The statistics collected so far (the reservoir compacted to at most ``max_samples``)."""
+        self._compact()
+        covariances = {r: covariance_from_sums(*sums) for r, sums in self._cov.items()}
+        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen))
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor the collector holds (for memory accounting)."""
+        if self._keys is not None:
+            yield self._keys
+        if self._labels is not None:
+            yield self._labels
+        yield from self._pooled.values()
+        for keys, labels, pooled in self._chunks:
+            yield keys
+            if labels is not None:
+                yield labels
+            yield from pooled.values()
+        for sums in self._cov.values():
+            yield from sums
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -1,0 +1,49 @@
+"""What a criterion asks the collector for: which tensor, which statistic, which pooling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["ActivationRequest", "Pooling", "Site", "Statistic"]
+
+Site = Literal["output", "input"]
+Statistic = Literal["pooled", "covariance"]
+Pooling = Literal["max", "avg"]
+
+
+@dataclass(frozen=True)
+class ActivationRequest:
+    """One statistic of one module's activation.
+
+    Attributes:
+        module: qualified name of the module whose activation is observed.
+        site: ``"output"`` (what the module produces) or ``"input"`` (what it consumes, e.g. the
+            activation after BN, ReLU and pooling that the next layer reads).
+        statistic: ``"pooled"``: one value per sample and channel (global ``pooling`` over all
+            non-channel dims), kept for a bounded reservoir of samples together with their labels;
+            ``"covariance"``: streaming channel covariance over rows (every sample and spatial
+            position is a row), O(C^2) memory whatever the number of samples.
+        pooling: ``"max"`` or ``"avg"`` (for ``"pooled"``).
+        rows_per_batch: for ``"covariance"``: rows sampled uniformly per batch (bounds the cost of
+            the per-batch product; all rows when the batch has fewer).
+        channel_dim: the channel dimension of the activation; None (default) lets the collector
+            decide: 1 for the output of a convolution, the last dimension otherwise.
+    """
+
+    module: str
+    site: Site = "output"
+    statistic: Statistic = "pooled"
+    pooling: Pooling = "max"
+    rows_per_batch: int = 512
+    channel_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in ("output", "input"):
+            raise ValueError(f"site must be 'output' or 'input', got {self.site!r}")
+        if self.statistic not in ("pooled", "covariance"):
+            raise ValueError(f"statistic must be 'pooled' or 'covariance', got {self.statistic!r}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if self.rows_per_batch < 1:
+            raise ValueError(f"rows_per_batch must be >= 1, got {self.rows_per_batch}")

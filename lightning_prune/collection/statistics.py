@@ -1,0 +1,48 @@
+"""Functional cores of the collected statistics: pooling, reservoir merge, streaming covariance."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["as_rows", "covariance_from_sums", "pool_channels", "reservoir_merge"]
+
+
+def pool_channels(x: torch.Tensor, pooling: str, channel_dim: int = 1) -> torch.Tensor:
+    """``(N, C, *rest)`` (or channels at ``channel_dim``) -> ``(N, C)`` by max or mean over ``rest``."""
+    x = x.detach()
+    if x.dim() == 2:
+        return x.float()
+    x = x.movedim(channel_dim, 1).flatten(2)
+    pooled = x.amax(dim=2) if pooling == "max" else x.mean(dim=2)
+    return pooled.float()
+
+
+def as_rows(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """Activation -> ``(rows, C)``: every sample and position is a row, channels are columns."""
+    x = x.detach()
+    if x.dim() == 2:
+        return x
+    return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+
+
+def reservoir_merge(
+    keys: torch.Tensor, new_keys: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (into ``cat(keys, new_keys)``) of the ``capacity`` largest keys, and those keys.
+
+    With i.i.d. uniform keys per sample this keeps a uniform random subset of all samples seen
+    (sampling without replacement), whatever their number: memory is bounded by ``capacity``.
+    Runs on the keys' device with no host synchronisation.
+    """
+    all_keys = torch.cat([keys, new_keys])
+    if all_keys.numel() <= capacity:
+        return torch.arange(all_keys.numel(), device=all_keys.device), all_keys
+    top, index = torch.topk(all_keys, capacity, sorted=False)
+    return index, top
+
+
+def covariance_from_sums(count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """Covariance (population, float64) from the streamed ``sum x``, ``sum x x^T`` and row count."""
+    n = count.double().clamp_min(1.0)
+    mean = total.double() / n
+    return outer.double() / n - torch.outer(mean, mean)
