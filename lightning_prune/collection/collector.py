@@ -126,6 +126,7 @@ class ActivationCollector:
         self._rows_seen: dict[ActivationRequest, int] = {}
         self._batch_labels: torch.Tensor | None = None
         self._staged: dict[ActivationRequest, torch.Tensor] = {}
+        self._seen: set[ActivationRequest] = set()
         self.batches = 0
 
     @property
@@ -153,18 +154,18 @@ class ActivationCollector:
         """Start a batch; ``labels`` (one per sample) are stored with the pooled samples."""
         self._batch_labels = None if labels is None else labels.detach()
         self._staged = {}
+        self._seen = set()
 
     def end_batch(self) -> None:
         """Move the batch's pooled values into the reservoir (amortised O(1) copies per sample)."""
-        pooled = {r: v for r, v in self._staged.items() if r.statistic == "pooled"}
-        self._staged = {}
+        pooled, labels = self._staged, self._batch_labels
+        self._staged, self._batch_labels, self._seen = {}, None, set()
         self.batches += 1
         if not pooled:
             return
         n = next(iter(pooled.values())).shape[0]
         device = next(iter(pooled.values())).device
         keys = torch.rand(n, generator=self._gen(device), device=device)
-        labels = self._batch_labels
         if labels is not None and labels.shape[0] != n:
             raise ValueError(f"label_fn returned {labels.shape[0]} labels for a batch of {n} samples")
         self._chunks.append((keys, labels, pooled))
@@ -199,12 +200,12 @@ class ActivationCollector:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             for request in requests:
                 x = output if request.site == "output" else (inputs[0] if inputs else None)
-                if not isinstance(x, torch.Tensor) or request in self._staged:
+                if not isinstance(x, torch.Tensor) or request in self._seen:
                     continue  # a module called twice in one forward: the first call counts
+                self._seen.add(request)
                 if request.statistic == "pooled":
                     self._staged[request] = pool_channels(x, request.pooling, self._channel_dims[request])
                 else:
-                    self._staged[request] = x  # marks the call
                     self._accumulate_covariance(request, x)
 
         return hook
