@@ -294,3 +294,23 @@ def test_missing_labels_are_reported_before_training():
     with pytest.raises(ValueError, match="label_fn"):
         _trainer([cb], 1).fit(Unlabelled(SmallResNet(widths=(8, 16), blocks_per_stage=1)), data)
     assert ran == []
+
+
+def test_pls_paper_preset_removes_ten_percent_of_the_remaining_channels_per_step():
+    from lightning_prune.presets import pls_vip_paper
+
+    L.seed_everything(0)
+    model = ImageClassifier(SmallResNet(widths=(16, 32), blocks_per_stage=1))
+    cb = StructuredPruningCallback(**pls_vip_paper(epochs=[0, 1, 2]), verbose=False)
+    _trainer([cb], 3, limit_train_batches=4, limit_val_batches=1).fit(model, DigitsDataModule())
+    # cumulative fraction of channels removed after step k: 1 - 0.9^k (the paper's schedule)
+    assert [round(r.target, 6) for r in cb.history] == [round(1 - 0.9**k, 6) for k in (1, 2, 3)]
+    # one representative layer per set of coupled channels of this architecture (identity shortcut in
+    # stage 0 couples the stem with conv2; the projection shortcut of stage 1 couples conv2 with it)
+    representatives = ["net.stem.0", "net.stages.0.0.conv1", "net.stages.1.0.conv1", "net.stages.1.0.conv2"]
+    dense = {"net.stem.0": 16, "net.stages.0.0.conv1": 16, "net.stages.1.0.conv1": 32, "net.stages.1.0.conv2": 32}
+    for k, record in enumerate(cb.history, start=1):
+        assert record.widths["net.stem.0"] == record.widths["net.stages.0.0.conv2"]
+        assert record.widths["net.stages.1.0.conv2"] == record.widths["net.stages.1.0.shortcut.0"]
+        removed = 1 - sum(record.widths[n] for n in representatives) / sum(dense.values())
+        assert abs(removed - (1 - 0.9**k)) < 0.04, (k, removed)

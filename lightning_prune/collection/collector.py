@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_prune.collection.requests import ActivationRequest
-from lightning_prune.collection.statistics import as_rows, covariance_from_sums, pool_channels, reservoir_merge
+from lightning_prune.collection.statistics import as_rows, covariance_from_sums, num_rows, pool_channels, reservoir_merge
 
 __all__ = ["ActivationCollector", "ActivationStore"]
 
@@ -211,11 +211,12 @@ class ActivationCollector:
         return hook
 
     def _accumulate_covariance(self, request: ActivationRequest, x: torch.Tensor) -> None:
-        rows = as_rows(x, self._channel_dims[request])
-        if rows.shape[0] > request.rows_per_batch:
-            pick = torch.randint(rows.shape[0], (request.rows_per_batch,), generator=self._gen(rows.device), device=rows.device)
-            rows = rows.index_select(0, pick)
-        rows = rows.float()
+        dim = self._channel_dims[request]
+        total = num_rows(x, dim)
+        pick = None
+        if total > request.rows_per_batch:
+            pick = torch.randint(total, (request.rows_per_batch,), generator=self._gen(x.device), device=x.device)
+        rows = as_rows(x, dim, pick).float()
         sums = self._cov.get(request)
         if sums is None:
             c = rows.shape[1]
