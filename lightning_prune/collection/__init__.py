@@ -2,13 +2,12 @@
 
 from lightning_prune.collection.collector import ActivationCollector, ActivationStore
 from lightning_prune.collection.requests import ActivationRequest
-from lightning_prune.collection.statistics import as_rows, covariance_from_sums, pool_channels, reservoir_merge
+from lightning_prune.collection.statistics import covariance_from_sums, pool_channels, reservoir_merge
 
 __all__ = [
     "ActivationCollector",
     "ActivationRequest",
     "ActivationStore",
-    "as_rows",
     "covariance_from_sums",
     "pool_channels",
     "reservoir_merge",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_prune.collection.requests import ActivationRequest
-from lightning_prune.collection.statistics import as_rows, covariance_from_sums, num_rows, pool_channels, reservoir_merge
+from lightning_prune.collection.statistics import covariance_from_sums, pool_channels, reservoir_merge
 
 __all__ = ["ActivationCollector", "ActivationStore"]
 
@@ -36,6 +36,42 @@ def _channel_dim(request: ActivationRequest, module: nn.Module) -> int:
     if request.site == "input" and isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
         return 1
     return -1
+
+
+class _CovarianceSums:
+    """``sum x`` and ``sum x x^T`` over rows: float32 per batch (one ``addmm_``), flushed into float64
+    every ``flush_every`` batches so that long windows keep float64 accuracy."""
+
+    flush_every = 32
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.count = 0
+        self.batches = 0
+        self.total32 = torch.zeros(channels, device=device)
+        self.outer32 = torch.zeros(channels, channels, device=device)
+        self.total = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.count += int(rows.shape[0])
+        self.total32.add_(rows.sum(0))
+        self.outer32.addmm_(rows.T, rows)
+        self.batches += 1
+        if self.batches % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        self.total += self.total32.double()
+        self.outer += self.outer32.double()
+        self.total32.zero_()
+        self.outer32.zero_()
+
+    def covariance(self) -> torch.Tensor:
+        self.flush()
+        return covariance_from_sums(torch.tensor(float(self.count)), self.total, self.outer)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.total32, self.outer32, self.total, self.outer]
 
 
 class ActivationStore:
@@ -122,7 +158,7 @@ class ActivationCollector:
         self._pooled: dict[ActivationRequest, torch.Tensor] = {}
         self._chunks: list[tuple[torch.Tensor, torch.Tensor | None, dict[ActivationRequest, torch.Tensor]]] = []
         self._pending_rows = 0
-        self._cov: dict[ActivationRequest, list[torch.Tensor]] = {}
+        self._cov: dict[ActivationRequest, _CovarianceSums] = {}
         self._rows_seen: dict[ActivationRequest, int] = {}
         self._batch_labels: torch.Tensor | None = None
         self._staged: dict[ActivationRequest, torch.Tensor] = {}
@@ -212,29 +248,31 @@ class ActivationCollector:
 
     def _accumulate_covariance(self, request: ActivationRequest, x: torch.Tensor) -> None:
         dim = self._channel_dims[request]
-        total = num_rows(x, dim)
-        pick = None
-        if total > request.rows_per_batch:
-            pick = torch.randint(total, (request.rows_per_batch,), generator=self._gen(x.device), device=x.device)
-        rows = as_rows(x, dim, pick).float()
+        x = x.detach()
+        if x.dim() > 2 and dim % x.dim() != 1:
+            x = x.movedim(dim, 1)
+        flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)
+        n, c, positions = flat.shape
+        k = request.rows_per_batch
+        if n * positions > k:
+            gen = self._gen(x.device)
+            samples = torch.randint(n, (k,), generator=gen, device=x.device)
+            where = torch.randint(positions, (k,), generator=gen, device=x.device)
+            rows = flat[samples, :, where]
+        else:
+            rows = flat.transpose(1, 2).reshape(-1, c)
+        rows = rows if rows.dtype == torch.float32 else rows.float()
         sums = self._cov.get(request)
         if sums is None:
-            c = rows.shape[1]
-            sums = self._cov[request] = [
-                torch.zeros((), dtype=torch.float64, device=rows.device),
-                torch.zeros(c, dtype=torch.float64, device=rows.device),
-                torch.zeros(c, c, dtype=torch.float64, device=rows.device),
-            ]
-        sums[0] += rows.shape[0]
-        sums[1] += rows.sum(0).double()
-        sums[2] += (rows.T @ rows).double()
+            sums = self._cov[request] = _CovarianceSums(c, x.device)
+        sums.add(rows)
         self._rows_seen[request] = self._rows_seen.get(request, 0) + int(rows.shape[0])
 
     # -------------------------------------------------------------- results
     def store(self) -> ActivationStore:
         """The statistics collected so far (the reservoir compacted to at most ``max_samples``)."""
         self._compact()
-        covariances = {r: covariance_from_sums(*sums) for r, sums in self._cov.items()}
+        covariances = {r: sums.covariance() for r, sums in self._cov.items()}
         return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen))
 
     def tensors(self) -> Iterable[torch.Tensor]:
@@ -250,7 +288,7 @@ class ActivationCollector:
                 yield labels
             yield from pooled.values()
         for sums in self._cov.values():
-            yield from sums
+            yield from sums.tensors()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -1,10 +1,10 @@
-"""Functional cores of the collected statistics: pooling, reservoir merge, streaming covariance."""
+"""Functional cores of the collected statistics: pooling, reservoir merge, covariance from sums."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["as_rows", "covariance_from_sums", "num_rows", "pool_channels", "reservoir_merge"]
+__all__ = ["covariance_from_sums", "pool_channels", "reservoir_merge"]
 
 
 def pool_channels(x: torch.Tensor, pooling: str, channel_dim: int = 1) -> torch.Tensor:
@@ -16,29 +16,6 @@ def pool_channels(x: torch.Tensor, pooling: str, channel_dim: int = 1) -> torch.
         dims = tuple(range(2, x.dim()))
         x = x.amax(dim=dims) if pooling == "max" else x.mean(dim=dims)
     return x if x.dtype == torch.float32 else x.float()
-
-
-def as_rows(x: torch.Tensor, channel_dim: int = 1, sample: torch.Tensor | None = None) -> torch.Tensor:
-    """Activation -> ``(rows, C)``: every sample and position is a row, channels are columns.
-
-    ``sample`` (row indices into the ``N * positions`` rows) gathers only those rows, without
-    materialising the full row matrix.
-    """
-    x = x.detach()
-    if x.dim() == 2:
-        return x if sample is None else x.index_select(0, sample)
-    if channel_dim % x.dim() != 1:
-        x = x.movedim(channel_dim, 1)
-    x = x.flatten(2)  # (N, C, P)
-    if sample is None:
-        return x.transpose(1, 2).reshape(-1, x.shape[1])
-    positions = x.shape[2]
-    return x[sample // positions, :, sample % positions]
-
-
-def num_rows(x: torch.Tensor, channel_dim: int = 1) -> int:
-    """Number of rows :func:`as_rows` gives for ``x`` (shape arithmetic, no data access)."""
-    return x.numel() // x.shape[channel_dim]
 
 
 def reservoir_merge(
