@@ -314,3 +314,26 @@ def test_pls_paper_preset_removes_ten_percent_of_the_remaining_channels_per_step
         assert record.widths["net.stages.1.0.conv2"] == record.widths["net.stages.1.0.shortcut.0"]
         removed = 1 - sum(record.widths[n] for n in representatives) / sum(dense.values())
         assert abs(removed - (1 - 0.9**k)) < 0.04, (k, removed)
+
+
+def test_input_site_requests_see_what_the_consumer_reads():
+    """A request on a consumer's input gets the activation after BN, ReLU and pooling."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 1))
+    model.eval()
+    request = ActivationRequest("4", site="input", statistic="pooled", pooling="avg")
+    collector = ActivationCollector(model, [request], max_samples=100)
+    collector.attach()
+    x = torch.randn(5, 2, 10, 10)
+    collector.begin_batch()
+    with torch.no_grad():
+        model(x)
+    collector.end_batch()
+    with torch.no_grad():
+        consumed = model[:4](x)  # what conv "4" reads
+    got = collector.store().pooled(request)
+    expected = consumed.mean(dim=(2, 3))
+    assert got.shape == (5, 4)
+    # the reservoir keeps the samples in another order: compare each channel's sorted values
+    assert torch.allclose(torch.sort(got, dim=0).values, torch.sort(expected, dim=0).values, atol=1e-6)
+    assert (got >= 0).all()  # after the ReLU
