@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_input_fn", "default_label_fn", "slice_batch", "to_device"]
+__all__ = ["default_input_fn", "default_label_fn", "detach", "slice_batch", "to_device"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_ids")
 
@@ -70,4 +70,15 @@ def to_device(inputs: Any, device: torch.device) -> Any:
         return {k: to_device(v, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def detach(inputs: Any) -> Any:
+    """``inputs`` with every tensor detached (no copy)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach()
+    if isinstance(inputs, Mapping):
+        return {k: detach(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(detach(v) for v in inputs)
     return inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
+from lightning_prune._batch import default_input_fn, default_label_fn, detach, slice_batch, to_device
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import ChannelPruner, Cost, Target, layer_widths
@@ -189,6 +190,7 @@ class StructuredPruningCallback(Callback):
         self._example: Any = None
         self._collector: ActivationCollector | None = None
         self._window_start: int | None = None
+        self._cached_batches: deque[tuple[Any, Any]] = deque(maxlen=self._heldout_size)
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -260,7 +262,15 @@ class StructuredPruningCallback(Callback):
     @property
     def needs_activations(self) -> bool:
         req = self.criterion.requirements
-        return bool(req.activations or req.labels)
+        return bool(req.activations or (req.labels and not req.forward_passes))
+
+    @property
+    def needs_forward_passes(self) -> bool:
+        return bool(self.criterion.requirements.forward_passes)
+
+    @property
+    def _heldout_size(self) -> int:
+        return int(getattr(self.criterion, "num_batches", 4))
 
     def _pending(self, epoch: int) -> bool:
         return epoch in self.epochs and not any(r.epoch == epoch for r in self.history)
@@ -269,11 +279,17 @@ class StructuredPruningCallback(Callback):
         if self.prune_on_train_start and self.steps_done == 0:
             if self.needs_activations:
                 self._collection_pass(trainer, pl_module)
+            if self.needs_forward_passes and not self._validation_batches(trainer):
+                loader = _first_loader(trainer.train_dataloader)
+                for index, batch in enumerate(loader):
+                    if index >= self._heldout_size:
+                        break
+                    self._cache_batch(trainer.strategy.batch_to_device(batch))
             self._prune(trainer, pl_module, epoch=-1)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window_start = None
-        if self.needs_activations and self._pending(trainer.current_epoch):
+        if (self.needs_activations or self.needs_forward_passes) and self._pending(trainer.current_epoch):
             total = trainer.num_training_batches
             if self.collect_batches is None or not math.isfinite(total):
                 self._window_start = 0
@@ -281,7 +297,7 @@ class StructuredPruningCallback(Callback):
                 self._window_start = max(0, int(total) - self.collect_batches)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._window_start is None or batch_idx < self._window_start:
+        if self._window_start is None or batch_idx < self._window_start or not self.needs_activations:
             return
         if self._collector is None:
             self._collector = self._new_collector(trainer, pl_module)
@@ -293,6 +309,8 @@ class StructuredPruningCallback(Callback):
     ) -> None:
         if self._collector is not None and self._collector.attached:
             self._collector.end_batch()
+        if self.needs_forward_passes and self._window_start is not None and batch_idx >= self._window_start:
+            self._cache_batch(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -302,6 +320,7 @@ class StructuredPruningCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_collector()
+        self._cached_batches.clear()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.verbose and self.history and self.dense_cost is not None:
@@ -440,6 +459,47 @@ class StructuredPruningCallback(Callback):
         requests = self.criterion.activation_requests(analysis.groups)
         return ActivationCollector(pl_module, requests, max_samples=self.max_samples, seed=self.seed + self.steps_done)
 
+    def _cache_batch(self, batch: Any) -> None:
+        """Keep a training batch (inputs, labels; detached, on its device) as a held-out batch."""
+        labels = self._labels_of(batch)
+        self._cached_batches.append((detach(self.input_fn(batch)), labels.detach()))
+
+    def _validation_batches(self, trainer: pl.Trainer) -> list[tuple[Any, Any]]:
+        """The first held-out batches of the validation loader, if the fit has one."""
+        loaders = trainer.val_dataloaders
+        if not loaders:
+            return []
+        loader = _first_loader(loaders)
+        batches = []
+        try:
+            for index, batch in enumerate(loader):
+                if index >= self._heldout_size:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                batches.append((self.input_fn(batch), self._labels_of(batch)))
+        except TypeError:  # a loader without length/iteration support
+            return []
+        return batches
+
+    def _forward_fn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Callable], float]:
+        batches = self._validation_batches(trainer) or list(self._cached_batches)
+        if not batches:
+            raise ValueError(
+                f"criterion '{self.criterion.name}' needs held-out batches but there is no validation loader and "
+                "no training batch was cached before the step"
+            )
+
+        def evaluate(loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> float:
+            with preserved_training_modes(pl_module), torch.no_grad():
+                pl_module.eval()
+                losses = []
+                for inputs, labels in batches:
+                    with trainer.precision_plugin.forward_context():
+                        losses.append(loss_fn(call_model(pl_module, inputs), labels).float())
+                return float(torch.stack(losses).mean())  # one sync per evaluation, none per training step
+
+        return evaluate
+
     def _drop_collector(self) -> None:
         if self._collector is not None:
             self._collector.detach()
@@ -483,9 +543,12 @@ class StructuredPruningCallback(Callback):
             store = self._collector.store()
             context = {"activations": store, "labels": store.labels}
         try:
+            if self.needs_forward_passes:
+                context["forward"] = self._forward_fn(trainer, pl_module)
             self._prune_step(trainer, pl_module, epoch, context)
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused
+            self._cached_batches.clear()
 
     def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
         index = self.steps_done

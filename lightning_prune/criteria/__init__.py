@@ -4,6 +4,7 @@ from lightning_prune.criteria.base import Criterion, GroupCriterion, Requirement
 from lightning_prune.criteria.registry import available_criteria, get_criterion, register_criterion
 
 # Built-in criteria register themselves on import.
+from lightning_prune.criteria.filter_ensembles import LinearFilterEnsembles  # noqa: E402
 from lightning_prune.criteria.fpgm import FPGM, geometric_median_scores  # noqa: E402
 from lightning_prune.criteria.norm import L1Norm, L2Norm, LpNorm  # noqa: E402
 from lightning_prune.criteria.pca_gm import PCAGeometricMedian  # noqa: E402
@@ -16,6 +17,7 @@ __all__ = [
     "GroupCriterion",
     "L1Norm",
     "L2Norm",
+    "LinearFilterEnsembles",
     "LpNorm",
     "PCAGeometricMedian",
     "PLSVIP",
