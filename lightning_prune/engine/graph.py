@@ -43,6 +43,17 @@ def preserved_training_modes(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+@contextlib.contextmanager
+def _all_requiring_grad(frozen: Sequence[nn.Parameter]) -> Iterator[None]:
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+
+
 def build_dependency_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -53,10 +64,13 @@ def build_dependency_graph(
 ) -> tp.DependencyGraph:
     """Trace ``model`` into a torch-pruning dependency graph, leaving its train/eval modes intact.
 
-    Tracing runs through autograd, so it is done with gradients enabled and outside inference mode
-    even when called from a validation hook.
+    Tracing runs through autograd, so it is done with gradients enabled, outside inference mode
+    (even when called from a validation hook) and with every parameter temporarily requiring
+    gradients: a frozen layer would otherwise leave no autograd trace, and its coupling (through a
+    residual addition, say) would be lost.
     """
-    with preserved_training_modes(model), torch.inference_mode(False), torch.enable_grad():
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    with preserved_training_modes(model), torch.inference_mode(False), torch.enable_grad(), _all_requiring_grad(frozen):
         graph = tp.DependencyGraph()
         graph.build_dependency(
             model,

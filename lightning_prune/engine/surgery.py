@@ -77,6 +77,7 @@ def apply_plan(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[in
 
     def record(pruner: BasePruningFunc, weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
         new = original(pruner, weight, keep, dim)
+        new.requires_grad_(weight.requires_grad)  # torch-pruning's new Parameter would unfreeze frozen layers
         base = origin.get(id(weight), weight)
         change = changes.get(base)
         if change is None:
