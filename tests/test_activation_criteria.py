@@ -337,3 +337,21 @@ def test_input_site_requests_see_what_the_consumer_reads():
     # the reservoir keeps the samples in another order: compare each channel's sorted values
     assert torch.allclose(torch.sort(got, dim=0).values, torch.sort(expected, dim=0).values, atol=1e-6)
     assert (got >= 0).all()  # after the ReLU
+
+
+def test_forward_passes_outside_a_training_batch_are_not_recorded():
+    """Validation inside the window and the pruner's own passes must not pollute the statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1))
+    cov_request = ActivationRequest("0", statistic="covariance", rows_per_batch=10_000)
+    collector = ActivationCollector(model, [cov_request, ActivationRequest("0", statistic="pooled")], max_samples=50)
+    collector.attach()
+    x = torch.randn(4, 2, 3, 3)
+    collector.begin_batch()
+    model(x)
+    collector.end_batch()
+    model(100 + torch.randn(7, 2, 3, 3))  # e.g. a validation batch: far away, must be ignored
+    store = collector.store()
+    rows = model(x).detach().permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    np.testing.assert_allclose(store.covariance(cov_request).numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-6, atol=1e-9)
+    assert store.num_samples == 4

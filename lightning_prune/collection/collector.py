@@ -17,6 +17,7 @@ number of epochs. Hooks exist only between :meth:`attach` and :meth:`detach`. Th
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,6 +75,47 @@ class _CovarianceSums:
         return [self.total32, self.outer32, self.total, self.outer]
 
 
+@dataclass(frozen=True)
+class ClassMoments:
+    """Streamed per-class statistics of pooled features (float64): everything DI needs."""
+
+    counts: torch.Tensor  #: (K,) samples per class
+    class_sums: torch.Tensor  #: (K, C) feature sums per class
+    total: torch.Tensor  #: (C,) feature sum
+    scatter: torch.Tensor  #: (C, C) sum of x x^T
+
+
+class _ClassMomentSums(_CovarianceSums):
+    """:class:`_CovarianceSums` plus class counts and class sums (labels are one-hot encoded)."""
+
+    def __init__(self, channels: int, classes: int, device: torch.device) -> None:
+        super().__init__(channels, device)
+        self.classes = classes
+        self.counts = torch.zeros(classes, dtype=torch.float64, device=device)
+        self.class_sums = torch.zeros(classes, channels, dtype=torch.float64, device=device)
+        self.invalid = torch.zeros((), dtype=torch.long, device=device)
+
+    def add_labelled(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(rows.device).long()
+        self.invalid += ((labels < 0) | (labels >= self.classes)).sum()
+        onehot = torch.nn.functional.one_hot(labels.clamp(0, self.classes - 1), self.classes).to(rows.dtype)
+        self.counts += onehot.sum(0).double()
+        self.class_sums += (onehot.T @ rows).double()
+        self.add(rows)
+
+    def moments(self) -> ClassMoments:
+        if int(self.invalid):
+            raise ValueError(
+                f"{int(self.invalid)} collected label(s) fall outside [0, {self.classes}); "
+                "pass num_classes= to the criterion (criterion_kwargs) or fix label_fn"
+            )
+        self.flush()
+        return ClassMoments(self.counts, self.class_sums, self.total, self.outer)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + [self.counts, self.class_sums, self.invalid]
+
+
 class ActivationStore:
     """Collected statistics, as handed to a criterion.
 
@@ -87,9 +129,11 @@ class ActivationStore:
         covariances: dict[ActivationRequest, torch.Tensor],
         labels: torch.Tensor | None,
         rows_seen: dict[ActivationRequest, int],
+        class_moments: dict[ActivationRequest, ClassMoments] | None = None,
     ) -> None:
         self._pooled = pooled
         self._covariances = covariances
+        self._class_moments = class_moments or {}
         self.labels = labels
         self.rows_seen = rows_seen
 
@@ -99,7 +143,7 @@ class ActivationStore:
             return int(value.shape[0])
         return 0 if self.labels is None else int(self.labels.shape[0])
 
-    def _find(self, table: dict[ActivationRequest, torch.Tensor], request: ActivationRequest | str) -> torch.Tensor:
+    def _find(self, table: dict[ActivationRequest, Any], request: ActivationRequest | str) -> Any:
         if isinstance(request, ActivationRequest):
             if request in table:
                 return table[request]
@@ -117,6 +161,10 @@ class ActivationStore:
         """``(C, C)`` float64 channel covariance over all rows seen."""
         return self._find(self._covariances, request)
 
+    def class_moments(self, request: ActivationRequest | str) -> ClassMoments:
+        """Streamed class counts, class sums, feature sum and ``X^T X`` of the pooled values."""
+        return self._find(self._class_moments, request)
+
 
 class ActivationCollector:
     """Hooks that accumulate the statistics of ``requests`` while attached.
@@ -129,10 +177,18 @@ class ActivationCollector:
 
     Use: :meth:`attach`; per training batch :meth:`begin_batch` (with the labels) before the
     forward pass and :meth:`end_batch` after it; :meth:`store` at the prune; :meth:`detach`.
+    Forward passes outside ``begin_batch``/``end_batch`` (validation inside the window, the
+    pruner's own tracing) are not recorded.
     """
 
     def __init__(
-        self, model: nn.Module, requests: Sequence[ActivationRequest], *, max_samples: int = 2048, seed: int = 0
+        self,
+        model: nn.Module,
+        requests: Sequence[ActivationRequest],
+        *,
+        max_samples: int = 2048,
+        seed: int = 0,
+        num_classes: int | None = None,
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -144,6 +200,10 @@ class ActivationCollector:
         self.requests = list(dict.fromkeys(requests))
         self.max_samples = int(max_samples)
         self.seed = int(seed)
+        self.num_classes = num_classes
+        unsized = [r.module for r in requests if r.statistic == "class_moments" and not r.num_classes and not num_classes]
+        if unsized:
+            raise ValueError(f"class_moments requests need num_classes (on the request or the collector): {unsized}")
         self._modules = {r: modules[r.module] for r in self.requests}
         self._channel_dims = {r: _channel_dim(r, self._modules[r]) for r in self.requests}
         self._handles: list[Any] = []
@@ -159,10 +219,12 @@ class ActivationCollector:
         self._chunks: list[tuple[torch.Tensor, torch.Tensor | None, dict[ActivationRequest, torch.Tensor]]] = []
         self._pending_rows = 0
         self._cov: dict[ActivationRequest, _CovarianceSums] = {}
+        self._moments: dict[ActivationRequest, _ClassMomentSums] = {}
         self._rows_seen: dict[ActivationRequest, int] = {}
         self._batch_labels: torch.Tensor | None = None
         self._staged: dict[ActivationRequest, torch.Tensor] = {}
         self._seen: set[ActivationRequest] = set()
+        self._active = False
         self.batches = 0
 
     @property
@@ -191,11 +253,12 @@ class ActivationCollector:
         self._batch_labels = None if labels is None else labels.detach()
         self._staged = {}
         self._seen = set()
+        self._active = True
 
     def end_batch(self) -> None:
         """Move the batch's pooled values into the reservoir (amortised O(1) copies per sample)."""
         pooled, labels = self._staged, self._batch_labels
-        self._staged, self._batch_labels, self._seen = {}, None, set()
+        self._staged, self._batch_labels, self._seen, self._active = {}, None, set(), False
         self.batches += 1
         if not pooled:
             return
@@ -234,6 +297,8 @@ class ActivationCollector:
 
     def _make_hook(self, requests: list[ActivationRequest]):
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not self._active:  # outside begin_batch/end_batch: validation, the pruner's own passes
+                return
             for request in requests:
                 x = output if request.site == "output" else (inputs[0] if inputs else None)
                 if not isinstance(x, torch.Tensor) or request in self._seen:
@@ -241,6 +306,8 @@ class ActivationCollector:
                 self._seen.add(request)
                 if request.statistic == "pooled":
                     self._staged[request] = pool_channels(x, request.pooling, self._channel_dims[request])
+                elif request.statistic == "class_moments":
+                    self._accumulate_class_moments(request, x)
                 else:
                     self._accumulate_covariance(request, x)
 
@@ -268,12 +335,23 @@ class ActivationCollector:
         sums.add(rows)
         self._rows_seen[request] = self._rows_seen.get(request, 0) + int(rows.shape[0])
 
+    def _accumulate_class_moments(self, request: ActivationRequest, x: torch.Tensor) -> None:
+        if self._batch_labels is None:
+            raise ValueError(f"class_moments of '{request.module}' need the batch labels (begin_batch(labels))")
+        rows = pool_channels(x, request.pooling, self._channel_dims[request])
+        sums = self._moments.get(request)
+        if sums is None:
+            classes = request.num_classes or int(self.num_classes or 0)
+            sums = self._moments[request] = _ClassMomentSums(rows.shape[1], classes, rows.device)
+        sums.add_labelled(rows, self._batch_labels)
+
     # -------------------------------------------------------------- results
     def store(self) -> ActivationStore:
         """The statistics collected so far (the reservoir compacted to at most ``max_samples``)."""
         self._compact()
         covariances = {r: sums.covariance() for r, sums in self._cov.items()}
-        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen))
+        moments = {r: sums.moments() for r, sums in self._moments.items()}
+        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen), moments)
 
     def tensors(self) -> Iterable[torch.Tensor]:
         """Every tensor the collector holds (for memory accounting)."""
@@ -287,7 +365,7 @@ class ActivationCollector:
             if labels is not None:
                 yield labels
             yield from pooled.values()
-        for sums in self._cov.values():
+        for sums in [*self._cov.values(), *self._moments.values()]:
             yield from sums.tensors()
 
     def nbytes(self) -> int:
