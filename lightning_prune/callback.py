@@ -457,7 +457,20 @@ class StructuredPruningCallback(Callback):
         assert self._pruner is not None
         analysis = self._pruner.analyse(pl_module, self._inputs_for(trainer, pl_module))
         requests = self.criterion.activation_requests(analysis.groups)
-        return ActivationCollector(pl_module, requests, max_samples=self.max_samples, seed=self.seed + self.steps_done)
+        return ActivationCollector(
+            pl_module,
+            requests,
+            max_samples=self.max_samples,
+            seed=self.seed + self.steps_done,
+            num_classes=self._output_width(trainer, pl_module),
+        )
+
+    def _output_width(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
+        """Width of the model's output on the example inputs (the class count of a classifier)."""
+        with preserved_training_modes(pl_module), torch.no_grad():
+            pl_module.eval()
+            output = call_model(pl_module, self._inputs_for(trainer, pl_module))
+        return int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.dim() == 2 else None
 
     def _cache_batch(self, batch: Any) -> None:
         """Keep a training batch (inputs, labels; detached, on its device) as a held-out batch."""
@@ -541,6 +554,7 @@ class StructuredPruningCallback(Callback):
                     f"epoch {epoch}; check collect_batches and that the epoch has training batches"
                 )
             store = self._collector.store()
+            self._collector.detach()  # the step's own forward passes (tracing, costs) are not data
             context = {"activations": store, "labels": store.labels}
         try:
             if self.needs_forward_passes:

@@ -4,6 +4,7 @@ from lightning_prune.criteria.base import Criterion, GroupCriterion, Requirement
 from lightning_prune.criteria.registry import available_criteria, get_criterion, register_criterion
 
 # Built-in criteria register themselves on import.
+from lightning_prune.criteria.discriminant_information import DiscriminantInformation  # noqa: E402
 from lightning_prune.criteria.filter_ensembles import LinearFilterEnsembles  # noqa: E402
 from lightning_prune.criteria.fpgm import FPGM, geometric_median_scores  # noqa: E402
 from lightning_prune.criteria.norm import L1Norm, L2Norm, LpNorm  # noqa: E402
@@ -13,6 +14,7 @@ from lightning_prune.criteria.random import RandomCriterion  # noqa: E402
 
 __all__ = [
     "Criterion",
+    "DiscriminantInformation",
     "FPGM",
     "GroupCriterion",
     "L1Norm",

@@ -97,12 +97,15 @@ class Criterion(abc.ABC):
             global model such as PLS); otherwise a global ranking first divides each group's scores
             by their mean magnitude.
         default_allocation: the allocation used when the callback is given none.
+        width_losses_per_mac: the allocation divides each width step's loss by the MACs it saves
+            (cheapest loss per MAC first) instead of using the loss itself.
     """
 
     name: ClassVar[str] = ""
     requirements: ClassVar[Requirements] = Requirements()
     comparable_across_layers: ClassVar[bool] = False
     default_allocation: ClassVar[str] = "uniform"
+    width_losses_per_mac: ClassVar[bool] = False
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
         """The statistics to collect for ``groups`` (only called when ``requirements.activations``).

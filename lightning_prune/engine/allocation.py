@@ -104,6 +104,7 @@ def _events(
     round_to: int | None,
     normalize: bool,
     width_losses: Sequence[torch.Tensor] | None = None,
+    macs_per_channel: Sequence[float] | None = None,
 ) -> tuple[list[_Event], list[torch.Tensor]]:
     events: list[_Event] = []
     orders: list[torch.Tensor] = []
@@ -118,7 +119,12 @@ def _events(
         running = -math.inf
         for k in range(1, len(widths)):
             if width_losses is not None:
-                running = max(running, float(width_losses[gi][widths[k]]))
+                loss = float(width_losses[gi][widths[k]])
+                if macs_per_channel is not None:  # loss added per MAC saved by this event
+                    added = loss - float(width_losses[gi][widths[k - 1]])
+                    saved = (widths[k - 1] - widths[k]) * group.channel_groups * macs_per_channel[gi]
+                    loss = added / saved if saved > 0 else math.inf
+                running = max(running, loss)
                 key = running
             elif allocation == "uniform":
                 key = 1.0 - widths[k] * group.channel_groups / original
@@ -200,6 +206,7 @@ def plan_pruning(
     original_widths: Mapping[str, int] | None = None,
     normalize_scores: bool = True,
     width_losses: Sequence[torch.Tensor] | None = None,
+    losses_per_mac: bool = False,
     tolerance: float = 0.02,
 ) -> Plan:
     """Choose the channels to remove so that the model meets ``target`` (relative to ``dense``).
@@ -219,6 +226,8 @@ def plan_pruning(
         width_losses: per group, the loss of keeping ``k`` positions (``positions + 1`` entries);
             when given, events are ordered by it instead of by ``allocation`` (criteria with their
             own width rule, such as PCA).
+        losses_per_mac: order width-loss events by the loss they add per MAC they save (each
+            group's marginal MACs per channel, from ``cost_model``) instead of by the loss itself.
         tolerance: how far below the target the best plan may fall before it is an error.
 
     Raises:
@@ -231,6 +240,15 @@ def plan_pruning(
     if width_losses is not None:
         if len(width_losses) != len(groups) or any(len(w) != g.positions + 1 for w, g in zip(width_losses, groups)):
             raise ValueError("width_losses must hold, per group, one loss per kept width 0..positions")
+    macs_per_channel = None
+    if width_losses is not None and losses_per_mac:
+        current = cost_model.current.macs
+        macs_per_channel = []
+        for gi, group in enumerate(groups):
+            removed = [0] * len(groups)
+            removed[gi] = group.channel_groups
+            saved = current - cost_model.evaluate(removed).macs
+            macs_per_channel.append(max(saved, 1) / group.channel_groups / max(1, dense.macs))
     events, orders = _events(
         groups,
         position_scores,
@@ -240,6 +258,7 @@ def plan_pruning(
         round_to,
         normalize_scores and allocation == "global",
         width_losses,
+        macs_per_channel,
     )
     prefix = _Prefix(groups, events, cost_model, target, dense, originals)
 

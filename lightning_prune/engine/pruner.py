@@ -223,6 +223,7 @@ class ChannelPruner:
                     original_widths=original_widths,
                     normalize_scores=not self.criterion.comparable_across_layers,
                     width_losses=width_losses,
+                    losses_per_mac=self.criterion.width_losses_per_mac,
                 )
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 after = self._check(model, example_inputs, params_before, changes, plan, signature) or analysis.cost
