@@ -594,6 +594,7 @@ class StructuredPruningCallback(Callback):
             params_reduction=params_reduction,
             widths=result.widths,
             seconds=result.seconds,
+            corrections=result.corrections,
         )
         self.history.append(record)
         self._log(trainer, record)

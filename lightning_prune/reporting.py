@@ -24,6 +24,9 @@ class PruningRecord:
         flops_reduction / params_reduction: cumulative reductions relative to the dense model.
         widths: output width of every conv/linear layer after the step.
         seconds: wall time of the step (tracing, scoring, allocation, surgery, optimizer remap).
+        corrections: per group root, how the criterion corrected the remaining weights (e.g.
+            ``"interpolation absorbed by 2 consumer(s)"`` or ``"selection only: ..."``); empty when
+            the criterion does not correct weights.
     """
 
     step: int
@@ -39,6 +42,7 @@ class PruningRecord:
     params_reduction: float
     widths: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    corrections: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -130,10 +130,12 @@ class ActivationStore:
         labels: torch.Tensor | None,
         rows_seen: dict[ActivationRequest, int],
         class_moments: dict[ActivationRequest, ClassMoments] | None = None,
+        rows: dict[ActivationRequest, torch.Tensor] | None = None,
     ) -> None:
         self._pooled = pooled
         self._covariances = covariances
         self._class_moments = class_moments or {}
+        self._rows = rows or {}
         self.labels = labels
         self.rows_seen = rows_seen
 
@@ -160,6 +162,10 @@ class ActivationStore:
     def covariance(self, request: ActivationRequest | str) -> torch.Tensor:
         """``(C, C)`` float64 channel covariance over all rows seen."""
         return self._find(self._covariances, request)
+
+    def rows(self, request: ActivationRequest | str) -> torch.Tensor:
+        """``(M, C)`` activation rows, a uniform sample of at most ``max_rows`` of all rows seen."""
+        return self._find(self._rows, request)
 
     def class_moments(self, request: ActivationRequest | str) -> ClassMoments:
         """Streamed class counts, class sums, feature sum and ``X^T X`` of the pooled values."""
@@ -220,6 +226,7 @@ class ActivationCollector:
         self._pending_rows = 0
         self._cov: dict[ActivationRequest, _CovarianceSums] = {}
         self._moments: dict[ActivationRequest, _ClassMomentSums] = {}
+        self._rows: dict[ActivationRequest, list[Any]] = {}
         self._rows_seen: dict[ActivationRequest, int] = {}
         self._batch_labels: torch.Tensor | None = None
         self._staged: dict[ActivationRequest, torch.Tensor] = {}
@@ -308,12 +315,15 @@ class ActivationCollector:
                     self._staged[request] = pool_channels(x, request.pooling, self._channel_dims[request])
                 elif request.statistic == "class_moments":
                     self._accumulate_class_moments(request, x)
+                elif request.statistic == "rows":
+                    self._accumulate_rows(request, x)
                 else:
                     self._accumulate_covariance(request, x)
 
         return hook
 
-    def _accumulate_covariance(self, request: ActivationRequest, x: torch.Tensor) -> None:
+    def _sample_rows(self, request: ActivationRequest, x: torch.Tensor) -> torch.Tensor:
+        """Up to ``rows_per_batch`` rows (sample x position) of ``x``, one column per channel, float32."""
         dim = self._channel_dims[request]
         x = x.detach()
         if x.dim() > 2 and dim % x.dim() != 1:
@@ -328,11 +338,25 @@ class ActivationCollector:
             rows = flat[samples, :, where]
         else:
             rows = flat.transpose(1, 2).reshape(-1, c)
-        rows = rows if rows.dtype == torch.float32 else rows.float()
+        return rows if rows.dtype == torch.float32 else rows.float()
+
+    def _accumulate_covariance(self, request: ActivationRequest, x: torch.Tensor) -> None:
+        rows = self._sample_rows(request, x)
         sums = self._cov.get(request)
         if sums is None:
-            sums = self._cov[request] = _CovarianceSums(c, x.device)
+            sums = self._cov[request] = _CovarianceSums(rows.shape[1], rows.device)
         sums.add(rows)
+        self._rows_seen[request] = self._rows_seen.get(request, 0) + int(rows.shape[0])
+
+    def _accumulate_rows(self, request: ActivationRequest, x: torch.Tensor) -> None:
+        rows = self._sample_rows(request, x)
+        keys = torch.rand(rows.shape[0], generator=self._gen(rows.device), device=rows.device)
+        reservoir = self._rows.setdefault(request, [keys[:0], rows[:0], 0])
+        if reservoir[2] + rows.shape[0] >= 2 * request.max_rows:  # compact: amortised O(1) copies per row
+            index, kept = reservoir_merge(reservoir[0], keys, request.max_rows)
+            reservoir[:] = [kept, torch.cat([reservoir[1], rows])[index], 0]
+        else:
+            reservoir[:] = [torch.cat([reservoir[0], keys]), torch.cat([reservoir[1], rows]), reservoir[2] + rows.shape[0]]
         self._rows_seen[request] = self._rows_seen.get(request, 0) + int(rows.shape[0])
 
     def _accumulate_class_moments(self, request: ActivationRequest, x: torch.Tensor) -> None:
@@ -351,7 +375,11 @@ class ActivationCollector:
         self._compact()
         covariances = {r: sums.covariance() for r, sums in self._cov.items()}
         moments = {r: sums.moments() for r, sums in self._moments.items()}
-        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen), moments)
+        rows = {}
+        for request, (keys, values, _) in self._rows.items():
+            index, _kept = reservoir_merge(keys[:0], keys, request.max_rows)
+            rows[request] = values[index]
+        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen), moments, rows)
 
     def tensors(self) -> Iterable[torch.Tensor]:
         """Every tensor the collector holds (for memory accounting)."""
@@ -367,6 +395,9 @@ class ActivationCollector:
             yield from pooled.values()
         for sums in [*self._cov.values(), *self._moments.values()]:
             yield from sums.tensors()
+        for keys, values, _ in self._rows.values():
+            yield keys
+            yield values
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

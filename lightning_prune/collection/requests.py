@@ -8,7 +8,7 @@ from typing import Literal
 __all__ = ["ActivationRequest", "Pooling", "Site", "Statistic"]
 
 Site = Literal["output", "input"]
-Statistic = Literal["pooled", "covariance", "class_moments"]
+Statistic = Literal["pooled", "covariance", "class_moments", "rows"]
 Pooling = Literal["max", "avg"]
 
 
@@ -25,13 +25,16 @@ class ActivationRequest:
             ``"covariance"``: streaming channel covariance over rows (every sample and spatial
             position is a row), O(C^2) memory whatever the number of samples;
             ``"class_moments"``: streaming class counts, class sums, feature sum and ``X^T X`` of
-            the pooled values (needs labels), O(K C + C^2) memory whatever the number of samples.
+            the pooled values (needs labels), O(K C + C^2) memory whatever the number of samples;
+            ``"rows"``: activation rows (sample x position, one column per channel), a uniform
+            reservoir of at most ``max_rows`` of them (``rows_per_batch`` sampled per batch).
         pooling: ``"max"`` or ``"avg"`` (for ``"pooled"``).
         rows_per_batch: for ``"covariance"``: rows sampled uniformly per batch (bounds the cost of
             the per-batch product; all rows when the batch has fewer).
         channel_dim: the channel dimension of the activation; None (default) lets the collector
             decide: 1 for the output of a convolution, the last dimension otherwise.
         num_classes: for ``"class_moments"``: number of classes; 0 (default) takes the collector's.
+        max_rows: for ``"rows"``: reservoir capacity.
     """
 
     module: str
@@ -41,12 +44,13 @@ class ActivationRequest:
     rows_per_batch: int = 512
     channel_dim: int | None = None
     num_classes: int = 0
+    max_rows: int = 4096
 
     def __post_init__(self) -> None:
         if self.site not in ("output", "input"):
             raise ValueError(f"site must be 'output' or 'input', got {self.site!r}")
-        if self.statistic not in ("pooled", "covariance", "class_moments"):
-            raise ValueError(f"statistic must be 'pooled', 'covariance' or 'class_moments', got {self.statistic!r}")
+        if self.statistic not in ("pooled", "covariance", "class_moments", "rows"):
+            raise ValueError(f"statistic must be 'pooled', 'covariance', 'class_moments' or 'rows', got {self.statistic!r}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.rows_per_batch < 1:

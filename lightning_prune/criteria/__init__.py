@@ -7,6 +7,7 @@ from lightning_prune.criteria.registry import available_criteria, get_criterion,
 from lightning_prune.criteria.discriminant_information import DiscriminantInformation  # noqa: E402
 from lightning_prune.criteria.filter_ensembles import LinearFilterEnsembles  # noqa: E402
 from lightning_prune.criteria.fpgm import FPGM, geometric_median_scores  # noqa: E402
+from lightning_prune.criteria.interpolative_decomposition import InterpolativeDecomposition  # noqa: E402
 from lightning_prune.criteria.norm import L1Norm, L2Norm, LpNorm  # noqa: E402
 from lightning_prune.criteria.pca_gm import PCAGeometricMedian  # noqa: E402
 from lightning_prune.criteria.pls_vip import PLSVIP  # noqa: E402
@@ -17,6 +18,7 @@ __all__ = [
     "DiscriminantInformation",
     "FPGM",
     "GroupCriterion",
+    "InterpolativeDecomposition",
     "L1Norm",
     "L2Norm",
     "LinearFilterEnsembles",

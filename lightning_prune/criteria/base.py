@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -115,6 +115,20 @@ class Criterion(abc.ABC):
         with the same requests).
         """
         return []
+
+    def correct(
+        self,
+        groups: Sequence[ChannelGroup],
+        removed: Mapping[int, Sequence[int]],
+        changes: Mapping[Any, Any],
+        context: ScoringContext,
+    ) -> dict[str, str]:
+        """Optional: adjust the pruned weights after the surgery (e.g. let consumers absorb the removed
+        channels), inside the step's atomic section. ``removed`` maps group index -> removed root
+        channels, ``changes`` old parameter -> :class:`~lightning_prune.engine.surgery.ParameterChange`.
+        Returns a note per group root (kept in the step's record). Default: no correction.
+        """
+        return {}
 
     def width_losses(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor] | None:
         """Optional: what each group loses at each width, to drive the allocation.

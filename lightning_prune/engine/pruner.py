@@ -72,6 +72,7 @@ class StepResult:
     widths: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     num_groups: int = 0
+    corrections: dict[str, str] = field(default_factory=dict)  #: per group root: how its weights were corrected
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -226,6 +227,7 @@ class ChannelPruner:
                     losses_per_mac=self.criterion.width_losses_per_mac,
                 )
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
+                corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 after = self._check(model, example_inputs, params_before, changes, plan, signature) or analysis.cost
                 remaps = [prepare_optimizer_remap(opt, changes) for opt in optimizers]
         except Exception as error:
@@ -243,6 +245,7 @@ class ChannelPruner:
             widths=layer_widths(model),
             seconds=time.perf_counter() - started,
             num_groups=len(analysis.groups),
+            corrections=corrections,
         )
 
     @staticmethod

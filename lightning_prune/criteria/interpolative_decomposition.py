@@ -1,0 +1,177 @@
+"""``"interpolative_decomposition"`` (``"id"``): Chee, Renz, Damle, De Sa, NeurIPS 2022.
+
+``shared/criteria.md`` section 4. ``Z`` is the activation the group's consumers read (after BN,
+ReLU and pooling), as rows ``(N*H*W) x C`` (a uniform reservoir of at most ``max_rows`` rows).
+A column-pivoted QR ``Z P = Q R`` orders the channels (first pivots are kept first). For the
+channels ``S`` that stay, the interpolation matrix ``T`` (``k x C``) with ``Z ~ Z[:, S] T`` is the
+least-squares solution ``T = Z[:, S]^+ Z``, which for ``S`` = the first ``k`` pivots is exactly
+ID's ``[I_k, R11^-1 R12] P^T``.
+
+**Weight correction.** The producer keeps rows ``S`` (weights, bias, BN statistics: the
+surgery's selection), and every consumer absorbs ``T`` over its input-channel axis:
+``W_next <- W_next x_1 T`` (``W'[o, s] = sum_c T[s, c] W[o, c]``), so the pruned network computes
+what the dense one did, as closely as the decomposition allows, before any fine-tuning.
+``T`` cannot pass through a residual sum: a group with several producers (residual partners),
+or whose consumers read the channels through a concatenation, a flatten or a grouped
+convolution, is pruned by selection only, and the step's record says so.
+
+**Widths.** Keeping ``k`` channels costs the decomposition error ``|R_kk / R_11|`` (the first
+dropped pivot, relative); the allocation removes, step by step, the width with the smallest error
+per MAC saved until the target is met.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
+from lightning_prune.criteria.registry import register_criterion
+
+if TYPE_CHECKING:
+    from lightning_prune.engine.graph import ChannelGroup, ParamSlice
+
+__all__ = ["InterpolativeDecomposition", "interpolation_matrix", "pivoted_qr"]
+
+
+def pivoted_qr(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(|diag(R)|, pivots)`` of the column-pivoted QR of ``z`` (scipy), float64."""
+    from scipy.linalg import qr
+
+    r, pivots = qr(np.asarray(z, dtype=np.float64), mode="r", pivoting=True)
+    diag = np.abs(np.diag(r))
+    full = np.zeros(z.shape[1])
+    full[: diag.shape[0]] = diag
+    return full, pivots
+
+
+def interpolation_matrix(z: np.ndarray, kept: Sequence[int]) -> np.ndarray:
+    """``T`` (``len(kept) x C``) minimising ``||Z[:, kept] T - Z||``; rows follow ``kept``."""
+    z = np.asarray(z, dtype=np.float64)
+    t, *_ = np.linalg.lstsq(z[:, list(kept)], z, rcond=None)
+    return t
+
+
+def _weight_slices(group: ChannelGroup, output: bool) -> list[ParamSlice]:
+    return [s for s in group.slices if s.is_output == output and s.param.dim() >= 2]
+
+
+@register_criterion("interpolative_decomposition", "id")
+class InterpolativeDecomposition(Criterion):
+    """Keep the channels a pivoted QR of the consumed activation picks; consumers absorb the rest.
+
+    Args:
+        max_rows: activation rows kept per group (uniform reservoir). Default 4096.
+        rows_per_batch: rows sampled per training batch. Default 256.
+    """
+
+    requirements = Requirements(activations=True)
+    width_losses_per_mac = True
+
+    def __init__(self, max_rows: int = 4096, rows_per_batch: int = 256) -> None:
+        if max_rows < 2 or rows_per_batch < 1:
+            raise ValueError(f"max_rows must be >= 2 and rows_per_batch >= 1, got {max_rows}, {rows_per_batch}")
+        self.max_rows = int(max_rows)
+        self.rows_per_batch = int(rows_per_batch)
+        self._qr: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------ which tensor
+    def _consumers(self, group: ChannelGroup) -> list[ParamSlice]:
+        return _weight_slices(group, output=False)
+
+    def _request(self, group: ChannelGroup) -> ActivationRequest:
+        consumers = self._consumers(group)
+        if consumers:  # the activation the (first) consumer reads
+            module = consumers[0].name.rsplit(".", 1)[0]
+            return ActivationRequest(module, site="input", statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
+        return ActivationRequest(group.root_name, statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
+
+    def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
+        return [self._request(g) for g in groups]
+
+    def _rows(self, group: ChannelGroup, context: ScoringContext) -> np.ndarray:
+        if context.activations is None:
+            raise ValueError("interpolative_decomposition needs collected activations; use it through StructuredPruningCallback")
+        z = context.activations.rows(self._request(group)).detach().double().cpu().numpy()
+        if z.shape[1] != group.size:
+            raise ValueError(
+                f"the activation read by the consumers of '{group.root_name}' has {z.shape[1]} channels, the group "
+                f"{group.size}: its consumers read it through a reshape; use another criterion for this model"
+            )
+        return z
+
+    # ------------------------------------------------------------------ scores and widths
+    def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
+        scores = []
+        self._qr = {}
+        for group in groups:
+            diag, pivots = pivoted_qr(self._rows(group, context))
+            self._qr[group.root_name] = (diag, pivots)
+            score = torch.empty(group.size, dtype=torch.float64)
+            score[torch.from_numpy(pivots.astype(np.int64))] = torch.arange(group.size, 0, -1, dtype=torch.float64)
+            scores.append(score)
+        return scores
+
+    def width_losses(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
+        losses = []
+        for group in groups:
+            diag, _ = self._qr.get(group.root_name) or pivoted_qr(self._rows(group, context))
+            scale = diag[0] if diag[0] > 0 else 1.0
+            error = np.append(diag / scale, 0.0)  # error[k]: keeping the first k pivots drops pivot k
+            error = np.maximum.accumulate(error[::-1])[::-1]  # non-increasing in k (numerical safety)
+            kept = np.minimum(np.arange(group.positions + 1) * group.channel_groups, group.size)
+            losses.append(torch.from_numpy(error[kept].copy()))
+        return losses
+
+    # ------------------------------------------------------------------ weight correction
+    def _selection_only_reason(self, group: ChannelGroup, model: nn.Module) -> str | None:
+        producers = {s.name.rsplit(".", 1)[0] for s in _weight_slices(group, output=True)}
+        if len(producers) != 1:
+            return f"selection only: {len(producers)} producers summed (residual), T cannot pass the sum"
+        consumers = self._consumers(group)
+        if not consumers:
+            return "selection only: no consumer layer to absorb T"
+        modules = dict(model.named_modules())
+        for s in consumers:
+            module = modules.get(s.name.rsplit(".", 1)[0])
+            plain = s.addressable and s.dep_channels == group.size and list(s.idxs) == list(range(group.size))
+            if not plain or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or getattr(module, "groups", 1) != 1:
+                return f"selection only: consumer '{s.name}' reads the channels through a concat, reshape or grouped conv"
+        return None
+
+    def correct(
+        self,
+        groups: Sequence[ChannelGroup],
+        removed: Mapping[int, Sequence[int]],
+        changes: Mapping[Any, Any],
+        context: ScoringContext,
+    ) -> dict[str, str]:
+        notes = {}
+        for index, channels in removed.items():
+            group = groups[index]
+            if not channels:
+                continue
+            reason = self._selection_only_reason(group, context.model)
+            if reason:
+                notes[group.root_name] = reason
+                continue
+            kept = sorted(set(range(group.size)) - set(channels))
+            t = torch.from_numpy(interpolation_matrix(self._rows(group, context), kept))
+            consumers = self._consumers(group)
+            with torch.no_grad():
+                for s in consumers:
+                    change = changes[s.param]
+                    corrected = change.old.detach().double()
+                    for dim, keep in change.ops:
+                        if dim == s.dim:  # this group's input-channel cut: absorb T instead of selecting
+                            corrected = torch.tensordot(t, corrected.movedim(dim, 0), dims=([1], [0])).movedim(0, dim)
+                        else:
+                            corrected = corrected.index_select(dim, keep)
+                    change.new.copy_(corrected.to(change.new.dtype))
+            notes[group.root_name] = f"interpolation absorbed by {len(consumers)} consumer(s)"
+        return notes
