@@ -9,13 +9,13 @@ Everything is measured in one run, on one machine, side by side:
       is the same) against the same fit with no callback (the callback itself only collects in
       the epoch before each step, so this is its worst case).
    Runs are interleaved; min and median over repeats. Goal: at most 3% more.
-2. Criteria at the same MACs reduction: one dense model is trained once; each criterion prunes
-   a copy at the start of a fine-tuning fit (``prune_on_train_start``, with a dedicated
+2. Criteria at the same MACs reductions (30, 50, 70%): one dense model is trained once; each
+   criterion prunes a copy at the start of a fine-tuning fit (``prune_on_train_start``, with a dedicated
    collection pass for activation criteria). Reported: test accuracy right after the prune
    (before any fine-tuning), after fine-tuning, and the prune-step time, also as a multiple of one
    training epoch of the dense model (``filter_ensembles`` at its default budget).
 
-    python examples/benchmark_criteria.py [--target 0.5] [--repeats 3] [--out benchmark_results]
+    python examples/benchmark_criteria.py [--targets 0.3 0.5 0.7] [--repeats 5] [--out benchmark_results]
 
 Writes ``criteria.json`` and ``criteria.md`` under ``--out`` and prints the tables.
 """
@@ -38,7 +38,7 @@ from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import ChannelPruner
 from lightning_prune.models import ImageClassifier, SmallResNet
 
-CRITERIA = ["l1", "random", "fpgm", "pls_vip", "pca_gm", "filter_ensembles"]
+CRITERIA = ["l1", "random", "fpgm", "pls_vip", "pca_gm", "di", "id", "filter_ensembles"]
 
 
 def make_model(epochs: int) -> ImageClassifier:
@@ -171,7 +171,7 @@ class AccuracyAfterPrune(L.Callback):
         self.value = accuracy(pl_module, self.datamodule)
 
 
-def compare(target: float, dense_epochs: int, finetune_epochs: int, seed: int) -> tuple[dict, list[dict]]:
+def compare(targets: list[float], dense_epochs: int, finetune_epochs: int, seed: int) -> tuple[dict, list[dict]]:
     L.seed_everything(seed, verbose=False)
     datamodule = DigitsDataModule(seed=seed)
     datamodule.setup()
@@ -188,7 +188,7 @@ def compare(target: float, dense_epochs: int, finetune_epochs: int, seed: int) -
         "epoch_seconds": epoch_seconds,
     }
     rows = []
-    for name in CRITERIA:
+    for target, name in [(t, c) for t in targets for c in CRITERIA]:
         L.seed_everything(seed, verbose=False)
         model = copy.deepcopy(dense)
         model.hparams.max_epochs = finetune_epochs
@@ -206,6 +206,7 @@ def compare(target: float, dense_epochs: int, finetune_epochs: int, seed: int) -
         rows.append(
             {
                 "criterion": name,
+                "target": target,
                 "flops_reduction": 1 - cost.macs / dense_cost.macs,
                 "params_reduction": 1 - cost.params / dense_cost.params,
                 "accuracy_before_finetune": probe.value,
@@ -240,14 +241,14 @@ def markdown(result: dict) -> str:
         "",
         f"Dense: test accuracy {result['dense']['accuracy']:.2%}, {result['dense']['macs']:,} MACs, {result['dense']['params']:,} params, "
         f"{result['dense']['epoch_seconds']:.2f} s per training epoch. "
-        f"Target: {result['target']:.0%} of the MACs removed at the start of a {result['finetune_epochs']}-epoch fine-tuning fit.",
+        f"Each criterion prunes a copy of it at the start of a {result['finetune_epochs']}-epoch fine-tuning fit.",
         "",
-        "| criterion | MACs removed | params removed | acc. before fine-tuning | acc. after fine-tuning | prune step (s) | prune step (epochs) |",
-        "|---|---|---|---|---|---|---|",
+        "| target | criterion | MACs removed | params removed | acc. before fine-tuning | acc. after fine-tuning | prune step (s) | prune step (epochs) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["criteria"]:
         lines.append(
-            f"| {r['criterion']} | {r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['accuracy_before_finetune']:.2%} "
+            f"| {r['target']:.0%} | {r['criterion']} | {r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['accuracy_before_finetune']:.2%} "
             f"| {r['accuracy_after_finetune']:.2%} | {r['prune_step_seconds']:.3f} | {r['prune_step_epochs']:.2f} |"
         )
     return "\n".join(lines)
@@ -255,7 +256,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--overhead-epochs", type=int, default=8)
     parser.add_argument("--dense-epochs", type=int, default=10)
@@ -266,12 +267,12 @@ def main() -> None:
 
     result = {
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-        "target": args.target,
+        "targets": args.targets,
         "finetune_epochs": args.finetune_epochs,
         "step_overhead": {c: step_overhead(c, 4 * args.repeats, args.seed) for c in ("pls_vip", "pca_gm")},
         "fit_overhead": fit_overhead(args.overhead_epochs, args.repeats, args.seed),
     }
-    result["dense"], result["criteria"] = compare(args.target, args.dense_epochs, args.finetune_epochs, args.seed)
+    result["dense"], result["criteria"] = compare(args.targets, args.dense_epochs, args.finetune_epochs, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "criteria.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
