@@ -59,6 +59,23 @@ def test_interpolation_matrix_equals_the_id_formula_from_scipy():
     np.testing.assert_allclose(interpolation_matrix(z, p[:k]), t_id, rtol=1e-7, atol=1e-9)
 
 
+def test_reconstruction_errors_equal_the_residuals_they_describe():
+    from lightning_prune.criteria.interpolative_decomposition import pivoted_qr, reconstruction_errors
+
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((120, 6)) @ rng.standard_normal((6, 6)) + 0.1 * rng.standard_normal((120, 6))
+    r, p = pivoted_qr(z)
+    with_t = reconstruction_errors(z, r, p, corrected=True)
+    without = reconstruction_errors(z, r, p, corrected=False)
+    norm = np.linalg.norm(z)
+    for k in range(1, 7):
+        kept = p[:k]
+        t = interpolation_matrix(z, kept)
+        assert with_t[k] == pytest.approx(np.linalg.norm(z - z[:, kept] @ t) / norm, rel=1e-8, abs=1e-12)
+        assert without[k] == pytest.approx(np.linalg.norm(z[:, p[k:]]) / norm, rel=1e-10, abs=1e-12)
+    assert with_t[6] == 0 and with_t[0] == pytest.approx(1.0)
+
+
 def test_exactly_dependent_channels_are_pruned_without_changing_the_output():
     model = _net().eval()
     with torch.no_grad():  # channels 5, 6, 7 are copies / multiples of 0, 1, 2 after BN and ReLU

@@ -15,9 +15,12 @@ what the dense one did, as closely as the decomposition allows, before any fine-
 or whose consumers read the channels through a concatenation, a flatten or a grouped
 convolution, is pruned by selection only, and the step's record says so.
 
-**Widths.** Keeping ``k`` channels costs the decomposition error ``|R_kk / R_11|`` (the first
-dropped pivot, relative); the allocation removes, step by step, the width with the smallest error
-per MAC saved until the target is met.
+**Widths.** Keeping ``k`` channels costs the relative error it leaves in the activation the
+consumers read: the decomposition's residual ``||R_22||_F / ||R||_F`` where the consumers absorb
+``T``, the norm of the dropped channels where the group is pruned by selection only (the paper
+prunes only the correctable, block-internal layers; this keeps residual groups from looking as
+cheap as correctable ones). The allocation removes, step by step, the width with the smallest
+error per MAC saved until the target is met.
 """
 
 from __future__ import annotations
@@ -36,18 +39,35 @@ from lightning_prune.criteria.registry import register_criterion
 if TYPE_CHECKING:
     from lightning_prune.engine.graph import ChannelGroup, ParamSlice
 
-__all__ = ["InterpolativeDecomposition", "interpolation_matrix", "pivoted_qr"]
+__all__ = ["InterpolativeDecomposition", "interpolation_matrix", "pivoted_qr", "reconstruction_errors"]
 
 
 def pivoted_qr(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(|diag(R)|, pivots)`` of the column-pivoted QR of ``z`` (scipy), float64."""
+    """``(R, pivots)`` of the column-pivoted QR ``Z P = Q R`` (scipy, float64, R is ``min(M, C) x C``)."""
     from scipy.linalg import qr
 
     r, pivots = qr(np.asarray(z, dtype=np.float64), mode="r", pivoting=True)
-    diag = np.abs(np.diag(r))
-    full = np.zeros(z.shape[1])
-    full[: diag.shape[0]] = diag
-    return full, pivots
+    return r, pivots
+
+
+def reconstruction_errors(z: np.ndarray, r: np.ndarray, pivots: np.ndarray, corrected: bool) -> np.ndarray:
+    """``error[k]``: relative Frobenius error of the activation when the first ``k`` pivots stay.
+
+    With correction (consumers absorb ``T``) it is the interpolative decomposition's residual,
+    ``||R[k:, k:]||_F / ||R||_F`` (``Z - Z_S T = Q_2 R_22``). Without (selection only), the dropped
+    channels are simply lost: ``||Z[:, dropped]||_F / ||Z||_F``.
+    """
+    c = z.shape[1]
+    if corrected:
+        sq = np.zeros(c + 1)
+        for k in range(c):
+            sq[k] = float((r[k:, k:] ** 2).sum())
+        total = float((r**2).sum())
+    else:
+        col = (np.asarray(z, dtype=np.float64) ** 2).sum(0)[pivots]
+        sq = np.append(np.cumsum(col[::-1])[::-1], 0.0)
+        total = float(col.sum())
+    return np.sqrt(sq / total) if total > 0 else np.zeros(c + 1)
 
 
 def interpolation_matrix(z: np.ndarray, kept: Sequence[int]) -> np.ndarray:
@@ -110,8 +130,8 @@ class InterpolativeDecomposition(Criterion):
         scores = []
         self._qr = {}
         for group in groups:
-            diag, pivots = pivoted_qr(self._rows(group, context))
-            self._qr[group.root_name] = (diag, pivots)
+            r, pivots = pivoted_qr(self._rows(group, context))
+            self._qr[group.root_name] = (r, pivots)
             score = torch.empty(group.size, dtype=torch.float64)
             score[torch.from_numpy(pivots.astype(np.int64))] = torch.arange(group.size, 0, -1, dtype=torch.float64)
             scores.append(score)
@@ -120,9 +140,10 @@ class InterpolativeDecomposition(Criterion):
     def width_losses(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         losses = []
         for group in groups:
-            diag, _ = self._qr.get(group.root_name) or pivoted_qr(self._rows(group, context))
-            scale = diag[0] if diag[0] > 0 else 1.0
-            error = np.append(diag / scale, 0.0)  # error[k]: keeping the first k pivots drops pivot k
+            z = self._rows(group, context)
+            r, pivots = self._qr.get(group.root_name) or pivoted_qr(z)
+            corrected = self._selection_only_reason(group, context.model) is None
+            error = reconstruction_errors(z, r, pivots, corrected)
             error = np.maximum.accumulate(error[::-1])[::-1]  # non-increasing in k (numerical safety)
             kept = np.minimum(np.arange(group.positions + 1) * group.channel_groups, group.size)
             losses.append(torch.from_numpy(error[kept].copy()))
