@@ -6,6 +6,7 @@ on with the same optimizer, schedule, checkpoints and loggers.
 """
 
 from lightning_prune.callback import StructuredPruningCallback
+from lightning_prune.checkpoint import load_pruned, restore_pruned_structure
 from lightning_prune.criteria import (
     Criterion,
     GroupCriterion,
@@ -37,5 +38,7 @@ __all__ = [
     "count_cost",
     "cumulative_targets",
     "get_criterion",
+    "load_pruned",
     "register_criterion",
+    "restore_pruned_structure",
 ]

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, detach, slice_batch, to_device
+from lightning_prune.checkpoint import STATE_VERSION, callback_state, restore_pruned_structure
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import ChannelPruner, Cost, Target, layer_widths
@@ -327,10 +328,12 @@ class StructuredPruningCallback(Callback):
             rank_zero_info("Structured pruning summary\n" + self.summary())
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (loads with ``torch.load(weights_only=True)``): steps done and the dense reference."""
+        """Plain data (loads with ``torch.load(weights_only=True)``): the steps done with their surgery,
+        the dense reference and the example inputs (to replay the surgery on a fresh model)."""
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "history": [r.to_dict() for r in self.history],
+            "example_inputs": to_device(self._example, torch.device("cpu")) if self._example is not None else None,
             "dense": None if self.dense_cost is None else {"macs": self.dense_cost.macs, "params": self.dense_cost.params},
             "original_widths": dict(self._original_widths),
         }
@@ -343,33 +346,36 @@ class StructuredPruningCallback(Callback):
 
     # ------------------------------------------------------------------ the work
     def _guard_resume(self, pl_module: pl.LightningModule) -> None:
-        """Refuse, with a clear message, a pruned checkpoint whose structure the model does not have.
+        """Restore a checkpoint's pruned structure on the model before its weights load.
 
-        Lightning loads the weights before any callback hook runs, so the check wraps the module's
-        ``on_load_checkpoint`` (which runs just before the weights load).
+        Lightning loads the weights before any callback hook runs, so this wraps the module's
+        ``on_load_checkpoint`` (called just before the weights load): if the checkpoint records
+        pruning steps the model does not have yet (a freshly built dense model), they are replayed.
+        A record that does not fit raises ``ValueError`` naming the layer, model untouched.
         """
         original = pl_module.on_load_checkpoint
         if getattr(original, "_lightning_prune_guard", False):
             return
 
-        def guarded(checkpoint: dict[str, Any]) -> Any:
-            states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(type(self).__qualname__)]
-            history = states[0].get("history", []) if states else []
+        def restore_then_load(checkpoint: dict[str, Any]) -> Any:
+            state = callback_state(checkpoint)
+            history = state.get("history", []) if state else []
             if history:
                 saved = history[-1]["widths"]
-                current = layer_widths(pl_module)
-                differing = [n for n, w in saved.items() if current.get(n) != w]
-                if differing:
-                    raise ValueError(
-                        f"the checkpoint holds a model pruned in {len(history)} step(s) (e.g. '{differing[0]}' has "
-                        f"{saved[differing[0]]} channels there, {current.get(differing[0])} here); resuming it into a "
-                        "freshly built dense model is not supported yet. Resume into the pruned model object, or "
-                        "restart the fit from the dense weights"
-                    )
+                if any(layer_widths(pl_module).get(n) != w for n, w in saved.items()):
+                    inputs = state.get("example_inputs")
+                    inputs = self._inputs_for_model(pl_module, inputs if inputs is not None else self._example)
+                    restore_pruned_structure(pl_module, state, inputs)
+                    differing = [n for n, w in saved.items() if layer_widths(pl_module).get(n) != w]
+                    if differing:
+                        raise ValueError(
+                            f"after replaying the checkpoint's {len(history)} pruning step(s), layer '{differing[0]}' has "
+                            f"{layer_widths(pl_module).get(differing[0])} channels, the checkpoint {saved[differing[0]]}"
+                        )
             return original(checkpoint)
 
-        guarded._lightning_prune_guard = True  # type: ignore[attr-defined]
-        pl_module.on_load_checkpoint = guarded  # type: ignore[method-assign]
+        restore_then_load._lightning_prune_guard = True  # type: ignore[attr-defined]
+        pl_module.on_load_checkpoint = restore_then_load  # type: ignore[method-assign]
 
     def summary(self) -> str:
         """The table of completed steps (empty string before the first one)."""
@@ -406,8 +412,11 @@ class StructuredPruningCallback(Callback):
         return self.input_fn(batch)
 
     def _inputs_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        inputs = to_device(self._example, pl_module.device)
-        return trainer.precision_plugin.convert_input(inputs)
+        return trainer.precision_plugin.convert_input(self._inputs_for_model(pl_module, self._example))
+
+    @staticmethod
+    def _inputs_for_model(pl_module: pl.LightningModule, inputs: Any) -> Any:
+        return to_device(inputs, pl_module.device)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ignored = self._resolve_ignored(pl_module)
@@ -595,6 +604,7 @@ class StructuredPruningCallback(Callback):
             widths=result.widths,
             seconds=result.seconds,
             corrections=result.corrections,
+            surgery=result.surgery,
         )
         self.history.append(record)
         self._log(trainer, record)

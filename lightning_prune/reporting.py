@@ -24,6 +24,9 @@ class PruningRecord:
         flops_reduction / params_reduction: cumulative reductions relative to the dense model.
         widths: output width of every conv/linear layer after the step.
         seconds: wall time of the step (tracing, scoring, allocation, surgery, optimizer remap).
+        surgery: what the step cut, as torch-pruning history entries ``[layer name, is output
+            channels, channel indices]``: replaying them on the model as it was before the step
+            restores its structure (:mod:`lightning_prune.checkpoint`).
         corrections: per group root, how the criterion corrected the remaining weights (e.g.
             ``"interpolation absorbed by 2 consumer(s)"`` or ``"selection only: ..."``); empty when
             the criterion does not correct weights.
@@ -43,6 +46,7 @@ class PruningRecord:
     widths: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     corrections: dict[str, str] = field(default_factory=dict)
+    surgery: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

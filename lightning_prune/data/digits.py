@@ -5,9 +5,28 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 __all__ = ["DigitsDataModule"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle seeded by ``seed + epoch`` (Lightning calls ``set_epoch``): a resumed fit sees the
+    same order in each epoch as an uninterrupted one."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -18,7 +37,7 @@ class DigitsDataModule(pl.LightningDataModule):
     Args:
         batch_size: training batch size.
         val_fraction / test_fraction: shares of the 1,797 images held out.
-        seed: seed of the split and of the training shuffle.
+        seed: seed of the split and of the training shuffle (reshuffled per epoch, reproducibly).
         repeat: repeat the training set this many times per epoch (a larger data set for
             memory and speed measurements).
     """
@@ -62,8 +81,8 @@ class DigitsDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._splits["train"], batch_size=self.batch_size, shuffle=True, generator=g)
+        train = self._splits["train"]
+        return DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._splits["val"], batch_size=256)

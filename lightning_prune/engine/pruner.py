@@ -73,6 +73,7 @@ class StepResult:
     seconds: float = 0.0
     num_groups: int = 0
     corrections: dict[str, str] = field(default_factory=dict)  #: per group root: how its weights were corrected
+    surgery: list[list] = field(default_factory=list)  #: torch-pruning history [layer, is_out, idxs]: replayable
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -228,6 +229,7 @@ class ChannelPruner:
                 )
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
+                surgery = [[str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in analysis.graph.pruning_history()]
                 after = self._check(model, example_inputs, params_before, changes, plan, signature) or analysis.cost
                 remaps = [prepare_optimizer_remap(opt, changes) for opt in optimizers]
         except Exception as error:
@@ -246,6 +248,7 @@ class ChannelPruner:
             seconds=time.perf_counter() - started,
             num_groups=len(analysis.groups),
             corrections=corrections,
+            surgery=surgery,
         )
 
     @staticmethod

@@ -1,0 +1,134 @@
+"""Pruned checkpoints: restore the pruned structure on a freshly built (dense) model.
+
+A checkpoint written during or after pruning holds the callback's state (plain data, loads with
+``torch.load(weights_only=True)``): per step, the surgery as torch-pruning history entries
+``[layer name, is output channels, channel indices]`` (:attr:`PruningRecord.surgery`), and the
+example inputs used for tracing. Replaying the steps in order on the dense model reproduces the
+pruned structure exactly; then the weights load.
+
+* Resuming ``trainer.fit(model, ckpt_path=...)`` with a fresh dense model: the callback does this
+  by itself, before the weights load (it wraps the module's ``on_load_checkpoint``).
+* Inference: :func:`load_pruned` is the counterpart of ``LightningModule.load_from_checkpoint``.
+* A plain ``nn.Module``: :func:`restore_pruned_structure`.
+
+A record that does not fit the model (another architecture, a missing layer) raises a
+``ValueError`` naming the layer, and the model is left as it was: never half-pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lightning_prune.engine.graph import build_dependency_graph
+from lightning_prune.engine.surgery import ModuleSnapshot
+
+__all__ = ["CALLBACK_STATE_KEY", "STATE_VERSION", "callback_state", "load_pruned", "replay_surgery", "restore_pruned_structure"]
+
+CALLBACK_STATE_KEY = "StructuredPruningCallback"
+STATE_VERSION = 2
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def callback_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The pruning callback's state in a Lightning checkpoint, or None."""
+    for key, value in checkpoint.get("callbacks", {}).items():
+        if key.startswith(CALLBACK_STATE_KEY):
+            return value
+    return None
+
+
+def replay_surgery(model: nn.Module, example_inputs: Any, steps: Sequence[Sequence[Sequence[Any]]]) -> None:
+    """Apply recorded surgery, step by step, to ``model`` (atomic: all steps or none).
+
+    Raises:
+        ValueError: a layer of the record is missing from the model, or the record does not fit
+            it; the model is left exactly as it was.
+    """
+    snapshot = ModuleSnapshot(model)
+    names = dict(model.named_modules())
+    try:
+        for index, step in enumerate(steps):
+            for name, _is_out, _idxs in step:
+                if name not in names:
+                    raise ValueError(f"pruning step {index + 1} names layer '{name}', which the model does not have")
+            graph = build_dependency_graph(model, example_inputs)
+            with torch.no_grad():
+                graph.load_pruning_history([[n, bool(o), list(i)] for n, o, i in step])
+    except ValueError:
+        snapshot.restore()
+        raise
+    except Exception as error:
+        snapshot.restore()
+        layer = _failing_layer(error, steps)
+        raise ValueError(
+            f"the pruning record does not fit this model{f' at layer {layer!r}' if layer else ''} "
+            f"({type(error).__name__}: {error}); was the checkpoint written for another architecture?"
+        ) from error
+
+
+def _failing_layer(error: Exception, steps: Sequence[Sequence[Sequence[Any]]]) -> str | None:
+    text = str(error)
+    for step in steps:
+        for name, _o, _i in step:
+            if name and name in text:
+                return name
+    return steps[0][0][0] if steps and steps[0] else None
+
+
+def _steps_and_inputs(state: Mapping[str, Any]) -> tuple[list[list[list[Any]]], Any]:
+    history = state.get("history", [])
+    steps = [record.get("surgery", []) for record in history]
+    if any(not s for s in steps) and history:
+        raise ValueError("the pruning record has no surgery entries (written by an older version?); cannot restore it")
+    return steps, state.get("example_inputs")
+
+
+def restore_pruned_structure(model: _M, source: str | Path | Mapping[str, Any], example_inputs: Any = None) -> _M:
+    """Give a dense ``model`` the pruned structure recorded in ``source`` (weights not loaded).
+
+    Args:
+        model: a freshly built, dense model (a LightningModule or any ``nn.Module`` whose layer names
+            match the ones the pruning recorded).
+        source: a checkpoint path, a loaded checkpoint dict, or the callback's state dict.
+        example_inputs: inputs for tracing; default: the ones stored in the record.
+    """
+    if isinstance(source, (str, Path)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    state = callback_state(source) if "callbacks" in source else source
+    if state is None:
+        raise ValueError("no StructuredPruningCallback state in this checkpoint: it was not pruned by lightning-prune")
+    steps, stored_inputs = _steps_and_inputs(state)
+    inputs = example_inputs if example_inputs is not None else stored_inputs
+    if inputs is None:
+        raise ValueError("the record holds no example inputs; pass example_inputs=...")
+    replay_surgery(model, inputs, steps)
+    return model
+
+
+def load_pruned(module_class: type[_M], ckpt_path: str | Path, *args: Any, map_location: Any = "cpu", **init_kwargs: Any) -> _M:
+    """Build ``module_class(*args, **init_kwargs)``, restore its pruned structure, load the weights.
+
+    The counterpart of ``LightningModule.load_from_checkpoint`` for pruned checkpoints; the module
+    is returned in eval mode, ready for inference. Hyper-parameters saved in the checkpoint are used
+    for arguments not given.
+
+    Example::
+
+        model = load_pruned(ImageClassifier, "last.ckpt", net=SmallResNet())
+    """
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    hparams.update(init_kwargs)
+    try:
+        model = module_class(*args, **hparams)
+    except TypeError:  # hyper-parameters the class does not take
+        model = module_class(*args, **init_kwargs)
+    restore_pruned_structure(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
