@@ -31,15 +31,6 @@ from lightning_prune.criteria import (
 from lightning_prune.engine import ChannelPruner, Target, build_dependency_graph, discover_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op thread synchronisation costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ references
 def _rows(model: nn.Module, layer: str) -> np.ndarray:
     weight = dict(model.named_modules())[layer].weight.detach().double().numpy()

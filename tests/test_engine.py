@@ -26,15 +26,6 @@ from lightning_prune.criteria import get_criterion
 from lightning_prune.engine import ChannelPruner, PruningError, Target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op thread synchronisation costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ====================================================================================== helpers
 #: one output layer per prunable channel group (coupled layers share a width, so one is enough)
 GROUP_LAYERS = {
