@@ -247,6 +247,12 @@ class StructuredPruningCallback(Callback):
                 f"epochs={self.epochs} reaches beyond max_epochs={max_epochs}: epochs are 0-based, the last one "
                 f"that can end is {max_epochs - 1}"
             )
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+            raise ValueError(
+                f"StructuredPruningCallback cannot prune under {strategy}: it shards or wraps parameters, so their "
+                "channels cannot be cut in place. Use a single-device or DDP-style strategy"
+            )
         if trainer.world_size > 1:
             raise ValueError(
                 "StructuredPruningCallback does not support multi-process training yet "

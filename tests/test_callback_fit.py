@@ -257,3 +257,18 @@ def test_bad_setups_raise_before_the_first_training_step(make, match):
     callback, model = make()
     with pytest.raises(ValueError, match=match):
         _trainer([callback, _NoTraining()], 3).fit(model, DigitsDataModule())
+
+
+def test_sharded_and_multi_process_strategies_are_refused_at_setup():
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.3)
+    trainer = MagicMock(max_epochs=3, world_size=1)
+    trainer.strategy = FSDPStrategy.__new__(FSDPStrategy)
+    with pytest.raises(ValueError, match="FSDPStrategy"):
+        cb.setup(trainer, _model(), "fit")
+    trainer = MagicMock(max_epochs=3, world_size=2)
+    with pytest.raises(ValueError, match="multi-process"):
+        cb.setup(trainer, _model(), "fit")
