@@ -1,0 +1,90 @@
+"""Export a pruned model for deployment: TorchScript, ``torch.export`` or ONNX.
+
+The pruned module is an ordinary ``nn.Module``, so the standard exporters apply; this wraps them
+with the checks a deployment needs: eval mode, the exported program's outputs compared with the
+module's (``atol``), and a clear message when an optional exporter is missing.
+
+    from lightning_prune.export import export_pruned
+    export_pruned(model, "model.pt2", torch.randn(1, 3, 32, 32), format="torch_export")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_prune.engine.cost import call_model
+from lightning_prune.engine.graph import preserved_training_modes
+
+__all__ = ["Format", "export_pruned"]
+
+Format = Literal["torchscript", "torch_export", "onnx"]
+
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def export_pruned(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    format: Format = "torchscript",
+    *,
+    atol: float = 1e-5,
+) -> Path:
+    """Export ``model`` (in eval mode) to ``path`` and check that the export reproduces its outputs.
+
+    Args:
+        model: the (pruned) model; a LightningModule works too.
+        path: the file to write.
+        example_inputs: inputs for tracing/export (a tensor or a tuple of tensors).
+        format: ``"torchscript"`` (``torch.jit.trace``), ``"torch_export"`` (``torch.export``,
+            saved with ``torch.export.save``) or ``"onnx"`` (needs the ``onnx`` extra:
+            ``pip install lightning-prune[onnx]``).
+        atol: largest absolute difference allowed between the export's and the module's outputs
+            (checked for TorchScript and ``torch.export``; ONNX needs a runtime to check).
+
+    Raises:
+        ValueError: unknown ``format``, or the export's outputs differ from the module's.
+        ImportError: ``format="onnx"`` without the ``onnx`` package.
+    """
+    path = Path(path)
+    args = _as_args(example_inputs)
+    with preserved_training_modes(model), torch.no_grad():
+        model.eval()
+        expected = call_model(model, example_inputs)
+        if format == "torchscript":
+            exported = torch.jit.trace(model, args)
+            torch.jit.save(exported, str(path))
+            got = torch.jit.load(str(path))(*args)
+        elif format == "torch_export":
+            program = torch.export.export(model, args)
+            torch.export.save(program, str(path))
+            got = torch.export.load(str(path)).module()(*args)
+        elif format == "onnx":
+            try:
+                import onnx  # noqa: F401
+            except ImportError as error:
+                raise ImportError("ONNX export needs the onnx package: pip install 'lightning-prune[onnx]'") from error
+            torch.onnx.export(model, args, str(path))
+            return path
+        else:
+            raise ValueError(f"format must be 'torchscript', 'torch_export' or 'onnx', got {format!r}")
+    for a, b in zip(_flat(expected), _flat(got)):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=0):
+            raise ValueError(f"the {format} export's outputs differ from the module's by more than atol={atol}")
+    return path
+
+
+def _flat(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _flat(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _flat(v)]
+    return []
