@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
+from collections.abc import Iterator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -17,7 +20,7 @@ from lightning_prune._batch import default_input_fn, default_label_fn, detach, s
 from lightning_prune.checkpoint import STATE_VERSION, callback_state, restore_pruned_structure
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
-from lightning_prune.engine import ChannelPruner, Cost, Target, layer_widths
+from lightning_prune.engine import ChannelPruner, Cost, Plan, Target, layer_widths
 from lightning_prune.engine.cost import call_model
 from lightning_prune.engine.graph import preserved_training_modes
 from lightning_prune.reporting import PruningRecord, format_count, summary_table
@@ -34,6 +37,29 @@ def _check_fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
     return float(value)
+
+
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+@contextlib.contextmanager
+def _uncompiled(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run the original (uncompiled) methods of a module given to fit as ``torch.compile(model)``.
+
+    Tracing, cost counting and masking hooks need the eager forward. On exit the methods are
+    compiled afresh, so the pruned shapes get a new graph (one recompilation per prune).
+    """
+    ctx = getattr(pl_module, "_compiler_ctx", None)
+    if not ctx:
+        yield
+        return
+    for name in _COMPILED_METHODS:
+        setattr(pl_module, name, ctx[f"original_{name}"])
+    try:
+        yield
+    finally:
+        for name in _COMPILED_METHODS:
+            setattr(pl_module, name, ctx["dynamo_ctx"](ctx[f"original_{name}"]))
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -253,18 +279,20 @@ class StructuredPruningCallback(Callback):
                 f"StructuredPruningCallback cannot prune under {strategy}: it shards or wraps parameters, so their "
                 "channels cannot be cut in place. Use a single-device or DDP-style strategy"
             )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise ValueError(
-                "StructuredPruningCallback does not support multi-process training yet "
-                f"(world_size={trainer.world_size}); run with devices=1"
+                f"StructuredPruningCallback supports multi-process training with DDP strategies only, got {strategy} "
+                f"(world_size={trainer.world_size})"
             )
         self._guard_resume(pl_module)
         if next(pl_module.parameters(), None) is not None:
-            self._prepare(trainer, pl_module)
+            with _uncompiled(pl_module):
+                self._prepare(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pruner is None:  # model built in configure_model: analyse it now
-            self._prepare(trainer, pl_module)
+            with _uncompiled(pl_module):
+                self._prepare(trainer, pl_module)
 
     @property
     def needs_activations(self) -> bool:
@@ -285,7 +313,8 @@ class StructuredPruningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prune_on_train_start and self.steps_done == 0:
             if self.needs_activations:
-                self._collection_pass(trainer, pl_module)
+                with _uncompiled(pl_module):
+                    self._collection_pass(trainer, pl_module)
             if self.needs_forward_passes and not self._validation_batches(trainer):
                 loader = _first_loader(trainer.train_dataloader)
                 for index, batch in enumerate(loader):
@@ -307,7 +336,8 @@ class StructuredPruningCallback(Callback):
         if self._window_start is None or batch_idx < self._window_start or not self.needs_activations:
             return
         if self._collector is None:
-            self._collector = self._new_collector(trainer, pl_module)
+            with _uncompiled(pl_module):
+                self._collector = self._new_collector(trainer, pl_module)
             self._collector.attach()
         self._collector.begin_batch(self._labels_of(batch))
 
@@ -524,7 +554,10 @@ class StructuredPruningCallback(Callback):
                 for inputs, labels in batches:
                     with trainer.precision_plugin.forward_context():
                         losses.append(loss_fn(call_model(pl_module, inputs), labels).float())
-                return float(torch.stack(losses).mean())  # one sync per evaluation, none per training step
+                loss = torch.stack(losses).mean()
+                if trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
+                    loss = trainer.strategy.reduce(loss, reduce_op="mean")
+                return float(loss)  # one sync per evaluation, none per training step
 
         return evaluate
 
@@ -568,13 +601,15 @@ class StructuredPruningCallback(Callback):
                     f"criterion '{self.criterion.name}' needs activations but none were collected before the step at "
                     f"epoch {epoch}; check collect_batches and that the epoch has training batches"
                 )
+            self._collector.synchronize()  # all ranks' data, identical statistics on every rank
             store = self._collector.store()
             self._collector.detach()  # the step's own forward passes (tracing, costs) are not data
             context = {"activations": store, "labels": store.labels}
         try:
-            if self.needs_forward_passes:
-                context["forward"] = self._forward_fn(trainer, pl_module)
-            self._prune_step(trainer, pl_module, epoch, context)
+            with _uncompiled(pl_module):
+                if self.needs_forward_passes:
+                    context["forward"] = self._forward_fn(trainer, pl_module)
+                self._prune_step(trainer, pl_module, epoch, context)
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused
             self._cached_batches.clear()
@@ -593,7 +628,9 @@ class StructuredPruningCallback(Callback):
             context=context,
             generator=generator,
             step_index=index,
+            plan_hook=self._broadcast_plan(trainer),
         )
+        self._rewrap_distributed(trainer, pl_module)
         flops_reduction, params_reduction = result.after.reduction_from(self.dense_cost)
         record = PruningRecord(
             step=index,
@@ -611,9 +648,31 @@ class StructuredPruningCallback(Callback):
             seconds=result.seconds,
             corrections=result.corrections,
             surgery=result.surgery,
+            samples=context["activations"].samples_seen if "activations" in context else None,
         )
         self.history.append(record)
         self._log(trainer, record)
+
+    @staticmethod
+    def _broadcast_plan(trainer: pl.Trainer) -> Callable[[Plan], Plan] | None:
+        """Under DDP, every rank cuts rank 0's plan (the statistics are already identical on all ranks;
+        this guards against floating-point ties broken differently)."""
+        if trainer.world_size == 1:
+            return None
+
+        def broadcast(plan: Plan) -> Plan:
+            plan.removed = trainer.strategy.broadcast(plan.removed, src=0)
+            return plan
+
+        return broadcast
+
+    @staticmethod
+    def _rewrap_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The DDP wrapper still points at the old parameters: wrap the pruned module again."""
+        strategy = trainer.strategy
+        if trainer.world_size > 1 and isinstance(strategy, DDPStrategy):
+            strategy.model = pl_module
+            strategy.configure_ddp()
 
     def _log(self, trainer: pl.Trainer, record: PruningRecord) -> None:
         metrics = {

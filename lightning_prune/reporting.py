@@ -24,6 +24,8 @@ class PruningRecord:
         flops_reduction / params_reduction: cumulative reductions relative to the dense model.
         widths: output width of every conv/linear layer after the step.
         seconds: wall time of the step (tracing, scoring, allocation, surgery, optimizer remap).
+        samples: training samples the criterion's activation statistics come from (summed over
+            all processes under DDP); None for weight-only criteria.
         surgery: what the step cut, as torch-pruning history entries ``[layer name, is output
             channels, channel indices]``: replaying them on the model as it was before the step
             restores its structure (:mod:`lightning_prune.checkpoint`).
@@ -47,6 +49,7 @@ class PruningRecord:
     seconds: float = 0.0
     corrections: dict[str, str] = field(default_factory=dict)
     surgery: list[list] = field(default_factory=list)
+    samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

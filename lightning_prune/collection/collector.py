@@ -136,6 +136,7 @@ class ActivationStore:
         self._covariances = covariances
         self._class_moments = class_moments or {}
         self._rows = rows or {}
+        self.samples_seen = 0  #: training samples the statistics come from
         self.labels = labels
         self.rows_seen = rows_seen
 
@@ -232,6 +233,8 @@ class ActivationCollector:
         self._staged: dict[ActivationRequest, torch.Tensor] = {}
         self._seen: set[ActivationRequest] = set()
         self._active = False
+        self._batch_size = 0
+        self.samples_seen = 0  #: training samples whose activations were collected (all ranks after synchronize)
         self.batches = 0
 
     @property
@@ -267,6 +270,8 @@ class ActivationCollector:
         pooled, labels = self._staged, self._batch_labels
         self._staged, self._batch_labels, self._seen, self._active = {}, None, set(), False
         self.batches += 1
+        self.samples_seen += self._batch_size
+        self._batch_size = 0
         if not pooled:
             return
         n = next(iter(pooled.values())).shape[0]
@@ -311,6 +316,7 @@ class ActivationCollector:
                 if not isinstance(x, torch.Tensor) or request in self._seen:
                     continue  # a module called twice in one forward: the first call counts
                 self._seen.add(request)
+                self._batch_size = self._batch_size or int(x.shape[0])  # shape only: no sync
                 if request.statistic == "pooled":
                     self._staged[request] = pool_channels(x, request.pooling, self._channel_dims[request])
                 elif request.statistic == "class_moments":
@@ -369,6 +375,58 @@ class ActivationCollector:
             sums = self._moments[request] = _ClassMomentSums(rows.shape[1], classes, rows.device)
         sums.add_labelled(rows, self._batch_labels)
 
+    # -------------------------------------------------------------- distributed
+    def synchronize(self) -> None:
+        """Combine the statistics of every process (``torch.distributed``), in place, on all ranks.
+
+        Reservoirs are gathered and merged by their random keys (still a uniform sample of all the
+        samples seen by all ranks); streamed sums are all-reduced. Every rank ends with identical
+        statistics, so every rank makes the same pruning decision from all ranks' data. A no-op
+        when torch.distributed is not initialised.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        self._compact()
+        local = {
+            "keys": None if self._keys is None else self._keys.cpu(),
+            "labels": None if self._labels is None else self._labels.cpu(),
+            "pooled": {r: v.cpu() for r, v in self._pooled.items()},
+            "rows": {r: (k.cpu(), v.cpu()) for r, (k, v, _) in self._rows.items()},
+        }
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        if any(g["keys"] is not None for g in gathered):
+            device = next(iter(self._pooled.values())).device
+            keys = torch.cat([g["keys"] for g in gathered if g["keys"] is not None])
+            index, self._keys = reservoir_merge(keys[:0], keys, self.max_samples)
+            if all(g["labels"] is not None for g in gathered if g["keys"] is not None):
+                self._labels = torch.cat([g["labels"] for g in gathered if g["keys"] is not None])[index].to(device)
+            for request in self._pooled:
+                self._pooled[request] = torch.cat([g["pooled"][request] for g in gathered if g["keys"] is not None])[index].to(device)
+            self._keys = self._keys.to(device)
+        for request, reservoir in self._rows.items():
+            device = reservoir[1].device
+            keys = torch.cat([g["rows"][request][0] for g in gathered])
+            values = torch.cat([g["rows"][request][1] for g in gathered])
+            index, kept = reservoir_merge(keys[:0], keys, request.max_rows)
+            reservoir[:] = [kept.to(device), values[index].to(device), 0]
+        for sums in [*self._cov.values(), *self._moments.values()]:
+            sums.flush()
+            for tensor in sums.tensors():
+                dist.all_reduce(tensor)
+            count = torch.tensor([float(sums.count)], device=sums.total.device)
+            dist.all_reduce(count)
+            sums.count = int(count.item())
+        samples = torch.tensor([float(self.samples_seen)])
+        dist.all_reduce(samples)
+        self.samples_seen = int(samples.item())
+        seen = {r: torch.tensor([float(n)]) for r, n in self._rows_seen.items()}
+        for request, n in seen.items():
+            dist.all_reduce(n)
+            self._rows_seen[request] = int(n.item())
+
     # -------------------------------------------------------------- results
     def store(self) -> ActivationStore:
         """The statistics collected so far (the reservoir compacted to at most ``max_samples``)."""
@@ -379,7 +437,9 @@ class ActivationCollector:
         for request, (keys, values, _) in self._rows.items():
             index, _kept = reservoir_merge(keys[:0], keys, request.max_rows)
             rows[request] = values[index]
-        return ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen), moments, rows)
+        store = ActivationStore(dict(self._pooled), covariances, self._labels, dict(self._rows_seen), moments, rows)
+        store.samples_seen = self.samples_seen
+        return store
 
     def tensors(self) -> Iterable[torch.Tensor]:
         """Every tensor the collector holds (for memory accounting)."""

@@ -176,6 +176,7 @@ class ChannelPruner:
         context: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
         step_index: int = 0,
+        plan_hook: Callable[[Plan], Plan] | None = None,
     ) -> StepResult:
         """Prune ``model`` in place until it meets ``target`` (cumulative, relative to ``dense``).
 
@@ -189,6 +190,8 @@ class ChannelPruner:
             context: extra fields for the :class:`ScoringContext` (activations, labels, forward, ...).
             generator: seeded generator for sampling criteria.
             step_index: index of this step, passed to the criterion.
+            plan_hook: applied to the plan before the surgery (e.g. broadcast it from rank 0 so that
+                every process cuts the same channels).
 
         Raises:
             PruningError: anything failed; model and optimizers are unchanged.
@@ -227,6 +230,8 @@ class ChannelPruner:
                     width_losses=width_losses,
                     losses_per_mac=self.criterion.width_losses_per_mac,
                 )
+                if plan_hook is not None:
+                    plan = plan_hook(plan)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = [[str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in analysis.graph.pruning_history()]

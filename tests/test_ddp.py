@@ -1,0 +1,32 @@
+"""Two-process DDP on CPU (gloo): same decision on both ranks from both ranks' data, training goes on.
+
+Lightning's DDP launcher re-executes the script it runs, so the fit lives in tests/scripts/ddp_fit.py
+and each rank writes what it saw to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
+DENSE_WIDTHS = {"net.stem.0": 8, "net.stages.1.0.conv1": 16}
+
+
+@pytest.mark.parametrize("criterion", ["pls_vip", "pca_gm"])
+def test_two_process_ddp_prunes_identically_and_keeps_training(tmp_path, criterion):
+    out = tmp_path / "rank"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out), criterion], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["widths"] == ranks[1]["widths"]  # the same channels cut on both ranks
+    assert any(ranks[0]["widths"][n] < w for n, w in DENSE_WIDTHS.items())  # and something was cut
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # equal parameters after further DDP training
+    assert all(r["optimizer_is_model"] for r in ranks)  # optimizers point at the pruned parameters
+    # the statistics came from both ranks: 2 ranks x 3 window batches x 16 samples
+    assert ranks[0]["samples"] == ranks[1]["samples"] == 2 * 3 * 16
