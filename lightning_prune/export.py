@@ -43,14 +43,14 @@ def export_pruned(
         path: the file to write.
         example_inputs: inputs for tracing/export (a tensor or a tuple of tensors).
         format: ``"torchscript"`` (``torch.jit.trace``), ``"torch_export"`` (``torch.export``,
-            saved with ``torch.export.save``) or ``"onnx"`` (needs the ``onnx`` extra:
-            ``pip install lightning-prune[onnx]``).
-        atol: largest absolute difference allowed between the export's and the module's outputs
-            (checked for TorchScript and ``torch.export``; ONNX needs a runtime to check).
+            saved with ``torch.export.save``) or ``"onnx"`` (one self-contained file, checked in
+            onnxruntime; needs the ``onnx`` extra: ``pip install lightning-prune[onnx]``; models above
+            protobuf's 2 GB limit need ``torch.onnx.export`` with external data directly).
+        atol: largest absolute difference allowed between the export's and the module's outputs.
 
     Raises:
         ValueError: unknown ``format``, or the export's outputs differ from the module's.
-        ImportError: ``format="onnx"`` without the ``onnx`` package.
+        ImportError: ``format="onnx"`` without the ``onnx`` extra.
     """
     path = Path(path)
     args = _as_args(example_inputs)
@@ -67,11 +67,17 @@ def export_pruned(
             got = torch.export.load(str(path)).module()(*args)
         elif format == "onnx":
             try:
-                import onnx  # noqa: F401
+                import onnxruntime
             except ImportError as error:
-                raise ImportError("ONNX export needs the onnx package: pip install 'lightning-prune[onnx]'") from error
-            torch.onnx.export(model, args, str(path))
-            return path
+                raise ImportError(
+                    "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'lightning-prune[onnx]'"
+                ) from error
+            # one self-contained file (weights inside): fine below protobuf's 2 GB limit
+            torch.onnx.export(model, args, str(path), external_data=False)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+            got = [torch.from_numpy(o) for o in session.run(None, feeds)]
+            expected = [t.detach().cpu() for t in _flat(expected)]
         else:
             raise ValueError(f"format must be 'torchscript', 'torch_export' or 'onnx', got {format!r}")
     for a, b in zip(_flat(expected), _flat(got)):

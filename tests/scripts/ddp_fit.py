@@ -7,7 +7,6 @@ import json
 import sys
 
 import lightning as L
-import torch
 
 from lightning_prune import StructuredPruningCallback
 from lightning_prune.data import DigitsDataModule
