@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
-DENSE_WIDTHS = {"net.stem.0": 8, "net.stages.1.0.conv1": 16}
+DENSE_WIDTHS = {  # SmallResNet(widths=(8, 16), blocks_per_stage=1) inside ImageClassifier
+    "net.stem.0": 8, "net.stages.0.0.conv1": 8, "net.stages.0.0.conv2": 8,
+    "net.stages.1.0.conv1": 16, "net.stages.1.0.conv2": 16, "net.stages.1.0.shortcut.0": 16, "net.fc": 10,
+}
 
 
-@pytest.mark.parametrize("criterion", ["pls_vip", "pca_gm"])
+@pytest.mark.parametrize("criterion", ["pls_vip", "pca_gm", "di", "id"])  # every way statistics are combined
 def test_two_process_ddp_prunes_identically_and_keeps_training(tmp_path, criterion):
     out = tmp_path / "rank"
     done = subprocess.run([sys.executable, str(SCRIPT), str(out), criterion], capture_output=True, text=True, timeout=300)
@@ -25,7 +28,9 @@ def test_two_process_ddp_prunes_identically_and_keeps_training(tmp_path, criteri
     ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["widths"] == ranks[1]["widths"]  # the same channels cut on both ranks
+    assert set(ranks[0]["widths"]) == set(DENSE_WIDTHS)
     assert any(ranks[0]["widths"][n] < w for n, w in DENSE_WIDTHS.items())  # and something was cut
+    assert ranks[0]["widths"]["net.fc"] == 10
     assert ranks[0]["digest"] == ranks[1]["digest"]  # equal parameters after further DDP training
     assert all(r["optimizer_is_model"] for r in ranks)  # optimizers point at the pruned parameters
     # the statistics came from both ranks: 2 ranks x 3 window batches x 16 samples
