@@ -160,3 +160,35 @@ def test_residual_groups_are_pruned_by_selection_only_and_recorded():
               enable_model_summary=False, limit_train_batches=3, limit_val_batches=1).fit(model, DigitsDataModule())
     notes = cb.history[0].corrections
     assert notes and all(v.startswith(("selection only", "interpolation absorbed")) for v in notes.values()), notes
+
+
+def test_conv_flatten_linear_consumer_absorbs_t_kron_identity():
+    """conv -> BN -> ReLU -> flatten -> linear: the linear absorbs T (x) I_HW (shared/criteria.md section 4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+    with torch.no_grad():  # channels 4 and 5 are multiples of 0 and 1 after BN and ReLU
+        for dep, src, scale in [(4, 0, 3.0), (5, 1, 0.5)]:
+            for tensor in (model[0].weight, model[0].bias, model[1].running_mean, model[1].weight, model[1].bias):
+                tensor[dep] = tensor[src] * scale
+            model[1].running_var[dep] = model[1].running_var[src] * scale**2
+    x = torch.randn(64, 2, 4, 4)
+    criterion = get_criterion("id", rows_per_batch=4096)
+    store = _store(model, criterion, x)
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = model(x)
+    result = ChannelPruner(criterion, max_layer_ratio=0.95).step(model, x[:2], Target("channels", 2 / 6), context={"activations": store})
+    assert model[0].out_channels == 4 and model[4].in_features == 4 * 16
+    assert result.corrections == {"0": "interpolation absorbed by 1 consumer(s)"}
+    with torch.no_grad():
+        assert float((model(x) - reference).norm() / reference.norm()) < 1e-4
+    # independent: which channels stayed (matched by their filters), T from the dense activation
+    # viewed as (N*HW, C), then W_fc (T kron I_HW)^T
+    dense_w = dense[0].weight.detach().numpy()
+    kept = sorted(int(np.argmin(np.abs(dense_w - w).sum((1, 2, 3)))) for w in model[0].weight.detach().numpy())
+    assert len(set(kept)) == 4 and len({0, 4} & set(kept)) == 1 and len({1, 5} & set(kept)) == 1
+    with torch.no_grad():
+        rows = dense[:3](x).permute(0, 2, 3, 1).reshape(-1, 6).double().numpy()
+    t, *_ = np.linalg.lstsq(rows[:, kept], rows, rcond=None)
+    expected = dense[4].weight.detach().double().numpy() @ np.kron(t, np.eye(16)).T
+    np.testing.assert_allclose(model[4].weight.detach().double().numpy(), expected, rtol=1e-4, atol=1e-6)

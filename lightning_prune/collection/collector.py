@@ -332,6 +332,9 @@ class ActivationCollector:
         """Up to ``rows_per_batch`` rows (sample x position) of ``x``, one column per channel, float32."""
         dim = self._channel_dims[request]
         x = x.detach()
+        if request.channels and x.dim() == 2 and x.shape[1] != request.channels:
+            x = x.reshape(x.shape[0], request.channels, -1)  # flattened feature map: channel-major
+            dim = 1
         if x.dim() > 2 and dim % x.dim() != 1:
             x = x.movedim(dim, 1)
         flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)

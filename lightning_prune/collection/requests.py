@@ -35,6 +35,9 @@ class ActivationRequest:
             decide: 1 for the output of a convolution, the last dimension otherwise.
         num_classes: for ``"class_moments"``: number of classes; 0 (default) takes the collector's.
         max_rows: for ``"rows"``: reservoir capacity.
+        channels: when > 0, a 2-D activation of ``channels * r`` features (a flattened feature map,
+            channel-major, as a linear layer after ``flatten`` reads it) is viewed as
+            ``(N, channels, r)``: each channel's ``r`` positions become rows.
     """
 
     module: str
@@ -45,6 +48,7 @@ class ActivationRequest:
     channel_dim: int | None = None
     num_classes: int = 0
     max_rows: int = 4096
+    channels: int = 0
 
     def __post_init__(self) -> None:
         if self.site not in ("output", "input"):

@@ -9,10 +9,11 @@ ID's ``[I_k, R11^-1 R12] P^T``.
 
 **Weight correction.** The producer keeps rows ``S`` (weights, bias, BN statistics: the
 surgery's selection), and every consumer absorbs ``T`` over its input-channel axis:
-``W_next <- W_next x_1 T`` (``W'[o, s] = sum_c T[s, c] W[o, c]``), so the pruned network computes
-what the dense one did, as closely as the decomposition allows, before any fine-tuning.
-``T`` cannot pass through a residual sum: a group with several producers (residual partners),
-or whose consumers read the channels through a concatenation, a flatten or a grouped
+``W_next <- W_next x_1 T`` (``W'[o, s] = sum_c T[s, c] W[o, c]``) for conv and linear consumers,
+``W_fc <- W_fc (T kron I_r)^T`` for a linear reading a flattened (channel-major) feature map, so the
+pruned network computes what the dense one did, as closely as the decomposition allows, before
+any fine-tuning. ``T`` cannot pass through a residual sum: a group with several producers
+(residual partners), or whose consumers read the channels through a concatenation or a grouped
 convolution, is pruned by selection only, and the step's record says so.
 
 **Widths.** Keeping ``k`` channels costs the relative error it leaves in the activation the
@@ -81,6 +82,27 @@ def _weight_slices(group: ChannelGroup, output: bool) -> list[ParamSlice]:
     return [s for s in group.slices if s.is_output == output and s.param.dim() >= 2]
 
 
+def _channel_major(s: ParamSlice, channels: int) -> bool:
+    """The consumer reads the group's channels directly (r = 1) or as a channel-major flattened map."""
+    if not s.addressable or s.dep_channels % channels or list(s.idxs) != list(range(s.dep_channels)):
+        return False
+    r = s.dep_channels // channels
+    return list(s.root_idxs) == [i // r for i in range(s.dep_channels)]
+
+
+def _absorb(weight: torch.Tensor, t: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
+    """``W x_dim (T kron I_r)``: contract ``T`` (``k x C``) with ``weight``'s input axis ``dim``.
+
+    A flattened input of ``C * r`` features (channel-major) is viewed as ``(C, r)`` first, which is
+    ``W_fc (T kron I_r)^T`` for conv -> flatten -> linear.
+    """
+    moved = weight.movedim(dim, 0)
+    rest = moved.shape[1:]
+    per_channel = moved.reshape(channels, -1)  # (C, r * rest)
+    absorbed = t.to(per_channel.dtype) @ per_channel  # (k, r * rest)
+    return absorbed.reshape(t.shape[0] * (moved.shape[0] // channels), *rest).movedim(0, dim)
+
+
 @register_criterion("interpolative_decomposition", "id")
 class InterpolativeDecomposition(Criterion):
     """Keep the channels a pivoted QR of the consumed activation picks; consumers absorb the rest.
@@ -106,9 +128,12 @@ class InterpolativeDecomposition(Criterion):
 
     def _request(self, group: ChannelGroup) -> ActivationRequest:
         consumers = self._consumers(group)
-        if consumers:  # the activation the (first) consumer reads
+        if consumers:  # the activation the (first) consumer reads, a flattened map viewed per channel
             module = consumers[0].name.rsplit(".", 1)[0]
-            return ActivationRequest(module, site="input", statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
+            return ActivationRequest(
+                module, site="input", statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows,
+                channels=group.size,
+            )
         return ActivationRequest(group.root_name, statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
@@ -160,9 +185,10 @@ class InterpolativeDecomposition(Criterion):
         modules = dict(model.named_modules())
         for s in consumers:
             module = modules.get(s.name.rsplit(".", 1)[0])
-            plain = s.addressable and s.dep_channels == group.size and list(s.idxs) == list(range(group.size))
-            if not plain or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or getattr(module, "groups", 1) != 1:
-                return f"selection only: consumer '{s.name}' reads the channels through a concat, reshape or grouped conv"
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or getattr(module, "groups", 1) != 1:
+                return f"selection only: consumer '{s.name}' is a grouped or unsupported layer"
+            if not _channel_major(s, group.size):
+                return f"selection only: consumer '{s.name}' reads the channels through a concatenation or a reshape"
         return None
 
     def correct(
@@ -190,7 +216,7 @@ class InterpolativeDecomposition(Criterion):
                     corrected = change.old.detach().double()
                     for dim, keep in change.ops:
                         if dim == s.dim:  # this group's input-channel cut: absorb T instead of selecting
-                            corrected = torch.tensordot(t, corrected.movedim(dim, 0), dims=([1], [0])).movedim(0, dim)
+                            corrected = _absorb(corrected, t, dim, group.size)
                         else:
                             corrected = corrected.index_select(dim, keep)
                     change.new.copy_(corrected.to(change.new.dtype))
