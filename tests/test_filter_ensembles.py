@@ -165,3 +165,26 @@ def test_per_layer_fit_is_one_ridge_per_group_on_shared_outcomes():
         expected = -_numpy_ridge(masks[:, start : start + g.size], np.array(outcomes), 0.3)
         np.testing.assert_allclose(s.numpy(), expected, rtol=1e-8, atol=1e-12)
         start += g.size
+
+
+def test_a_torchmetrics_metric_can_be_the_outcome():
+    """Accuracy (higher is better) is negated: importance is still the damage a removal does."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    model, x, y = _trained_mlp()
+    dead = [0, 1, 2]
+    with torch.no_grad():
+        model[1].weight[dead] = 0
+        model[1].bias[dead] = 0
+    criterion = get_criterion("filter_ensembles", max_evaluations=300, progress=False, loss_fn=MulticlassAccuracy(num_classes=10))
+    _, (importance,), calls = _score(model, x, y, criterion)
+    assert all(-1.0 <= c <= 0.0 for c in calls)  # negated accuracies
+    ablation = np.array([_ablation_increase(model, x, y, model[1], u) for u in range(24)])
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(ranks(importance.numpy()), ranks(ablation))[0, 1] > 0.5
+    assert importance[dead].abs().max() < importance.max() / 4
+
+
+def test_a_loss_fn_that_is_neither_callable_nor_a_metric_is_refused():
+    with pytest.raises(TypeError, match="loss_fn"):
+        get_criterion("filter_ensembles", loss_fn=42)

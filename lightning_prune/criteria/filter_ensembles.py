@@ -115,6 +115,25 @@ def channel_masking(
             handle.remove()
 
 
+def _as_loss(measure: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """A loss-like callable (lower is better) from a callable or a torchmetrics ``Metric``."""
+    from torchmetrics import Metric
+
+    if isinstance(measure, Metric):
+        sign = -1.0 if measure.higher_is_better else 1.0
+
+        def metric_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+            metric = measure.to(labels.device)
+            value = metric(outputs, labels)  # this batch's value
+            metric.reset()
+            return sign * value.float()
+
+        return metric_loss
+    if not callable(measure):
+        raise TypeError(f"loss_fn must be a callable (outputs, labels) -> tensor or a torchmetrics Metric, got {measure!r}")
+    return measure
+
+
 @register_criterion("filter_ensembles", "lfe")
 class LinearFilterEnsembles(Criterion):
     """Importance = the loss increase a channel's removal causes, from a linear model over random masks.
@@ -127,7 +146,10 @@ class LinearFilterEnsembles(Criterion):
         fit: ``"joint"`` (one regression over all channels) or ``"per_layer"``.
         num_batches: held-out batches per evaluation (validation batches when the fit has a
             validation loader, else the last training batches). Default 4.
-        loss_fn: ``(outputs, labels) -> scalar tensor`` to measure; default cross-entropy.
+        loss_fn: what each masked model is measured by: ``(outputs, labels) -> scalar tensor``
+            (lower is better; default cross-entropy), or a torchmetrics ``Metric`` (e.g.
+            ``MulticlassAccuracy``), negated when higher is better, so that importance is always
+            the damage a channel's removal does.
         progress: show a progress bar over the evaluations.
     """
 
@@ -142,7 +164,7 @@ class LinearFilterEnsembles(Criterion):
         alpha: float = 1.0,
         fit: Literal["joint", "per_layer"] = "joint",
         num_batches: int = 4,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | Any | None = None,
         progress: bool = True,
     ) -> None:
         if not 0.0 < p_keep < 1.0:
@@ -160,7 +182,7 @@ class LinearFilterEnsembles(Criterion):
         self.alpha = float(alpha)
         self.fit = fit
         self.num_batches = int(num_batches)
-        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.loss_fn = _as_loss(loss_fn) if loss_fn is not None else nn.functional.cross_entropy
         self.progress = progress
         self.evaluations = 0  #: masked evaluations run at the last step (never above the budget)
 
