@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,87 @@ def _all_requiring_grad(frozen: Sequence[nn.Parameter]) -> Iterator[None]:
             param.requires_grad_(False)
 
 
+@contextlib.contextmanager
+def _tolerant_reshape_mapping() -> Iterator[None]:
+    """Let torch-pruning's tracing survive reshapes it cannot map (e.g. a channel shuffle).
+
+    torch-pruning derives an index mapping for a reshape from the channel counts on both sides and
+    divides one by the other; a reshape that splits the channel axis (``view(b, g, c // g, h, w)``)
+    makes it divide by zero and abort the whole trace. Such a reshape is left without a mapping;
+    the groups built across it are then caught by the trial surgery of
+    :func:`~lightning_prune.engine.probe.find_unprunable_groups` and kept at full width.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def tolerant(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ArithmeticError:
+            pass
+
+    index_mapping.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
+    """Records input and output shapes of every reshape-like call during tracing, by grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
+        grad_fn = getattr(result, "grad_fn", None)
+        if grad_fn is not None and isinstance(result, torch.Tensor):
+            name = grad_fn.name().lower()
+            source = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if ("view" in name or "reshape" in name) and source is not None:
+                self.shapes[grad_fn] = (tuple(source.shape), tuple(result.shape))
+        return result
+
+
+def _mappable_reshape(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether torch-pruning's reshape mapping describes this reshape correctly.
+
+    It does for reshapes that keep the batch and channel axes (only trailing axes change) and for a
+    flatten of everything after the batch axis (``(B, C, H, W) -> (B, C*H*W)``).
+    """
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
+        return len(before) == len(after) and before == after
+    if before[1] == after[1]:
+        return True
+    return len(after) == 2 and after[1] == math.prod(before[1:])
+
+
+def _cut_unmappable_reshapes(graph: tp.DependencyGraph, shapes: Mapping[Any, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """Turn reshapes torch-pruning would map wrongly (a channel shuffle's ``view``) into barriers.
+
+    Their dependencies are removed, so no group is built across them, and they are listed in
+    ``graph.lp_barriers`` (node -> description) so that :func:`discover_groups` refuses the groups
+    that reach one.
+    """
+    barriers: dict[Any, str] = {}
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.RESHAPE:
+            continue
+        if node.grad_fn not in shapes:
+            continue  # a view made inside another operation (e.g. linear on 3-d input): torch-pruning's own rule
+        before, after = shapes[node.grad_fn]
+        if not _mappable_reshape(before, after):
+            barriers[node] = f"{node.grad_fn.name()} {before} -> {after}"
+    for node in barriers:
+        node.dependencies = []
+        for other in node.inputs + node.outputs:
+            other.dependencies = [d for d in other.dependencies if d.target is not node]
+    graph.lp_barriers = barriers  # type: ignore[attr-defined]
+
+
 def build_dependency_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -70,16 +152,25 @@ def build_dependency_graph(
     residual addition, say) would be lost.
     """
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    with preserved_training_modes(model), torch.inference_mode(False), torch.enable_grad(), _all_requiring_grad(frozen):
+    with (
+        preserved_training_modes(model),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        _all_requiring_grad(frozen),
+        _tolerant_reshape_mapping(),
+    ):
         graph = tp.DependencyGraph()
-        graph.build_dependency(
-            model,
-            example_inputs=example_inputs,
-            forward_fn=forward_fn,
-            output_transform=output_transform,
-            customized_pruners=dict(customized_pruners or {}),
-            verbose=False,
-        )
+        recorder = _ReshapeRecorder()
+        with recorder:
+            graph.build_dependency(
+                model,
+                example_inputs=example_inputs,
+                forward_fn=forward_fn,
+                output_transform=output_transform,
+                customized_pruners=dict(customized_pruners or {}),
+                verbose=False,
+            )
+        _cut_unmappable_reshapes(graph, recorder.shapes)
     return graph
 
 
@@ -159,7 +250,8 @@ class ChannelGroup:
         """Remove ``channels`` (root coordinates) from every coupled layer."""
         root = self.tp_group[0].dep
         graph = self.tp_group._DG
-        graph.get_pruning_group(root.target.module, root.handler, list(channels)).prune()
+        with _tolerant_reshape_mapping():
+            graph.get_pruning_group(root.target.module, root.handler, list(channels)).prune()
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,21 +320,31 @@ def discover_groups(
     *,
     ignored_modules: Sequence[nn.Module] = (),
     root_module_types: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear),
+    refused: dict[str, str] | None = None,
 ) -> list[ChannelGroup]:
     """All prunable channel groups of ``model``.
 
     A group is left out when one of its out-channel dependencies reaches an ignored module, or
-    produces the model's output (pruning it would change the output shape).
+    produces the model's output (pruning it would change the output shape). Layers whose group
+    torch-pruning fails to build are left out too, and reported in ``refused`` (layer name ->
+    error) when a dict is given.
     """
     module_names = {m: n for n, m in model.named_modules()}
     param_names = {p: n for n, p in model.named_parameters()}
     outputs = _output_nodes(graph)
     groups: list[ChannelGroup] = []
-    for tp_group in graph.get_all_groups(ignored_layers=list(ignored_modules), root_module_types=root_module_types):
+    for tp_group in _root_groups(graph, module_names, list(ignored_modules), root_module_types, refused):
         root_dep = tp_group[0].dep
         root = root_dep.target.module
         size = graph.get_out_channels(root)
         if not size or size < 2:
+            continue
+        barrier = _barrier_reached(graph, tp_group)
+        if barrier is not None:
+            if refused is not None:
+                refused[module_names.get(root, str(root))] = (
+                    f"its channels reach a reshape that torch-pruning cannot map ({barrier})"
+                )
             continue
         touches_output = False
         slices: list[ParamSlice] = []
@@ -265,6 +367,8 @@ def discover_groups(
             plain = [int(i) for i in tp._helpers.to_plain_idxs(idxs)]
             roots = [int(r) for r in item.root_idxs]
             dep_channels = _dep_channels(graph, dep, is_out)
+            if not isinstance(target, nn.Parameter) and target not in module_names:
+                continue  # torch-pruning's own operator nodes (concat, split, reshape): no parameters
             for param, dim in _probe_cut_dims(dep):
                 key = (id(param), dim)
                 if key in seen_dims or param not in param_names:
@@ -297,6 +401,59 @@ def discover_groups(
             )
         )
     return groups
+
+
+def _barrier_reached(graph: tp.DependencyGraph, tp_group: Any) -> str | None:
+    """Description of a reshape barrier (see :func:`_cut_unmappable_reshapes`) next to the group."""
+    barriers = getattr(graph, "lp_barriers", {})
+    if not barriers:
+        return None
+    for item in tp_group:
+        node = item.dep.target
+        if node.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
+            # A layer's output channels meet what follows it, its input channels what precedes it.
+            neighbours = node.outputs if graph.is_out_channel_pruning_fn(item.dep.handler) else node.inputs
+        else:  # depthwise convs, norms, element-wise and joining operations pass channels straight through
+            neighbours = node.inputs + node.outputs
+        for neighbour in neighbours:
+            if neighbour in barriers:
+                return barriers[neighbour]
+    return None
+
+
+def _root_groups(
+    graph: tp.DependencyGraph,
+    module_names: Mapping[nn.Module, str],
+    ignored: list[nn.Module],
+    root_module_types: tuple[type, ...],
+    refused: dict[str, str] | None,
+) -> Iterator[Any]:
+    """torch-pruning's ``get_all_groups``, one root at a time, so that one root it cannot follow
+    (an index mapping that fails on an exotic reshape or split) refuses that root, not the model."""
+    ignored = ignored + list(graph.IGNORED_LAYERS_IN_TRACING)
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if module in ignored or module in visited or not isinstance(module, root_module_types):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with _tolerant_reshape_mapping():
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        except Exception as error:  # noqa: BLE001 - torch-pruning's index mappings fail in many ways
+            if refused is not None:
+                refused[module_names.get(module, str(module))] = (
+                    f"torch-pruning could not follow its channels ({type(error).__name__}: {error})"
+                )
+            continue
+        prunable = True
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                prunable = prunable and dep.target.module not in ignored
+        if prunable:
+            yield group
 
 
 def _is_depthwise(module: nn.Module) -> bool:

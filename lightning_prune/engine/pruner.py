@@ -24,7 +24,9 @@ plain-PyTorch user can call directly::
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,7 @@ from lightning_prune.engine.graph import (
     preserved_training_modes,
 )
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
+from lightning_prune.engine.probe import UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, apply_plan, unrecorded_changes
 
 __all__ = ["Analysis", "ChannelPruner", "PruningError", "StepResult", "layer_widths"]
@@ -59,6 +62,7 @@ class Analysis:
     groups: list[ChannelGroup]
     cost_model: CostModel
     cost: Cost
+    refused: dict[str, str] = field(default_factory=dict)  #: root layer -> why its group cannot be cut
 
 
 @dataclass
@@ -114,6 +118,9 @@ class ChannelPruner:
         ignored_layers: modules whose output channels are never pruned.
         forward_fn / output_transform / customized_pruners: passed to torch-pruning's tracing
             (models with unusual call signatures or outputs, layers torch-pruning does not know).
+        probe: before planning, cut one channel of every group on trial and put it back; groups
+            whose cut breaks the model (couplings torch-pruning's graph does not describe) are
+            kept at full width with an :class:`UnprunableGroupWarning` naming their layers.
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class ChannelPruner:
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         output_transform: Callable[[Any], torch.Tensor] | None = None,
         customized_pruners: Mapping[Any, Any] | None = None,
+        probe: bool = True,
     ) -> None:
         self.criterion = criterion
         self.allocation = allocation
@@ -136,6 +144,7 @@ class ChannelPruner:
         self.forward_fn = forward_fn
         self.output_transform = output_transform
         self.customized_pruners = dict(customized_pruners or {})
+        self.probe = probe
 
     def analyse(self, model: nn.Module, example_inputs: Any) -> Analysis:
         """Trace ``model`` and find its channel groups and cost (model left unchanged)."""
@@ -146,9 +155,16 @@ class ChannelPruner:
             output_transform=self.output_transform,
             customized_pruners=self.customized_pruners,
         )
-        groups = discover_groups(model, graph, ignored_modules=self.ignored_layers)
+        refused: dict[str, str] = {}
+        groups = discover_groups(model, graph, ignored_modules=self.ignored_layers, refused=refused)
+        if self.probe and groups:
+            bad = find_unprunable_groups(model, graph, groups, lambda: _run_signature(model, example_inputs))
+            refused.update({g.root_name: bad[g.index] for g in groups if g.index in bad})
+            groups = [dataclasses.replace(g, index=i) for i, g in enumerate(g for g in groups if g.index not in bad)]
+        if refused:
+            warnings.warn(unprunable_message(refused), UnprunableGroupWarning, stacklevel=1)
         cost_model = CostModel(model, groups, example_inputs)
-        return Analysis(graph=graph, groups=groups, cost_model=cost_model, cost=cost_model.current)
+        return Analysis(graph=graph, groups=groups, cost_model=cost_model, cost=cost_model.current, refused=refused)
 
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
@@ -203,7 +219,8 @@ class ChannelPruner:
             with torch.inference_mode(False):
                 analysis = self.analyse(model, example_inputs)
                 if not analysis.groups:
-                    raise PruningError("the model has no prunable channel group left")
+                    reason = "".join(f"; '{k}': {v}" for k, v in analysis.refused.items())
+                    raise PruningError(f"the model has no prunable channel group left{reason}")
                 signature = _run_signature(model, example_inputs)
                 scoring = ScoringContext(
                     model=model,
