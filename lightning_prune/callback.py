@@ -130,6 +130,15 @@ class StructuredPruningCallback(Callback):
             first training batch (extracted with ``input_fn``).
         input_fn: maps a training batch to the model's input. Default: the batch itself if a
             tensor, its first item if a tuple/list, else the ``"x"``/``"input"``/``"image"``... key.
+            A model with several inputs gets them from a tuple (``model(*inputs)``) or a dict
+            (``model(**inputs)``): e.g. ``input_fn=lambda b: (b["image"], b["mask"])``.
+        output_transform: maps the model's output to the tensor of predictions (logits), for
+            models that return a dict, a tuple or an output object. It is used to trace the model
+            and wherever the output is read (the class count of ``"di"``, the loss of
+            ``"filter_ensembles"``). Outputs that are dicts, tuples or lists of tensors are traced
+            whole, so that every output keeps its shape (layers producing any output are never
+            pruned); other output objects are traced through ``output_transform``. Default None:
+            the output is used as it is.
         label_fn: maps a training batch to its labels, for criteria that need them (``"pls_vip"``).
             Default: the second item of a tuple/list, or the ``"label"``/``"labels"``/``"y"``/
             ``"target"`` key of a dict. A criterion that needs labels raises ``ValueError`` when it
@@ -171,6 +180,7 @@ class StructuredPruningCallback(Callback):
         round_to: int | None = None,
         example_inputs: Any = None,
         input_fn: Callable[[Any], Any] | None = None,
+        output_transform: Callable[[Any], torch.Tensor] | None = None,
         label_fn: Callable[[Any], Any] | None = None,
         collect_batches: int | None = None,
         max_samples: int = 2048,
@@ -200,6 +210,9 @@ class StructuredPruningCallback(Callback):
         self.ignored_layers = list(ignored_layers)
         self.example_inputs = example_inputs
         self.input_fn = input_fn or default_input_fn
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be a callable (output -> tensor) or None, got {output_transform!r}")
+        self.output_transform = output_transform
         self.label_fn = label_fn or default_label_fn
         if collect_batches is not None and (isinstance(collect_batches, bool) or not isinstance(collect_batches, int) or collect_batches < 1):
             raise ValueError(f"collect_batches must be a positive integer or None, got {collect_batches!r}")
@@ -401,7 +414,7 @@ class StructuredPruningCallback(Callback):
                 if any(layer_widths(pl_module).get(n) != w for n, w in saved.items()):
                     inputs = state.get("example_inputs")
                     inputs = self._inputs_for_model(pl_module, inputs if inputs is not None else self._example)
-                    restore_pruned_structure(pl_module, state, inputs)
+                    restore_pruned_structure(pl_module, state, inputs, None if self.output_transform is None else self._traceable)
                     differing = [n for n, w in saved.items() if layer_widths(pl_module).get(n) != w]
                     if differing:
                         raise ValueError(
@@ -462,6 +475,7 @@ class StructuredPruningCallback(Callback):
             max_layer_ratio=self.max_layer_ratio,
             round_to=self.round_to,
             ignored_layers=ignored,
+            output_transform=None if self.output_transform is None else self._traceable,
         )
         example = self.example_inputs if self.example_inputs is not None else self._example_from_data(trainer)
         self._example = slice_batch(example, _EXAMPLE_SAMPLES) if self.example_inputs is None else example
@@ -473,9 +487,11 @@ class StructuredPruningCallback(Callback):
                 "check example_inputs / input_fn"
             ) from error
         if not analysis.groups:
+            refused = "".join(f"\n  - '{name}': {why}" for name, why in analysis.refused.items())
             raise ValueError(
                 f"{type(pl_module).__name__} has no prunable layer: no convolution or linear layer whose output "
                 "channels can be removed (the output layer and ignored_layers are never pruned)"
+                + (f"; refused:{refused}" if refused else "")
             )
         if self.steps_done == 0:
             self.dense_cost = analysis.cost
@@ -514,8 +530,18 @@ class StructuredPruningCallback(Callback):
         """Width of the model's output on the example inputs (the class count of a classifier)."""
         with preserved_training_modes(pl_module), torch.no_grad():
             pl_module.eval()
-            output = call_model(pl_module, self._inputs_for(trainer, pl_module))
+            output = self._predictions(call_model(pl_module, self._inputs_for(trainer, pl_module)))
         return int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.dim() == 2 else None
+
+    def _traceable(self, output: Any) -> Any:
+        """What torch-pruning traces: every output when it can walk them (tensors, dicts, lists, tuples),
+        so that no layer producing any of them is pruned; otherwise ``output_transform(output)``."""
+        if isinstance(output, (torch.Tensor, Mapping, list, tuple)):
+            return output
+        return self._predictions(output)
+
+    def _predictions(self, output: Any) -> Any:
+        return self.output_transform(output) if self.output_transform is not None else output
 
     def _cache_batch(self, batch: Any) -> None:
         """Keep a training batch (inputs, labels; detached, on its device) as a held-out batch."""
@@ -553,7 +579,7 @@ class StructuredPruningCallback(Callback):
                 losses = []
                 for inputs, labels in batches:
                     with trainer.precision_plugin.forward_context():
-                        losses.append(loss_fn(call_model(pl_module, inputs), labels).float())
+                        losses.append(loss_fn(self._predictions(call_model(pl_module, inputs)), labels).float())
                 loss = torch.stack(losses).mean()
                 if trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
                     loss = trainer.strategy.reduce(loss, reduce_op="mean")

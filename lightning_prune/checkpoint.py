@@ -17,14 +17,14 @@ A record that does not fit the model (another architecture, a missing layer) rai
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from lightning_prune.engine.graph import build_dependency_graph
+from lightning_prune.engine.graph import _tolerant_reshape_mapping, build_dependency_graph
 from lightning_prune.engine.surgery import ModuleSnapshot
 
 __all__ = ["CALLBACK_STATE_KEY", "STATE_VERSION", "callback_state", "load_pruned", "replay_surgery", "restore_pruned_structure"]
@@ -43,8 +43,15 @@ def callback_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def replay_surgery(model: nn.Module, example_inputs: Any, steps: Sequence[Sequence[Sequence[Any]]]) -> None:
+def replay_surgery(
+    model: nn.Module,
+    example_inputs: Any,
+    steps: Sequence[Sequence[Sequence[Any]]],
+    output_transform: Callable[[Any], torch.Tensor] | None = None,
+) -> None:
     """Apply recorded surgery, step by step, to ``model`` (atomic: all steps or none).
+
+    ``output_transform`` is the callback's, for models whose output torch-pruning cannot trace as is.
 
     Raises:
         ValueError: a layer of the record is missing from the model, or the record does not fit
@@ -57,8 +64,8 @@ def replay_surgery(model: nn.Module, example_inputs: Any, steps: Sequence[Sequen
             for name, _is_out, _idxs in step:
                 if name not in names:
                     raise ValueError(f"pruning step {index + 1} names layer '{name}', which the model does not have")
-            graph = build_dependency_graph(model, example_inputs)
-            with torch.no_grad():
+            graph = build_dependency_graph(model, example_inputs, output_transform=output_transform)
+            with torch.no_grad(), _tolerant_reshape_mapping():
                 graph.load_pruning_history([[n, bool(o), list(i)] for n, o, i in step])
     except ValueError:
         snapshot.restore()
@@ -89,7 +96,12 @@ def _steps_and_inputs(state: Mapping[str, Any]) -> tuple[list[list[list[Any]]], 
     return steps, state.get("example_inputs")
 
 
-def restore_pruned_structure(model: _M, source: str | Path | Mapping[str, Any], example_inputs: Any = None) -> _M:
+def restore_pruned_structure(
+    model: _M,
+    source: str | Path | Mapping[str, Any],
+    example_inputs: Any = None,
+    output_transform: Callable[[Any], torch.Tensor] | None = None,
+) -> _M:
     """Give a dense ``model`` the pruned structure recorded in ``source`` (weights not loaded).
 
     Args:
@@ -97,6 +109,8 @@ def restore_pruned_structure(model: _M, source: str | Path | Mapping[str, Any], 
             match the ones the pruning recorded).
         source: a checkpoint path, a loaded checkpoint dict, or the callback's state dict.
         example_inputs: inputs for tracing; default: the ones stored in the record.
+        output_transform: output -> tensor, for models returning objects torch-pruning cannot trace
+            (the callback's ``output_transform``); default None.
     """
     if isinstance(source, (str, Path)):
         source = torch.load(source, map_location="cpu", weights_only=True)
@@ -107,7 +121,7 @@ def restore_pruned_structure(model: _M, source: str | Path | Mapping[str, Any], 
     inputs = example_inputs if example_inputs is not None else stored_inputs
     if inputs is None:
         raise ValueError("the record holds no example inputs; pass example_inputs=...")
-    replay_surgery(model, inputs, steps)
+    replay_surgery(model, inputs, steps, output_transform)
     return model
 
 

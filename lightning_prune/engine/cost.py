@@ -3,7 +3,10 @@
 Definition (the one every number of this library uses): MACs are the multiply-accumulates of
 every convolution and linear layer of the whole model, per sample, counted from a real forward
 pass; a layer's count is ``positions * weight.numel()`` where ``positions`` is the number of
-output positions (input positions for transposed convolutions) per sample. Bias additions,
+output positions (input positions for transposed convolutions) per sample. The packed q/k/v
+projection of ``nn.MultiheadAttention`` counts as a linear layer over the query tokens (its output
+projection is an ``nn.Linear`` already); the attention products themselves (``QK^T``, ``AV``) are
+not counted, as in most pruning papers' tables. Bias additions,
 normalisation and activations are not MACs. Parameters are all ``nn.Parameter`` entries.
 
 Because both counts are sums of ``numel`` of parameters, the cost of any candidate pruning plan
@@ -61,6 +64,8 @@ def batch_size_of(inputs: Any) -> int:
 def _layer_weight(module: nn.Module) -> nn.Parameter | None:
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         return module.weight
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight  # packed q/k/v projection (None when q, k, v have their own sizes)
     return None
 
 
@@ -70,6 +75,8 @@ def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
         return x.numel() / (batch * module.in_channels)
     if isinstance(module, nn.modules.conv._ConvNd):
         return output.numel() / (batch * module.out_channels)
+    if isinstance(module, nn.MultiheadAttention):
+        return output.numel() / (batch * module.embed_dim)  # query tokens per sample
     return output.numel() / (batch * module.out_features)  # nn.Linear: tokens per sample
 
 
@@ -81,6 +88,8 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter,
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         weight = _layer_weight(module)
+        if isinstance(output, tuple) and output:  # nn.MultiheadAttention: (attention output, weights)
+            output = output[0]
         if weight is not None and isinstance(output, torch.Tensor):
             positions[weight] = positions.get(weight, 0.0) + _positions(module, inputs, output, batch)
 

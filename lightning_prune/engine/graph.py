@@ -113,8 +113,10 @@ def _mappable_reshape(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     return len(after) == 2 and after[1] == math.prod(before[1:])
 
 
-def _cut_unmappable_reshapes(graph: tp.DependencyGraph, shapes: Mapping[Any, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-    """Turn reshapes torch-pruning would map wrongly (a channel shuffle's ``view``) into barriers.
+def _cut_unmappable_ops(graph: tp.DependencyGraph, shapes: Mapping[Any, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """Turn operations torch-pruning would map wrongly into barriers: reshapes other than a flatten
+    or a reshape of the trailing axes (a channel shuffle's ``view``), and concatenations or splits
+    whose channel sizes it could not infer (it then couples their inputs as if element-wise).
 
     Their dependencies are removed, so no group is built across them, and they are listed in
     ``graph.lp_barriers`` (node -> description) so that :func:`discover_groups` refuses the groups
@@ -122,6 +124,11 @@ def _cut_unmappable_reshapes(graph: tp.DependencyGraph, shapes: Mapping[Any, tup
     """
     barriers: dict[Any, str] = {}
     for node in graph.module2node.values():
+        if node.type in (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT):
+            sizes = getattr(node.module, "concat_sizes" if node.type == tp.ops.OPTYPE.CONCAT else "split_sizes", None)
+            if sizes is None or any(size is None for size in sizes):
+                barriers[node] = f"{node.grad_fn.name() if node.grad_fn is not None else 'concat/split'} of unknown channel sizes"
+            continue
         if node.type != tp.ops.OPTYPE.RESHAPE:
             continue
         if node.grad_fn not in shapes:
@@ -161,16 +168,26 @@ def build_dependency_graph(
     ):
         graph = tp.DependencyGraph()
         recorder = _ReshapeRecorder()
+        outputs: set[Any] = set()
+
+        def record_outputs(output: Any) -> Any:
+            traced = output_transform(output) if output_transform is not None else output
+            for tensor in tp.utils.flatten_as_list(traced):
+                if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                    outputs.add(tensor.grad_fn)
+            return traced
+
         with recorder:
             graph.build_dependency(
                 model,
                 example_inputs=example_inputs,
                 forward_fn=forward_fn,
-                output_transform=output_transform,
+                output_transform=record_outputs,
                 customized_pruners=dict(customized_pruners or {}),
                 verbose=False,
             )
-        _cut_unmappable_reshapes(graph, recorder.shapes)
+        _cut_unmappable_ops(graph, recorder.shapes)
+    graph.lp_output_grad_fns = outputs  # type: ignore[attr-defined]
     return graph
 
 
@@ -311,7 +328,10 @@ def _probe_cut_dims(dep: Any) -> list[tuple[nn.Parameter, int]]:
 
 
 def _output_nodes(graph: tp.DependencyGraph) -> set[Any]:
-    return {node for node in graph.module2node.values() if len(node.outputs) == 0}
+    """Nodes whose result is a model output: graph leaves, and intermediate results that are also
+    returned (an embedding returned next to the logits it feeds)."""
+    returned = getattr(graph, "lp_output_grad_fns", set())
+    return {node for node in graph.module2node.values() if not node.outputs or node.grad_fn in returned}
 
 
 def discover_groups(
@@ -342,8 +362,12 @@ def discover_groups(
         barrier = _barrier_reached(graph, tp_group)
         if barrier is not None:
             if refused is not None:
+                coupled = [module_names[i.dep.target.module] for i in tp_group if i.dep.target.module in module_names]
+                coupled = list(dict.fromkeys(coupled))
                 refused[module_names.get(root, str(root))] = (
-                    f"its channels reach a reshape that torch-pruning cannot map ({barrier})"
+                    f"its channels reach an operation torch-pruning cannot map ({barrier}); coupled layers: "
+                    + ", ".join(coupled[:6])
+                    + (", ..." if len(coupled) > 6 else "")
                 )
             continue
         touches_output = False

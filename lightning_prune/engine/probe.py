@@ -142,9 +142,10 @@ def unprunable_message(refused: Mapping[str, str]) -> str:
     """One readable paragraph naming each refused layer, why, and what to do."""
     lines = "\n".join(f"  - '{name}': {why}" for name, why in refused.items())
     return (
-        "torch-pruning's dependency graph does not describe every layer coupled to the output channels of "
-        "these layers (typically through a reshape, transpose, channel shuffle or a concatenation along a "
-        "non-channel axis); cutting them would break the model, so they are kept at full width:\n"
+        "The output channels of these layers are kept at full width: cutting them would break the model or "
+        "change its output shape, because torch-pruning's dependency graph misses part of their coupling "
+        "(typically a reshape, a channel shuffle, a concatenation along a non-channel axis, or a width "
+        "hard-coded in forward):\n"
         f"{lines}\n"
         "To silence this, pass these layers in ignored_layers; to prune them, register a customized pruner "
         "for the operation (ChannelPruner(customized_pruners=...))."

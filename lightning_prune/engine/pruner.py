@@ -91,6 +91,10 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return widths
 
 
+def _names(names: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def _output_signature(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return tuple(output.shape)
@@ -159,7 +163,7 @@ class ChannelPruner:
         groups = discover_groups(model, graph, ignored_modules=self.ignored_layers, refused=refused)
         if self.probe and groups:
             bad = find_unprunable_groups(model, graph, groups, lambda: _run_signature(model, example_inputs))
-            refused.update({g.root_name: bad[g.index] for g in groups if g.index in bad})
+            refused.update({g.root_name: f"{bad[g.index]}; coupled layers: {_names(g.module_names)}" for g in groups if g.index in bad})
             groups = [dataclasses.replace(g, index=i) for i, g in enumerate(g for g in groups if g.index not in bad)]
         if refused:
             warnings.warn(unprunable_message(refused), UnprunableGroupWarning, stacklevel=1)
