@@ -355,3 +355,24 @@ def test_conv1d_conv3d_and_mlp_models(kind, criterion):
     positions = {"conv1d": 40, "conv3d": 6**3, "mlp": 1}[kind]
     hand = sum(m.weight.numel() * (1 if isinstance(m, nn.Linear) else positions) for m in layers)
     assert count_cost(model, x[:2]).macs == hand
+
+
+# ================================================================================ attention MACs
+class _CrossAttention(nn.Module):
+    def __init__(self, kdim: int | None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, q, kv):
+        return self.head(self.attn(q, kv, kv, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("kdim", [None, 8], ids=["packed", "separate"])
+def test_attention_projections_are_counted_over_their_own_tokens(kdim):
+    """Hand count: q and the output projection over the 5 query tokens, k and v over the 7 key tokens."""
+    model = _CrossAttention(kdim)
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 7, kdim or 16))
+    e, d = 16, kdim or 16
+    expected = 5 * e * e + 7 * d * e + 7 * d * e + 5 * e * e + 5 * 16 * 3
+    assert count_cost(model, inputs).macs == expected

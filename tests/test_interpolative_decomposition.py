@@ -192,3 +192,45 @@ def test_conv_flatten_linear_consumer_absorbs_t_kron_identity():
     t, *_ = np.linalg.lstsq(rows[:, kept], rows, rcond=None)
     expected = dense[4].weight.detach().double().numpy() @ np.kron(t, np.eye(16)).T
     np.testing.assert_allclose(model[4].weight.detach().double().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+class _BranchConcat(nn.Module):
+    """branch a (4 ch) and branch b (6 ch) concatenated, read by one conv: b's columns are 4..9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(2, 6, 3, padding=1)
+        self.merge = nn.Conv2d(10, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.head(torch.relu(self.merge(x)).mean((2, 3)))
+
+
+def test_a_branch_read_through_a_concatenation_is_scored_on_its_own_columns():
+    torch.manual_seed(0)
+    model = _BranchConcat().eval()
+    with torch.no_grad():  # b's channels 3, 4, 5 are 2x its channels 0, 1, 2 (also after the ReLU)
+        model.b.weight[3:] = 2 * model.b.weight[:3]
+        model.b.bias[3:] = 2 * model.b.bias[:3]
+    x = torch.randn(32, 2, 6, 6)
+    criterion = get_criterion("id", rows_per_batch=4096)
+    groups = discover_groups(model, build_dependency_graph(model, x[:2]))
+    (b_group,) = [g for g in groups if g.root_name == "b"]
+    (request,) = criterion.activation_requests([b_group])
+    assert request.module == "merge" and request.channel_index == tuple(range(4, 10))
+    store = _store(model, criterion, x)
+    with torch.no_grad():  # independent: b's activation, one row per sample and position
+        expected = torch.relu(model.b(x)).permute(0, 2, 3, 1).reshape(-1, 6)
+    rows = store.rows(request)
+    assert rows.shape == expected.shape
+    torch.testing.assert_close(rows[rows[:, 0].argsort()], expected[expected[:, 0].argsort()])
+    dense_w = model.b.weight.detach().clone()
+    pruner = ChannelPruner(criterion, ignored_layers=[model.a, model.merge], max_layer_ratio=0.95)
+    result = pruner.step(model, x[:2], Target("channels", 3 / 6), context={"activations": store})
+    assert model.b.out_channels == 3 and model.merge.in_channels == 7
+    kept = [int(torch.argmin((dense_w - w).abs().sum((1, 2, 3)))) for w in model.b.weight.detach()]
+    assert sorted(k % 3 for k in kept) == [0, 1, 2]  # one of every dependent pair
+    assert "concatenation" in result.corrections["b"]  # selection only: the concat blocks T

@@ -332,6 +332,8 @@ class ActivationCollector:
         """Up to ``rows_per_batch`` rows (sample x position) of ``x``, one column per channel, float32."""
         dim = self._channel_dims[request]
         x = x.detach()
+        if request.channel_index:  # the observed channels' part of a wider input (a concatenation)
+            x = x.index_select(dim, torch.tensor(request.channel_index, device=x.device))
         if request.channels and x.dim() == 2 and x.shape[1] != request.channels:
             x = x.reshape(x.shape[0], request.channels, -1)  # flattened feature map: channel-major
             dim = 1

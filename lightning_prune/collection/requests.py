@@ -38,6 +38,10 @@ class ActivationRequest:
         channels: when > 0, a 2-D activation of ``channels * r`` features (a flattened feature map,
             channel-major, as a linear layer after ``flatten`` reads it) is viewed as
             ``(N, channels, r)``: each channel's ``r`` positions become rows.
+        channel_index: for ``"rows"``: the entries along the channel dimension (the features of a
+            2-D activation) that belong to the observed channels, channel-major (channel ``j`` owns
+            entries ``j * r`` to ``(j + 1) * r - 1``), e.g. one branch's slice of a concatenation
+            that the module reads; empty (default): every entry.
     """
 
     module: str
@@ -49,6 +53,7 @@ class ActivationRequest:
     num_classes: int = 0
     max_rows: int = 4096
     channels: int = 0
+    channel_index: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.site not in ("output", "input"):
@@ -59,3 +64,5 @@ class ActivationRequest:
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.rows_per_batch < 1:
             raise ValueError(f"rows_per_batch must be >= 1, got {self.rows_per_batch}")
+        if self.channel_index and self.statistic != "rows":
+            raise ValueError(f"channel_index is only supported with statistic='rows', got {self.statistic!r}")

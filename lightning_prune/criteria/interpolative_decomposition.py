@@ -90,6 +90,16 @@ def _channel_major(s: ParamSlice, channels: int) -> bool:
     return list(s.root_idxs) == [i // r for i in range(s.dep_channels)]
 
 
+def _group_columns(s: ParamSlice) -> tuple[int, ...]:
+    """The consumer's input entries that carry the group's channels, channel-major; () when that is all
+    of them in order (or the slice does not index the input directly, as for a grouped convolution)."""
+    if not s.addressable:
+        return ()
+    order = sorted(range(len(s.idxs)), key=lambda i: s.root_idxs[i])  # stable: positions keep their order
+    columns = tuple(int(s.idxs[i]) for i in order)
+    return () if columns == tuple(range(s.dep_channels)) else columns
+
+
 def _absorb(weight: torch.Tensor, t: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
     """``W x_dim (T kron I_r)``: contract ``T`` (``k x C``) with ``weight``'s input axis ``dim``.
 
@@ -129,10 +139,10 @@ class InterpolativeDecomposition(Criterion):
     def _request(self, group: ChannelGroup) -> ActivationRequest:
         consumers = self._consumers(group)
         if consumers:  # the activation the (first) consumer reads, a flattened map viewed per channel
-            module = consumers[0].name.rsplit(".", 1)[0]
+            first = consumers[0]
             return ActivationRequest(
-                module, site="input", statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows,
-                channels=group.size,
+                first.name.rsplit(".", 1)[0], site="input", statistic="rows", rows_per_batch=self.rows_per_batch,
+                max_rows=self.max_rows, channels=group.size, channel_index=_group_columns(first),
             )
         return ActivationRequest(group.root_name, statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
 

@@ -3,10 +3,11 @@
 Definition (the one every number of this library uses): MACs are the multiply-accumulates of
 every convolution and linear layer of the whole model, per sample, counted from a real forward
 pass; a layer's count is ``positions * weight.numel()`` where ``positions`` is the number of
-output positions (input positions for transposed convolutions) per sample. The packed q/k/v
-projection of ``nn.MultiheadAttention`` counts as a linear layer over the query tokens (its output
-projection is an ``nn.Linear`` already); the attention products themselves (``QK^T``, ``AV``) are
-not counted, as in most pruning papers' tables. Bias additions,
+output positions (input positions for transposed convolutions) per sample. The projections of
+``nn.MultiheadAttention`` count as linear layers: q over the query tokens, k and v over the key
+tokens (packed or separate weights) and the output projection over the query tokens (it is applied
+functionally, so its ``nn.Linear`` hook never fires); the attention products themselves (``QK^T``,
+``AV``) are not counted, as in most pruning papers' tables. Bias additions,
 normalisation and activations are not MACs. Parameters are all ``nn.Parameter`` entries.
 
 Because both counts are sums of ``numel`` of parameters, the cost of any candidate pruning plan
@@ -61,12 +62,8 @@ def batch_size_of(inputs: Any) -> int:
     return 1
 
 
-def _layer_weight(module: nn.Module) -> nn.Parameter | None:
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        return module.weight
-    if isinstance(module, nn.MultiheadAttention):
-        return module.in_proj_weight  # packed q/k/v projection (None when q, k, v have their own sizes)
-    return None
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention))
 
 
 def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, batch: int) -> float:
@@ -75,9 +72,22 @@ def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
         return x.numel() / (batch * module.in_channels)
     if isinstance(module, nn.modules.conv._ConvNd):
         return output.numel() / (batch * module.out_channels)
-    if isinstance(module, nn.MultiheadAttention):
-        return output.numel() / (batch * module.embed_dim)  # query tokens per sample
     return output.numel() / (batch * module.out_features)  # nn.Linear: tokens per sample
+
+
+def _attention_positions(
+    module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor, batch: int
+) -> dict[nn.Parameter, float]:
+    """Tokens per sample seen by each projection weight of ``nn.MultiheadAttention``."""
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    queries = output.numel() / (batch * module.embed_dim)
+    keys = key.numel() / (batch * module.kdim) if isinstance(key, torch.Tensor) else queries
+    if module.in_proj_weight is not None:  # packed rows: q (query tokens), k and v (key tokens)
+        weights = {module.in_proj_weight: (queries + 2 * keys) / 3}
+    else:
+        weights = {module.q_proj_weight: queries, module.k_proj_weight: keys, module.v_proj_weight: keys}
+    weights[module.out_proj.weight] = queries
+    return weights
 
 
 def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter, float]:
@@ -86,16 +96,21 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter,
     positions: dict[nn.Parameter, float] = {}
     handles = []
 
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        weight = _layer_weight(module)
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if isinstance(output, tuple) and output:  # nn.MultiheadAttention: (attention output, weights)
             output = output[0]
-        if weight is not None and isinstance(output, torch.Tensor):
-            positions[weight] = positions.get(weight, 0.0) + _positions(module, inputs, output, batch)
+        if not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, nn.MultiheadAttention):
+            found = _attention_positions(module, args, kwargs, output, batch)
+        else:
+            found = {module.weight: _positions(module, args, output, batch)}
+        for weight, count in found.items():
+            positions[weight] = positions.get(weight, 0.0) + count
 
     for module in model.modules():
-        if _layer_weight(module) is not None:
-            handles.append(module.register_forward_hook(hook))
+        if _is_layer(module):
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with preserved_training_modes(model), torch.no_grad():
             model.eval()
