@@ -21,10 +21,11 @@ from lightning_prune.checkpoint import STATE_VERSION, callback_state, restore_pr
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import ChannelPruner, Cost, Plan, Target, layer_widths
+from lightning_prune.engine.allocation import Allocation
 from lightning_prune.engine.cost import call_model
 from lightning_prune.engine.graph import preserved_training_modes
 from lightning_prune.reporting import PruningRecord, format_count, summary_table
-from lightning_prune.schedules import SCHEDULES, Schedule, cumulative_targets
+from lightning_prune.schedules import SCHEDULES, Schedule, ScheduleName, cumulative_targets
 
 __all__ = ["StructuredPruningCallback"]
 
@@ -172,9 +173,9 @@ class StructuredPruningCallback(Callback):
         target_params_reduction: float | None = None,
         channel_ratio: float | None = None,
         epochs: int | Sequence[int] | None = None,
-        schedule: str | Schedule = "linear",
+        schedule: ScheduleName | Schedule = "linear",
         prune_on_train_start: bool = False,
-        allocation: str | None = None,
+        allocation: Allocation | None = None,
         max_layer_ratio: float = 0.9,
         ignored_layers: Sequence[str | nn.Module] = (),
         round_to: int | None = None,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
-__all__ = ["SCHEDULES", "Schedule", "cumulative_targets", "geometric_steps_for"]
+__all__ = ["SCHEDULES", "Schedule", "ScheduleName", "cumulative_targets", "geometric_steps_for"]
 
 Schedule = Callable[[int, int, float], float]
+ScheduleName = Literal["linear", "geometric", "agp"]
 
 
 def _linear(i: int, n: int, final: float) -> float:

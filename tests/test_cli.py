@@ -25,6 +25,7 @@ from lightning_prune.cli import PruningCLI, main
 from lightning_prune.data import CIFAR10DataModule, FakeImageDataset, ImageNetDataModule
 from lightning_prune.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from lightning_prune.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from lightning_prune.schedules import cumulative_targets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
@@ -194,6 +195,8 @@ def test_config_runs_on_fake_data_and_prunes(name, tmp_path):
     before, after = count_cost(reference.model, x), count_cost(cli.model, x)
     assert after.macs < before.macs and after.params < before.params
     assert _conv_channels(cli.model) < _conv_channels(reference.model)
+    for layer in pruning.get("ignored_layers", []):  # e.g. PLS: the residual widths stay
+        assert cli.model.get_submodule(layer).out_channels == reference.model.get_submodule(layer).out_channels
     if kind == "flops":
         assert 1 - after.macs / before.macs == pytest.approx(value, abs=0.02)
     with torch.no_grad():
@@ -271,6 +274,8 @@ def test_a_criterion_instance_by_class_path():
         ("--pruning.max_layer_ratio=lots", 'Parser key "pruning.max_layer_ratio"'),
         ("--pruning.epochs=soon", 'Parser key "pruning.epochs"'),
         ("--data.fake=maybe", "fake"),
+        ("--pruning.schedule=cubic", "Literal['linear', 'geometric', 'agp']"),
+        ("--pruning.allocation=greedy", "Literal['uniform', 'global']"),
     ],
 )
 def test_a_bad_option_exits_with_jsonargparse_error(option, message, capsys):
@@ -278,6 +283,27 @@ def test_a_bad_option_exits_with_jsonargparse_error(option, message, capsys):
         main(["fit", "--config", str(CONFIGS / "cifar10_resnet56_id.yaml"), option])
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_schedule_by_dotted_path_and_allocation_by_name():
+    cli = main(
+        [
+            "--config", str(CONFIGS / "cifar10_resnet56_id.yaml"), "--trainer.logger=false",
+            "--pruning.schedule=lightning_prune.schedules._geometric", "--pruning.allocation=global",
+            "--pruning.epochs=[10,20,30]",
+        ],
+        run=False,
+        return_cli=True,
+    )  # fmt: skip
+    assert cli is not None and cli.pruning is not None
+    assert callable(cli.pruning.schedule) and cli.pruning.allocation == "global"
+    assert cli.pruning.step_targets == pytest.approx(cumulative_targets(0.51, 3, "geometric"))
+    assert cli.pruning.step_targets != pytest.approx(cumulative_targets(0.51, 3, "linear"))
+
+
+def test_a_criterion_kwarg_the_criterion_does_not_take_is_named():
+    with pytest.raises(ValueError, match=r"criterion_kwargs \['rank'\].*'id'.*max_rows"):
+        main(["--config", str(CONFIGS / "cifar10_resnet56_id.yaml"), '--pruning.criterion_kwargs={"rank": 3}'], run=False)
 
 
 def test_an_unknown_criterion_names_the_valid_ones():

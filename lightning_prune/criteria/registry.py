@@ -42,7 +42,8 @@ def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
     """Resolve ``criterion`` to an instance: a registered name (built with ``kwargs``) or an instance.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown name (the message lists the valid ones), or ``kwargs`` the criterion does
+            not accept (the message lists the ones it does).
         TypeError: neither a string nor a :class:`Criterion`.
     """
     if isinstance(criterion, Criterion):
@@ -56,6 +57,20 @@ def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
     factory = _REGISTRY.get(criterion.lower())
     if factory is None:
         raise ValueError(f"unknown criterion '{criterion}'. Valid names: {', '.join(available_criteria())}")
+    if kwargs:  # name the argument and what the criterion accepts, before training starts
+        import inspect
+
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # a factory without a signature: let the call decide
+            accepted = None
+        takes_any = accepted is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = [] if takes_any else sorted(set(kwargs) - set(accepted))
+        if unknown:
+            valid = ", ".join(n for n, p in accepted.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL) or "none"
+            raise ValueError(
+                f"criterion_kwargs {unknown} are not arguments of criterion '{criterion}'; it accepts: {valid}"
+            )
     instance = factory(**kwargs)
     if not getattr(instance, "name", ""):
         instance.name = criterion.lower()  # type: ignore[misc]

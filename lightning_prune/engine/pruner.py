@@ -115,7 +115,8 @@ class ChannelPruner:
     """Scores, allocates and cuts channels of a model, one atomic step at a time.
 
     Args:
-        criterion: the scoring method.
+        criterion: the scoring method: a :class:`Criterion` or a registered name (``"l1"``, ...).
+            An unknown name raises ``ValueError`` listing the valid ones.
         allocation: ``"uniform"`` (same fraction in every group) or ``"global"`` (one ranking).
         max_layer_ratio: largest fraction of a group's original width that may be removed, in (0, 1).
         round_to: kept widths are multiples of this (None: any width).
@@ -129,7 +130,7 @@ class ChannelPruner:
 
     def __init__(
         self,
-        criterion: Criterion,
+        criterion: Criterion | str,
         *,
         allocation: Allocation = "uniform",
         max_layer_ratio: float = 0.9,
@@ -140,7 +141,13 @@ class ChannelPruner:
         customized_pruners: Mapping[Any, Any] | None = None,
         probe: bool = True,
     ) -> None:
-        self.criterion = criterion
+        from lightning_prune.criteria import get_criterion  # the registry imports every criterion
+
+        if allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+        if not 0.0 < max_layer_ratio < 1.0:
+            raise ValueError(f"max_layer_ratio must be in (0, 1), got {max_layer_ratio!r}")
+        self.criterion = get_criterion(criterion)
         self.allocation = allocation
         self.max_layer_ratio = max_layer_ratio
         self.round_to = round_to
