@@ -1,0 +1,566 @@
+"""Benchmark (issue 7): every criterion against the pruners a user would pick instead, on the digits model.
+
+One run, one machine, everything side by side. Per seed the dense model (SmallResNet + ImageClassifier on
+scikit-learn's digits) is trained once; every method then prunes a copy of it to each MACs target and the
+copy is fine-tuned with the same plain Lightning fit (same epochs, learning rate, data order):
+
+* **lightning-prune**: every registered criterion (aliases once), ``StructuredPruningCallback(criterion,
+  target_flops_reduction=t, prune_on_train_start=True)`` inside the fine-tuning fit (activation criteria
+  get their dedicated collection pass);
+* **torch-pruning** (``tp``): its own pruner as its README/benchmarks drive it, ``tp.pruner.BasePruner``
+  (``MetaPruner``/``MagnitudePruner`` are aliases of it in 1.6) with ``tp.importance.MagnitudeImportance(p=1)``,
+  *local* pruning (``global_pruning=False``: every layer loses the same channel fraction, like our ``l1``
+  with its default uniform allocation), ``max_pruning_ratio=0.9`` (our ``max_layer_ratio``), the classifier
+  ``fc`` ignored. The MACs target is reached the way torch-pruning's own benchmark does it
+  (``progressive_pruning``): ``pruning_ratio=1.0`` over ``iterative_steps=400`` small steps, ``pruner.step()``
+  until ``tp.utils.count_ops_and_params`` shows the target reached (first step at or past it; a channel is
+  indivisible, so it may overshoot). Then the plain fine-tuning fit, no callback;
+* **ModelPruning**: Lightning's ``ModelPruning(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=1,
+  make_pruning_permanent=True)`` on the weight of every convolution (not the classifier, whose rows are
+  the classes), ``amount`` = the fraction of convolution output channels that our ``l1`` run removed at the
+  same target. ``ModelPruning`` prunes at epoch ends; here a subclass applies it once when training starts,
+  then the same fine-tuning fit runs with the masks in place. It only masks: the measured MACs stay dense.
+
+Reported per method, target and seed: test accuracy right after the prune and after fine-tuning, the
+prune-step time, MACs and parameters (total and non-zero) measured on the final model with
+``lightning_prune.count_cost``, and CPU latency at batch 1 and 64 (medians, all models of a seed and target
+interleaved with the dense one). The Markdown table gives mean ± std over seeds.
+
+    python examples/benchmark_compare.py [--seeds 0 1 2] [--targets 0.3 0.5 0.7 0.9] [--out examples/results]
+    python examples/benchmark_compare.py --smoke --out /tmp/smoke     # CI: 1 seed, 1 target, 2 criteria
+
+Writes ``compare.json``, ``compare.md``, ``compare_accuracy.png`` and ``compare_widths.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch_pruning as tp
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+
+from _bench import (
+    accuracy,
+    add_common_arguments,
+    criteria_names,
+    fmt,
+    latency_ms,
+    log,
+    machine,
+    make_model,
+    make_trainer,
+    mean_std,
+    nonzero_params,
+    output_dir,
+    setup_threads,
+    write_outputs,
+)
+from lightning_prune import StructuredPruningCallback, Target, count_cost, get_criterion
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.engine import ChannelPruner
+from lightning_prune.models import ImageClassifier
+
+TP = "torch-pruning (l1, local)"
+MP = "ModelPruning (ln_structured)"
+PEERS = (TP, MP)
+INPUT_SHAPE = (1, 8, 8)
+SMOKE_CRITERIA = ["l1", "pls_vip"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class AccuracyAfterPrune(L.Callback):
+    """Test accuracy when training starts: after every pruning callback listed before it has pruned."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.value: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.value = accuracy(pl_module, self.loader)
+
+
+class ModelPruningAtStart(ModelPruning):
+    """Lightning's ``ModelPruning``, applied once when training starts instead of at epoch ends."""
+
+    seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        start = time.perf_counter()
+        self.apply_pruning(self.amount)
+        self.seconds = time.perf_counter() - start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # no further pruning
+        pass
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+
+def conv_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per convolution: (output channels, output channels whose weights are not all zero)."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            alive = int((module.weight.detach().flatten(1).abs().sum(1) > 0).sum())
+            widths[name] = (int(module.out_channels), alive)
+    return widths
+
+
+def channels_removed(model: nn.Module, dense: dict[str, tuple[int, int]]) -> float:
+    """Fraction of the dense model's convolution output channels that are gone or all zero."""
+    alive = sum(w[1] for w in conv_widths(model).values())
+    return 1.0 - alive / sum(w[0] for w in dense.values())
+
+
+def measure(model: ImageClassifier, example: torch.Tensor, dense_cost) -> dict[str, Any]:
+    cost = count_cost(model, example)
+    nonzero = nonzero_params(model)
+    return {
+        "macs": cost.macs,
+        "params": cost.params,
+        "params_nonzero": nonzero,
+        "flops_reduction": 1 - cost.macs / dense_cost.macs,
+        "params_reduction": 1 - cost.params / dense_cost.params,
+        "nonzero_params_reduction": 1 - nonzero / dense_cost.params,
+    }
+
+
+def finetune_copy(dense: ImageClassifier, args: argparse.Namespace) -> ImageClassifier:
+    model = copy.deepcopy(dense)
+    model.hparams.max_epochs = args.finetune_epochs
+    model.hparams.lr = args.finetune_lr
+    return model
+
+
+def finetune(model: ImageClassifier, datamodule, callbacks: list, seed: int, epochs: int) -> float:
+    frozen = [n for n, m in model.named_modules() if not m.training]
+    if frozen:  # Lightning keeps module modes: BatchNorm would fine-tune frozen
+        raise RuntimeError(f"the copy to fine-tune has modules in eval mode: {frozen[:3]}")
+    L.seed_everything(seed, verbose=False)
+    start = time.perf_counter()
+    make_trainer(epochs, callbacks).fit(model, datamodule)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def run_ours(name, dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
+    model = finetune_copy(dense, args)
+    kwargs = {"progress": False} if name == "filter_ensembles" else None
+    pruning = StructuredPruningCallback(
+        name, target_flops_reduction=target, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs
+    )
+    probe = AccuracyAfterPrune(datamodule.test_dataloader())
+    fit_seconds = finetune(model, datamodule, [pruning, probe], seed, args.finetune_epochs)
+    record = pruning.history[0]
+    return {
+        **measure(model, example, dense_cost),
+        "channels_removed": channels_removed(model, dense_convs),
+        "accuracy_after_prune": probe.value,
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "prune_seconds": record.seconds,
+        "fit_seconds": fit_seconds,
+        "model": model,
+    }
+
+
+def run_torch_pruning(dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
+    model = finetune_copy(dense, args)
+    net = model.net.eval()
+    start = time.perf_counter()
+    pruner = tp.pruner.BasePruner(
+        net,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=1.0,
+        max_pruning_ratio=args.max_layer_ratio,
+        iterative_steps=args.tp_steps,
+        ignored_layers=[net.fc],
+        global_pruning=False,
+    )
+    base, _ = tp.utils.count_ops_and_params(net, example)
+    macs = base
+    while 1 - macs / base < target and pruner.current_step < pruner.iterative_steps:
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(net, example)
+    prune_seconds = time.perf_counter() - start
+    net.train()  # Lightning keeps module modes: fine-tune in train mode like every other method
+    tp_reduction = 1 - macs / base
+    after_prune = accuracy(model, datamodule.test_dataloader())
+    fit_seconds = finetune(model, datamodule, [], seed, args.finetune_epochs)
+    row = {
+        **measure(model, example, dense_cost),
+        "channels_removed": channels_removed(model, dense_convs),
+        "accuracy_after_prune": after_prune,
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "prune_seconds": prune_seconds,
+        "fit_seconds": fit_seconds,
+        "tp_steps": pruner.current_step,
+        "tp_channel_ratio": pruner.current_step / pruner.iterative_steps,
+        "tp_counted_flops_reduction": tp_reduction,
+        "model": model,
+    }
+    if tp_reduction < target:
+        row["note"] = (
+            f"target not reached: {tp_reduction:.1%} of tp-counted MACs after all {pruner.iterative_steps} steps "
+            f"(max_pruning_ratio={args.max_layer_ratio})"
+        )
+    return row
+
+
+def l1_channel_fraction(dense, example, target, args) -> float:
+    """Convolution channel fraction our ``l1`` removes at ``target`` (used when l1 is not benchmarked)."""
+    model = copy.deepcopy(dense)
+    ChannelPruner(get_criterion("l1"), max_layer_ratio=args.max_layer_ratio, ignored_layers=[model.net.fc]).step(
+        model, example, Target("flops", target)
+    )
+    return channels_removed(model, conv_widths(dense))
+
+
+def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
+    model = finetune_copy(dense, args)
+    convs = [(m, "weight") for m in model.net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    pruning = ModelPruningAtStart(
+        pruning_fn="ln_structured",
+        parameters_to_prune=convs,
+        amount=amount,
+        pruning_dim=0,
+        pruning_norm=1,
+        use_global_unstructured=False,  # its default (True) is for unstructured pruning only
+        use_lottery_ticket_hypothesis=False,
+        make_pruning_permanent=True,
+        verbose=0,
+    )
+    probe = AccuracyAfterPrune(datamodule.test_dataloader())
+    fit_seconds = finetune(model, datamodule, [pruning, probe], seed, args.finetune_epochs)
+    leftover = [n for n, _ in model.named_buffers() if n.endswith("_mask")]
+    if leftover:
+        raise RuntimeError(f"ModelPruning left masks behind: {leftover[:3]}")
+    return {
+        **measure(model, example, dense_cost),
+        "channels_removed": channels_removed(model, dense_convs),
+        "amount": amount,
+        "accuracy_after_prune": probe.value,
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "prune_seconds": pruning.seconds,
+        "fit_seconds": fit_seconds,
+        "model": model,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    methods = args.criteria + list(PEERS)
+    widths_target = min(args.targets, key=lambda t: abs(t - 0.5))
+    result: dict[str, Any] = {
+        "config": {
+            "seeds": args.seeds,
+            "targets": args.targets,
+            "criteria": args.criteria,
+            "peers": list(PEERS),
+            "dense_epochs": args.dense_epochs,
+            "finetune_epochs": args.finetune_epochs,
+            "finetune_lr": args.finetune_lr,
+            "max_layer_ratio": args.max_layer_ratio,
+            "tp_steps": args.tp_steps,
+            "latency_rounds": args.latency_rounds,
+            "smoke": args.smoke,
+        },
+        "machine": machine(),
+        "dense": [],
+        "runs": [],
+        "widths": {"seed": args.seeds[0], "target": widths_target, "dense": {}, "methods": {}},
+    }
+    total = len(args.seeds) * len(args.targets) * len(methods)
+    done = 0
+    for seed in args.seeds:
+        L.seed_everything(seed, verbose=False)
+        datamodule = DigitsDataModule(seed=seed)
+        datamodule.setup()
+        example = next(iter(datamodule.train_dataloader()))[0][:2]
+        dense = make_model(args.dense_epochs)
+        start = time.perf_counter()
+        make_trainer(args.dense_epochs).fit(dense, datamodule)
+        epoch_seconds = (time.perf_counter() - start) / args.dense_epochs
+        dense_cost = count_cost(dense, example)
+        dense_convs = conv_widths(dense)
+        dense_row = {
+            "seed": seed,
+            "accuracy": accuracy(dense, datamodule.test_dataloader()),
+            "macs": dense_cost.macs,
+            "params": dense_cost.params,
+            "epoch_seconds": epoch_seconds,
+        }
+        result["dense"].append(dense_row)
+        log(f"seed {seed}: dense {dense_row['accuracy']:.2%}, {dense_cost.macs:,} MACs, {epoch_seconds:.2f} s/epoch")
+        if seed == args.seeds[0]:
+            result["widths"]["dense"] = {n: w[0] for n, w in dense_convs.items()}
+        for target in args.targets:
+            rows: list[dict[str, Any]] = []
+            for method in methods:
+                common = (dense, datamodule, example, dense_cost, dense_convs, target, seed, args)
+                try:
+                    if method == TP:
+                        row = run_torch_pruning(*common)
+                    elif method == MP:
+                        l1 = next((r for r in rows if r["method"] == "l1" and r["ok"]), None)
+                        amount = l1["channels_removed"] if l1 else l1_channel_fraction(dense, example, target, args)
+                        row = run_model_pruning(amount, *common)
+                    else:
+                        row = run_ours(method, *common)
+                    row["ok"] = True
+                except Exception as error:  # recorded, not hidden: the table shows the failure
+                    row = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                row.update(method=method, seed=seed, target=target)
+                rows.append(row)
+                done += 1
+                if row["ok"]:
+                    log(
+                        f"[{done}/{total}] seed {seed} target {target:.0%} {method}: -{row['flops_reduction']:.1%} MACs, "
+                        f"acc {row['accuracy_after_prune']:.2%} -> {row['accuracy_after_finetune']:.2%}, "
+                        f"prune {row['prune_seconds']:.2f}s" + (f" ({row['note']})" if row.get("note") else "")
+                    )
+                else:
+                    log(f"[{done}/{total}] seed {seed} target {target:.0%} {method}: FAILED {row['error']}")
+            models = {"dense": dense.net, **{r["method"]: r["model"].net for r in rows if r["ok"]}}
+            latency = latency_ms(models, INPUT_SHAPE, rounds=args.latency_rounds)
+            for row in rows:
+                if row["ok"]:
+                    row["latency_ms"] = latency[row["method"]]
+                    row["dense_latency_ms"] = latency["dense"]
+                    row["latency_ratio"] = {b: latency[row["method"]][b] / latency["dense"][b] for b in latency["dense"]}
+                    if seed == args.seeds[0] and target == widths_target:
+                        result["widths"]["methods"][row["method"]] = {n: w[1] for n, w in conv_widths(row["model"]).items()}
+                    del row["model"]
+            log(
+                f"seed {seed} target {target:.0%}: latency measured ({len(models)} models interleaved, "
+                f"dense {latency['dense']['1']:.3f} ms @1, {latency['dense']['64']:.2f} ms @64)"
+            )
+            result["runs"].extend(rows)
+    result["summary"] = summarize(result)
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every number, per target and method."""
+    keys = [
+        "flops_reduction",
+        "params_reduction",
+        "nonzero_params_reduction",
+        "macs",
+        "params",
+        "params_nonzero",
+        "channels_removed",
+        "accuracy_after_prune",
+        "accuracy_after_finetune",
+        "prune_seconds",
+    ]
+    summary = []
+    config = result["config"]
+    for target in config["targets"]:
+        for method in config["criteria"] + config["peers"]:
+            rows = [r for r in result["runs"] if r["target"] == target and r["method"] == method]
+            ok = [r for r in rows if r["ok"]]
+            entry: dict[str, Any] = {"target": target, "method": method, "seeds": len(rows), "ok": len(ok)}
+            for key in keys:
+                entry[key] = mean_std([r[key] for r in ok])
+            for batch in ("1", "64"):
+                entry[f"latency_ms_{batch}"] = mean_std([r["latency_ms"][batch] for r in ok])
+                entry[f"latency_ratio_{batch}"] = mean_std([r["latency_ratio"][batch] for r in ok])
+            entry["errors"] = sorted({r["error"] for r in rows if not r["ok"]})
+            entry["notes"] = sorted({r["note"] for r in ok if r.get("note")})
+            summary.append(entry)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- report
+def markdown(result: dict[str, Any]) -> str:
+    config, m = result["config"], result["machine"]
+    dense = result["dense"]
+    runs = result["runs"]
+    n = len(config["seeds"])
+    lines = [
+        f"Digits, SmallResNet (32, 64, 128); {n} seed(s) ({', '.join(map(str, config['seeds']))}), mean ± std over seeds. "
+        f"Dense: {config['dense_epochs']} epochs, test accuracy {fmt([d['accuracy'] for d in dense], digits=2)}, "
+        f"{dense[0]['macs']:,} MACs, {dense[0]['params']:,} params, {fmt([d['epoch_seconds'] for d in dense], 'num')} s per epoch. "
+        f"Every method prunes a copy of it, then the same {config['finetune_epochs']}-epoch fine-tuning fit "
+        f"(SGD, lr {config['finetune_lr']}, cosine). Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
+        f"thread(s), torch {m['torch']}, lightning {m['lightning']}, torch-pruning {m['torch_pruning']}. "
+        f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
+        "",
+        "| target | method | MACs removed | params removed | non-zero params removed | acc. after prune | acc. after fine-tuning | prune step (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def failed(row: dict[str, Any]) -> str:
+        return f"**failed** on {row['seeds'] - row['ok']}/{row['seeds']} seed(s): {'; '.join(row['errors'])}"
+
+    def pick(target, method, key):
+        return [r[key] for r in runs if r["target"] == target and r["method"] == method and r["ok"]]
+
+    for row in result["summary"]:
+        t, meth = row["target"], row["method"]
+        if not row["ok"]:
+            lines.append(f"| {t:.0%} | {meth} | {failed(row)} | | | | | |")
+            continue
+        mark = "" if row["ok"] == row["seeds"] else f" ({failed(row)})"
+        lines.append(
+            f"| {t:.0%} | {meth}{mark} | {fmt(pick(t, meth, 'flops_reduction'))} | {fmt(pick(t, meth, 'params_reduction'))} "
+            f"| {fmt(pick(t, meth, 'nonzero_params_reduction'))} | {fmt(pick(t, meth, 'accuracy_after_prune'), digits=2)} "
+            f"| {fmt(pick(t, meth, 'accuracy_after_finetune'), digits=2)} | {fmt(pick(t, meth, 'prune_seconds'), 'num', 3)} |"
+        )
+    groups = {(r["seed"], r["target"]): r["dense_latency_ms"] for r in runs if r["ok"]}
+    dense_lat = {b: [g[b] for g in groups.values()] for b in ("1", "64")}
+    lines += [
+        "",
+        f"CPU latency (ms per forward, median of {config['latency_rounds']} interleaved rounds; "
+        f"dense: {fmt(dense_lat['1'], 'num', 3)} ms at batch 1, {fmt(dense_lat['64'], 'num', 3)} ms at batch 64), "
+        "as measured and as a multiple of the dense model timed in the same rounds:",
+        "",
+        "| target | method | MACs (measured) | batch 1 (ms) | batch 1 (x dense) | batch 64 (ms) | batch 64 (x dense) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        t, meth = row["target"], row["method"]
+        if not row["ok"]:
+            continue
+        lat = {b: [r["latency_ms"][b] for r in runs if r["target"] == t and r["method"] == meth and r["ok"]] for b in ("1", "64")}
+        ratio = {b: [r["latency_ratio"][b] for r in runs if r["target"] == t and r["method"] == meth and r["ok"]] for b in ("1", "64")}
+        macs = row["macs"][0]
+        lines.append(
+            f"| {t:.0%} | {meth} | {macs / 1e6:.3f}M | {fmt(lat['1'], 'num', 3)} | {fmt(ratio['1'], 'x')} "
+            f"| {fmt(lat['64'], 'num', 3)} | {fmt(ratio['64'], 'x')} |"
+        )
+    notes = [f"- {row['method']} at {row['target']:.0%}: {note}" for row in result["summary"] for note in row["notes"]]
+    tp_rows = [r for r in runs if r["method"] == TP and r["ok"]]
+    if tp_rows:
+        over = max(r["tp_counted_flops_reduction"] - r["target"] for r in tp_rows)
+        notes.append(
+            f"- {TP}: progressive steps stop at the first step at or past the target in tp's own MAC count "
+            f"(which also counts BN/ReLU/pooling; at most {max(abs(r['tp_counted_flops_reduction'] - r['flops_reduction']) for r in tp_rows):.1%} "
+            f"away from ours); largest overshoot {over:.1%} of the dense MACs."
+        )
+    mp_rows = [r for r in runs if r["method"] == MP and r["ok"]]
+    if mp_rows:
+        notes.append(
+            f"- {MP}: masks only; measured MACs equal the dense model's in {sum(r['macs'] == d['macs'] for r in mp_rows for d in dense if d['seed'] == r['seed'])}"
+            f"/{len(mp_rows)} runs, parameters stay {mp_rows[0]['params']:,} (zeros are counted as non-zero params removed). "
+            "A zeroed convolution channel still feeds its BatchNorm's shift into the next layer."
+        )
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = result["config"]
+    methods = config["criteria"] + config["peers"]
+    dense_macs = result["dense"][0]["macs"]
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    for ax, key, title in zip(
+        axes, ("accuracy_after_prune", "accuracy_after_finetune"), ("right after the prune", f"after {config['finetune_epochs']} fine-tuning epoch(s)")
+    ):
+        for i, method in enumerate(methods):
+            rows = [r for r in result["summary"] if r["method"] == method and r["ok"]]
+            if not rows:
+                continue
+            x = [100 * r["macs"][0] / dense_macs for r in rows]
+            y = [100 * r[key][0] for r in rows]
+            err = [100 * (0 if math.isnan(r[key][1]) else r[key][1]) for r in rows]
+            peer = method in PEERS
+            ax.errorbar(
+                x, y, yerr=err, label=method, marker="s" if peer else "o", linestyle="--" if peer else "-",
+                color="black" if method == TP else "grey" if method == MP else colors[i % len(colors)], capsize=2, markersize=4,
+            )
+        acc = [100 * d["accuracy"] for d in result["dense"]]
+        ax.axhline(sum(acc) / len(acc), color="black", linewidth=0.8, linestyle=":", label="dense")
+        ax.set_xlabel("MACs, % of dense (measured)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Accuracy {title}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Digits, SmallResNet: mean ± std over {len(config['seeds'])} seed(s)")
+    fig.tight_layout()
+    accuracy_png = out / "compare_accuracy.png"
+    fig.savefig(accuracy_png, dpi=110)
+    plt.close(fig)
+
+    widths = result["widths"]
+    names = list(widths["dense"])
+    shown = [m for m in methods if m in widths["methods"]]
+    cols = 4
+    rows_n = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 2.6 * rows_n), sharey=True, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, method in zip(axes.flat, shown):
+        ax.set_visible(True)
+        ax.bar(range(len(names)), [widths["dense"][n] for n in names], color="lightgrey", label="dense")
+        ax.bar(range(len(names)), [widths["methods"][method].get(n, 0) for n in names], color="tab:blue", label="kept")
+        ax.set_title(method, fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.removeprefix("net.") for n in names], rotation=70, fontsize=5)
+    axes[0][0].set_ylabel("output channels")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(
+        f"Convolution widths at the {widths['target']:.0%} MACs target, seed {widths['seed']} "
+        "(ModelPruning: channels not all zero; its tensors keep the dense shape)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    widths_png = out / "compare_widths.png"
+    fig.savefig(widths_png, dpi=110)
+    plt.close(fig)
+    return [str(accuracy_png), str(widths_png)]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--criteria", nargs="+", default=None, help="default: every registered criterion")
+    parser.add_argument("--dense-epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--max-layer-ratio", type=float, default=0.9)
+    parser.add_argument("--tp-steps", type=int, default=400)
+    parser.add_argument("--latency-rounds", type=int, default=15)
+    add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.targets = args.seeds[:1], [0.5]
+        args.criteria = args.criteria or SMOKE_CRITERIA
+        args.dense_epochs = args.finetune_epochs = 1
+        args.latency_rounds = 3
+    args.criteria = [get_criterion(c).name or c for c in (args.criteria or criteria_names())]
+    if "l1" not in args.criteria:
+        log("note: l1 is not benchmarked; ModelPruning's amount comes from an l1 plan on a copy")
+    args.out = output_dir(args)
+    setup_threads(args.threads)
+
+    result = run(args)
+    table = markdown(result)
+    write_outputs(args.out, "compare", result, table)
+    pngs = plot(result, args.out)
+    print(table)
+    log(f"wrote {args.out / 'compare.json'}, {args.out / 'compare.md'}, {', '.join(pngs)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

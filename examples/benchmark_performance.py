@@ -1,0 +1,370 @@
+"""Benchmark: what pruning costs and what it buys, on CPU, measured side by side in one run.
+
+1. Collection overhead of every criterion that reads activations, two ways (interleaved, min and median
+   over repeats; goal: at most 3% more):
+   a. per training step, worst case: the criterion's hooks collecting on every step against the same
+      steps with no hook;
+   b. per fit: a whole fit with the hooks collecting on every step (no pruning, so the model stays the
+      same) against the same fit with no callback. The callback itself only collects in the epoch
+      before a pruning step, so this is its worst case.
+2. Inference latency of pruned against dense models, next to the MAC ratio: the digits model
+   (SmallResNet) and the CIFAR ResNet-56 (``lightning_prune.models.resnet56``), each pruned by ``l1`` to
+   every target with the engine (``ChannelPruner``; latency does not depend on the weights' values),
+   batch 1 and 64, all models of one architecture timed interleaved (median of rounds).
+3. Memory the collector holds for one fit's statistics at 1x and 4x the data (digits repeated 4 times,
+   ``DigitsDataModule(repeat=4)``): after every training batch the tensors reachable from the collector
+   are walked (every distinct storage counted once at its full size, the model's own parameters not
+   included) and the peak is kept; ``ActivationCollector.nbytes()`` (the library's own accounting) is
+   reported beside it. This is the collector's device memory; the process RSS is not used (the CPU
+   allocator caches freed blocks, so RSS deltas mostly measure the allocator).
+
+    python examples/benchmark_performance.py [--targets 0.3 0.5 0.7 0.9] [--repeats 5] [--out examples/results]
+    python examples/benchmark_performance.py --smoke --out /tmp/smoke      # CI
+
+Writes ``performance.json`` and ``performance.md`` under ``--out`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from _bench import (
+    add_common_arguments,
+    latency_ms,
+    log,
+    machine,
+    make_model,
+    make_trainer,
+    output_dir,
+    setup_threads,
+    write_outputs,
+)
+from lightning_prune import Target, count_cost, get_criterion
+from lightning_prune.collection import ActivationCollector
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.engine import ChannelPruner
+from lightning_prune.models import SmallResNet, resnet56
+
+COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition"]
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------- 1. overhead
+def new_collector(model: nn.Module, criterion: str, example: torch.Tensor) -> ActivationCollector:
+    """The collector the callback would build for ``criterion`` (same requests and defaults)."""
+    crit = get_criterion(criterion)
+    groups = ChannelPruner(crit).analyse(model, example).groups
+    return ActivationCollector(model, crit.activation_requests(groups), num_classes=NUM_CLASSES)
+
+
+def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> dict[str, Any]:
+    """Median time of a training step with the criterion's hooks collecting vs without (interleaved)."""
+    torch.manual_seed(seed)
+    net = make_model(1).net
+    datamodule = DigitsDataModule(seed=seed)
+    datamodule.setup()
+    x, y = next(iter(datamodule.train_dataloader()))
+    collector = new_collector(net, criterion, x[:2])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step(collect: bool) -> None:
+        if collect:
+            collector.begin_batch(y)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        if collect:
+            collector.end_batch()
+
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            collector.attach() if mode == "on" else collector.detach()
+            for _ in range(3):
+                step(mode == "on")
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(mode == "on")
+            times[mode].append((time.perf_counter() - start) / steps * 1e3)
+    collector.detach()
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    return {
+        "ms_per_step_without": off,
+        "ms_per_step_collecting": on,
+        "ratio": on / off,
+        "min_ratio": min(times["on"]) / min(times["off"]),
+        "samples_ms": times,
+    }
+
+
+class CollectEveryStep(L.Callback):
+    """The criterion's collector attached for the whole fit (the callback's worst case).
+
+    ``probe(collector)``, when given, runs after every training batch (memory accounting).
+    """
+
+    def __init__(self, criterion: str, probe=None) -> None:
+        self.criterion = criterion
+        self.probe = probe
+        self.collector: ActivationCollector | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        x = next(iter(trainer.train_dataloader))[0][:2]
+        self.collector = new_collector(pl_module, self.criterion, x)
+        self.collector.attach()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.collector.begin_batch(batch[1])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.collector.end_batch()
+        if self.probe is not None:
+            self.probe(self.collector)
+
+    def on_train_end(self, trainer, pl_module):
+        self.collector.store()
+        if self.probe is not None:
+            self.probe(self.collector)
+        self.collector.detach()
+
+
+def timed_fit(epochs: int, callbacks: list, seed: int, repeat: int = 1) -> float:
+    L.seed_everything(seed, verbose=False)
+    model = make_model(epochs)
+    start = time.perf_counter()
+    make_trainer(epochs, callbacks).fit(model, DigitsDataModule(seed=seed, repeat=repeat))
+    return time.perf_counter() - start
+
+
+def fit_overhead(criteria: list[str], epochs: int, repeats: int, seed: int) -> dict[str, Any]:
+    runs: dict[str, list[float]] = {"none": [], **{c: [] for c in criteria}}
+    timed_fit(1, [], seed)  # warm-up
+    for _ in range(repeats):
+        for name in runs:
+            runs[name].append(timed_fit(epochs, [] if name == "none" else [CollectEveryStep(name)], seed))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    best = {k: min(v) for k, v in runs.items()}
+    return {
+        "epochs": epochs,
+        "fit_seconds": runs,
+        "median_seconds": med,
+        "min_seconds": best,
+        "ratio": {k: med[k] / med["none"] for k in criteria},
+        "min_ratio": {k: best[k] / best["none"] for k in criteria},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- 2. latency
+def pruned_latency(name: str, dense: nn.Module, input_shape: tuple[int, ...], targets: list[float], rounds: int) -> dict[str, Any]:
+    example = torch.randn(2, *input_shape)
+    dense.eval()
+    dense_cost = count_cost(dense, example)
+    models: dict[str, nn.Module] = {"dense": dense}
+    rows = []
+    for target in targets:
+        model = copy.deepcopy(dense)
+        row: dict[str, Any] = {"target": target}
+        try:
+            result = ChannelPruner(get_criterion("l1")).step(model, example, Target("flops", target))
+            cost = count_cost(model, example)
+            row.update(
+                ok=True,
+                macs=cost.macs,
+                params=cost.params,
+                macs_ratio=cost.macs / dense_cost.macs,
+                params_ratio=cost.params / dense_cost.params,
+                prune_seconds=result.seconds,
+            )
+            models[f"{target:.0%}"] = model
+        except Exception as error:  # recorded, not hidden
+            row.update(ok=False, error=f"{type(error).__name__}: {error}")
+        rows.append(row)
+    latency = latency_ms(models, input_shape, rounds=rounds)
+    for row in rows:
+        if row["ok"]:
+            key = f"{row['target']:.0%}"
+            row["latency_ms"] = latency[key]
+            row["latency_ratio"] = {b: latency[key][b] / latency["dense"][b] for b in latency["dense"]}
+        log(
+            f"latency {name} -{row['target']:.0%}: "
+            + (f"MACs x{row['macs_ratio']:.2f}, batch 1 x{row['latency_ratio']['1']:.2f}, batch 64 x{row['latency_ratio']['64']:.2f}"
+               if row["ok"] else f"FAILED {row['error']}")
+        )
+    return {
+        "input_shape": list(input_shape),
+        "dense": {"macs": dense_cost.macs, "params": dense_cost.params, "latency_ms": latency["dense"]},
+        "rows": rows,
+    }
+
+
+def resnet56_latency(targets: list[float], rounds: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    return pruned_latency("resnet56", resnet56(), (3, 32, 32), targets, rounds)
+
+
+# ---------------------------------------------------------------------------------------------- 3. memory
+def held_bytes(collector: ActivationCollector) -> int:
+    """Bytes of every distinct tensor storage reachable from the collector's attributes (the model excluded)."""
+    storages: set[int] = set()
+    total = 0
+    stack: list[Any] = [v for k, v in vars(collector).items() if k != "model"]
+    visited: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited or isinstance(obj, (nn.Module, str, int, float, bool, type(None))):
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset, deque)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return total
+
+
+def collection_memory(criterion: str, repeat: int, seed: int) -> dict[str, Any]:
+    peak = {"walked": 0, "nbytes": 0}
+
+    def probe(collector: ActivationCollector) -> None:
+        peak["walked"] = max(peak["walked"], held_bytes(collector))
+        peak["nbytes"] = max(peak["nbytes"], collector.nbytes())
+
+    callback = CollectEveryStep(criterion, probe)
+    seconds = timed_fit(1, [callback], seed, repeat=repeat)
+    collector = callback.collector
+    return {
+        "repeat": repeat,
+        "samples": collector.samples_seen,
+        "batches": collector.batches,
+        "peak_bytes": peak["walked"],
+        "peak_nbytes_reported": peak["nbytes"],
+        "final_bytes": held_bytes(collector),
+        "statistics": sorted({r.statistic for r in collector.requests}),
+        "fit_seconds": seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def markdown(result: dict[str, Any]) -> str:
+    steps, fit, criteria = result["step_overhead"], result["fit_overhead"], result["config"]["criteria"]
+    med = fit["median_seconds"]
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}. "
+        f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
+        "",
+        "| collection overhead | " + " | ".join(criteria) + " |",
+        "|---|" + "---|" * len(criteria),
+        "| per training step, every step collecting (ms without -> with) | "
+        + " | ".join(
+            f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
+            f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x)"
+            for c in criteria
+        )
+        + " |",
+        f"| whole fit ({fit['epochs']} epochs), every step collecting vs no callback ({med['none']:.2f} s) | "
+        + " | ".join(f"{med[c]:.2f} s (median **{fit['ratio'][c]:.3f}x**, min {fit['min_ratio'][c]:.3f}x)" for c in criteria)
+        + " |",
+        "",
+        "Inference latency, pruned (l1) vs dense, ms per forward (median of interleaved rounds), next to the MAC ratio:",
+        "",
+        "| model | MACs removed | MACs (x dense) | params (x dense) | batch 1: ms (x dense) | batch 64: ms (x dense) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in result["latency"].items():
+        d = entry["dense"]
+        lines.append(
+            f"| {name} {tuple(entry['input_shape'])} | dense | {d['macs'] / 1e6:.2f}M | {d['params'] / 1e3:.1f}k "
+            f"| {d['latency_ms']['1']:.3f} | {d['latency_ms']['64']:.2f} |"
+        )
+        for row in entry["rows"]:
+            if not row["ok"]:
+                lines.append(f"| {name} | target {row['target']:.0%} **failed**: {row['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {1 - row['macs_ratio']:.1%} (target {row['target']:.0%}) | {row['macs_ratio']:.2f}x | {row['params_ratio']:.2f}x "
+                f"| {row['latency_ms']['1']:.3f} ({row['latency_ratio']['1']:.2f}x) | {row['latency_ms']['64']:.2f} ({row['latency_ratio']['64']:.2f}x) |"
+            )
+    lines += [
+        "",
+        "Memory the collector holds during one epoch of collection (peak after any training batch; tensors reachable "
+        "from the collector, each storage once; the library's own `nbytes()` in brackets):",
+        "",
+        "| criterion | statistics | 1x data | 4x data | 4x / 1x |",
+        "|---|---|---|---|---|",
+    ]
+    for crit, mem in result["collection_memory"].items():
+        one, four = mem["1x"], mem["4x"]
+        lines.append(
+            f"| {crit} | {', '.join(one['statistics'])} | {one['peak_bytes'] / 2**20:.2f} MiB [{one['peak_nbytes_reported'] / 2**20:.2f}], "
+            f"{one['samples']:,} samples | {four['peak_bytes'] / 2**20:.2f} MiB [{four['peak_nbytes_reported'] / 2**20:.2f}], "
+            f"{four['samples']:,} samples | {four['peak_bytes'] / one['peak_bytes']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--criteria", nargs="+", default=COLLECTING, help="criteria that collect activations")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--overhead-epochs", type=int, default=8)
+    parser.add_argument("--latency-rounds", type=int, default=11)
+    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, "one criterion, one target, one repeat, one epoch")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.criteria, args.targets = args.criteria[:1], [0.5]
+        args.repeats, args.overhead_epochs, args.latency_rounds = 1, 1, 2
+    args.criteria = [get_criterion(c).name or c for c in args.criteria]
+    args.out = output_dir(args)
+    setup_threads(args.threads)
+    started = time.perf_counter()
+
+    result: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "step_overhead": {},
+    }
+    for crit in args.criteria:
+        result["step_overhead"][crit] = step_overhead(crit, 4 * args.repeats, args.seed, 5 if args.smoke else 30)
+        log(f"step overhead {crit}: x{result['step_overhead'][crit]['ratio']:.3f}")
+    result["fit_overhead"] = fit_overhead(args.criteria, args.overhead_epochs, args.repeats, args.seed)
+    log("fit overhead: " + ", ".join(f"{c} x{r:.3f}" for c, r in result["fit_overhead"]["ratio"].items()))
+    torch.manual_seed(args.seed)
+    result["latency"] = {
+        "digits SmallResNet": pruned_latency("digits", SmallResNet(widths=(32, 64, 128), blocks_per_stage=1), (1, 8, 8), args.targets, args.latency_rounds),
+        "CIFAR ResNet-56": resnet56_latency(args.targets, args.latency_rounds),
+    }
+    result["collection_memory"] = {}
+    for crit in args.criteria:
+        result["collection_memory"][crit] = {f"{r}x": collection_memory(crit, r, args.seed) for r in (1, 4)}
+        mem = result["collection_memory"][crit]
+        log(f"collection memory {crit}: {mem['1x']['peak_bytes'] / 2**20:.2f} MiB at 1x, {mem['4x']['peak_bytes'] / 2**20:.2f} MiB at 4x")
+    result["wall_seconds"] = time.perf_counter() - started
+    table = markdown(result)
+    write_outputs(args.out, "performance", result, table)
+    print(table)
+    log(f"wrote {args.out / 'performance.json'}, {args.out / 'performance.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The benchmark scripts' smoke modes run end to end and write sane results (examples/benchmark_*.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TP = "torch-pruning (l1, local)"
+MP = "ModelPruning (ln_structured)"
+
+
+def _run(script: str, out: Path, timeout: float) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=EXAMPLES.parent,
+    )
+    assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    done = _run("benchmark_compare.py", out, timeout=300)
+    return out, json.loads((out / "compare.json").read_text()), done.stdout
+
+
+@pytest.fixture(scope="module")
+def performance(tmp_path_factory):
+    out = tmp_path_factory.mktemp("performance")
+    done = _run("benchmark_performance.py", out, timeout=400)
+    return out, json.loads((out / "performance.json").read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_compare_smoke_files_and_rows(compare):
+    out, result, stdout = compare
+    for name in ("compare.json", "compare.md", "compare_accuracy.png", "compare_widths.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "compare_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = result["config"]
+    assert config["smoke"] and config["seeds"] == [0] and config["targets"] == [0.5]
+    assert len(config["criteria"]) == 2 and "l1" in config["criteria"]
+    assert config["peers"] == [TP, MP]
+    methods = config["criteria"] + config["peers"]
+    assert sorted(r["method"] for r in result["runs"]) == sorted(methods)
+    assert all(r["ok"] for r in result["runs"]), [r.get("error") for r in result["runs"]]
+    assert {(s["target"], s["method"]) for s in result["summary"]} == {(0.5, m) for m in methods}
+    assert set(result["widths"]["methods"]) == set(methods)
+    assert result["wall_seconds"] > 0
+    table = (out / "compare.md").read_text()
+    assert "| target | method | MACs removed" in table and "batch 64 (x dense)" in table
+    for method in methods:
+        assert f"| 50% | {method} |" in table
+    assert "| 50% | l1 |" in stdout  # the tables are printed at the end
+    assert stdout.count("[") >= len(methods)  # one progress line per run
+
+
+@pytest.mark.slow
+def test_compare_smoke_numbers_are_sane(compare):
+    _, result, _ = compare
+    dense = result["dense"][0]
+    runs = {r["method"]: r for r in result["runs"]}
+    for row in runs.values():
+        assert 0.0 <= row["accuracy_after_prune"] <= 1.0
+        assert 0.0 <= row["accuracy_after_finetune"] <= 1.0
+        assert row["prune_seconds"] >= 0 and row["fit_seconds"] > 0
+        assert set(row["latency_ms"]) == {"1", "64"} and all(v > 0 for v in row["latency_ms"].values())
+        assert row["latency_ratio"]["64"] == pytest.approx(row["latency_ms"]["64"] / row["dense_latency_ms"]["64"])
+    for name in result["config"]["criteria"]:  # ours: within 2 points of the target, really smaller
+        row = runs[name]
+        assert abs(row["flops_reduction"] - 0.5) <= 0.02, (name, row["flops_reduction"])
+        assert row["macs"] < dense["macs"] and row["params"] < dense["params"]
+        assert row["macs"] == pytest.approx(dense["macs"] * (1 - row["flops_reduction"]), abs=1)
+    tp_row = runs[TP]  # torch-pruning stops at the first step past the target
+    assert tp_row["tp_counted_flops_reduction"] >= 0.5
+    assert 0.48 <= tp_row["flops_reduction"] <= 0.56
+    mp = runs[MP]  # ModelPruning only masks: dense MACs and shapes, zeros instead
+    assert mp["macs"] == dense["macs"] and mp["params"] == dense["params"]
+    assert mp["flops_reduction"] == 0.0
+    assert mp["params_nonzero"] < dense["params"]
+    assert mp["amount"] == pytest.approx(runs["l1"]["channels_removed"])
+    assert mp["channels_removed"] == pytest.approx(mp["amount"], abs=0.02)
+    assert 0.2 < runs["l1"]["channels_removed"] < 0.4  # ~30% of the channels for 50% of the MACs (quadratic)
+
+
+@pytest.mark.slow
+def test_performance_smoke(performance):
+    out, result, stdout = performance
+    assert (out / "performance.md").stat().st_size > 0
+    (crit,) = result["config"]["criteria"]
+    step = result["step_overhead"][crit]
+    assert step["ms_per_step_without"] > 0 and step["ratio"] > 0.5
+    fit = result["fit_overhead"]
+    assert set(fit["ratio"]) == {crit} and fit["median_seconds"]["none"] > 0
+    digits = result["latency"]["digits SmallResNet"]
+    (row,) = digits["rows"]
+    assert row["ok"] and abs(row["macs_ratio"] - 0.5) <= 0.02
+    assert row["latency_ms"]["1"] > 0 and row["latency_ms"]["64"] > row["latency_ms"]["1"]
+    resnet = result["latency"]["CIFAR ResNet-56"]
+    assert resnet["dense"]["macs"] > 100e6 and all(r["ok"] for r in resnet["rows"])
+    memory = result["collection_memory"][crit]
+    assert memory["4x"]["samples"] == 4 * memory["1x"]["samples"]
+    for entry in memory.values():
+        assert entry["peak_bytes"] > 0 and entry["peak_nbytes_reported"] > 0
+        assert entry["peak_bytes"] >= entry["final_bytes"]
+    table = (out / "performance.md").read_text()
+    assert "collection overhead" in table and "4x / 1x" in table and "digits SmallResNet" in table
+
+
+def test_latency_leaves_training_modes_alone():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from _bench import latency_ms, make_model
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    net = make_model(1).net.train()
+    result = latency_ms({"a": net}, (1, 8, 8), batch_sizes=(1, 2), rounds=2, budget_s=0.001)
+    assert set(result["a"]) == {"1", "2"} and all(v > 0 for v in result["a"].values())
+    assert all(m.training for m in net.modules())
