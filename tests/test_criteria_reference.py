@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from nets import MLP, ResidualNet, image_inputs
 from torch import nn
@@ -252,3 +254,26 @@ def test_user_registered_criterion_drives_a_pruning_step(allocation):
         assert torch.equal(new, old[old.numel() - kept :]), f"{name} did not keep its highest-indexed channels"
     assert pruned_any
     assert model(x).shape == (2, 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(2, 40),
+    dim=st.integers(1, 30),
+    offset=st.floats(0.0, 1e4),
+    gap=st.sampled_from([0.0, 1e-9, 1e-6, 1e-3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_pairwise_distances_are_exact_for_near_duplicates_far_from_the_mean(rows, dim, offset, gap, seed):
+    """Two far-apart clusters (centring cannot help) with near-duplicate pairs at every scale: every
+    distance matches a NumPy difference-by-difference computation."""
+    from lightning_prune.criteria.fpgm import pairwise_distances
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, dim))
+    x[: rows // 2] += offset  # one cluster far from the other
+    x[1] = x[0] + gap * rng.standard_normal(dim)
+    expected = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    got = pairwise_distances(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-300)
+    assert np.all(np.diag(got) == 0)
