@@ -198,6 +198,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def replace_between_markers(path: Path, start: str, end: str, text: str) -> bool:
+    """Put ``text`` between the lines ``start`` and ``end`` of ``path`` (README tables).
+
+    Returns False, and leaves the file untouched, when a marker is missing.
+    """
+    content = path.read_text()
+    i, j = content.find(start), content.find(end)
+    if i < 0 or j < i:
+        return False
+    path.write_text(content[: i + len(start)] + "\n" + text + content[j:])
+    return True
+
+
 def write_outputs(out: Path, stem: str, result: Mapping[str, Any], table: str) -> None:
     """``<out>/<stem>.json`` and ``<out>/<stem>.md``."""
     out.mkdir(parents=True, exist_ok=True)

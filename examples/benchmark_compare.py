@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ from _bench import (
     mean_std,
     nonzero_params,
     output_dir,
+    replace_between_markers,
     setup_threads,
     write_outputs,
 )
@@ -383,6 +385,43 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+README_START = "<!-- benchmark-compare:start -->"
+README_END = "<!-- benchmark-compare:end -->"
+
+
+def readme_summary(result: dict[str, Any]) -> str:
+    """The README's condensed view: accuracy after the prune -> after fine-tuning per target, then
+    MACs, prune time and latency (x dense) per method; means over seeds (``compare.md`` has the rest)."""
+    config = result["config"]
+    targets, methods = config["targets"], config["criteria"] + config["peers"]
+    rows = {(r["target"], r["method"]): r for r in result["summary"]}
+
+    def mean(row: dict[str, Any] | None, key: str) -> float | None:
+        value = row.get(key) if row and row.get("ok") else None
+        return None if value is None or value[0] is None or math.isnan(value[0]) else value[0]
+
+    def pct(value: float | None, digits: int = 1) -> str:
+        return "—" if value is None else f"{value * 100:.{digits}f}"
+
+    head = "| method | " + " | ".join(f"-{t:.0%} MACs: acc. (%) after prune → after fine-tuning" for t in targets) + " |"
+    lines = [head, "|---|" + "---|" * len(targets)]
+    for method in methods:
+        cells = [f"{pct(mean(rows.get((t, method)), 'accuracy_after_prune'))} → "
+                 f"{pct(mean(rows.get((t, method)), 'accuracy_after_finetune'))}" for t in targets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | " + " | ".join(f"-{t:.0%}: MACs removed, prune (s), latency b1 / b64 (x dense)" for t in targets) + " |",
+              "|---|" + "---|" * len(targets)]
+    for method in methods:
+        cells = []
+        for t in targets:
+            row = rows.get((t, method))
+            flops, seconds = mean(row, "flops_reduction"), mean(row, "prune_seconds")
+            b1, b64 = mean(row, "latency_ratio_1"), mean(row, "latency_ratio_64")
+            cells.append("—" if flops is None else f"{pct(flops)}%, {seconds:.2f} s, {b1:.2f} / {b64:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
     config, m = result["config"], result["machine"]
     dense = result["dense"]
@@ -541,6 +580,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
+    parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
+    parser.add_argument("--from-json", type=Path, default=None, help="no run: redo the tables, plots and README from a compare.json")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.targets = args.seeds[:1], [0.5]
@@ -553,12 +594,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out = output_dir(args)
     setup_threads(args.threads)
 
-    result = run(args)
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     table = markdown(result)
     write_outputs(args.out, "compare", result, table)
     pngs = plot(result, args.out)
     print(table)
     log(f"wrote {args.out / 'compare.json'}, {args.out / 'compare.md'}, {', '.join(pngs)}")
+    if args.readme:
+        if replace_between_markers(args.readme, README_START, README_END, readme_summary(result)):
+            log(f"updated {args.readme}")
+        else:
+            log(f"{args.readme}: markers {README_START} / {README_END} not found, left untouched")
     return result
 
 

@@ -58,6 +58,10 @@ import lightning_prune
 from lightning_prune import PruningError, StructuredPruningCallback, available_criteria, get_criterion
 from lightning_prune.engine.probe import UnprunableGroupWarning
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # the benchmarks' shared helpers (examples/_bench.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import replace_between_markers  # noqa: E402
+
 NUM_CLASSES = 10
 TARGET = 0.3
 TOLERANCE = 0.02
@@ -384,12 +388,7 @@ def table_header(cells: Sequence[dict[str, Any]], image_size: int, total_seconds
 
 def update_readme(readme: Path, table: str) -> bool:
     """Replace the text between the matrix markers; False (file untouched) when a marker is missing."""
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return False
-    readme.write_text(text[: start + len(README_START)] + "\n" + table + text[end:])
-    return True
+    return replace_between_markers(readme, README_START, README_END, table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,9 +14,9 @@ TP = "torch-pruning (l1, local)"
 MP = "ModelPruning (ln_structured)"
 
 
-def _run(script: str, out: Path, timeout: float) -> dict:
+def _run(script: str, out: Path, timeout: float, *extra: str) -> dict:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--smoke", "--out", str(out)],
+        [sys.executable, str(EXAMPLES / script), "--smoke", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -29,7 +29,9 @@ def _run(script: str, out: Path, timeout: float) -> dict:
 @pytest.fixture(scope="module")
 def compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    done = _run("benchmark_compare.py", out, timeout=300)
+    readme = out / "README.md"
+    readme.write_text("intro\n<!-- benchmark-compare:start -->\nold\n<!-- benchmark-compare:end -->\nrest\n")
+    done = _run("benchmark_compare.py", out, 300, "--readme", str(readme))
     return out, json.loads((out / "compare.json").read_text()), done.stdout
 
 
@@ -61,6 +63,9 @@ def test_compare_smoke_files_and_rows(compare):
     for method in methods:
         assert f"| 50% | {method} |" in table
     assert "| 50% | l1 |" in stdout  # the tables are printed at the end
+    readme = (out / "README.md").read_text()  # the condensed summary went between the markers
+    assert readme.startswith("intro\n<!-- benchmark-compare:start -->\n| method |") and readme.endswith("<!-- benchmark-compare:end -->\nrest\n")
+    assert "old" not in readme and all(readme.count(f"| {m} |") == 2 for m in methods)
     assert stdout.count("[") >= len(methods)  # one progress line per run
 
 
