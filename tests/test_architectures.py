@@ -80,6 +80,28 @@ class TinyViT(nn.Module):
         return self.head(tokens[:, 0])
 
 
+class AttentionViT(nn.Module):
+    """Patch embedding, class token, one pre-norm ``nn.MultiheadAttention`` block and an MLP block;
+    the token width is not hard-coded, so it can be cut (with every head keeping the same width)."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, hidden: int = 128) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        h = self.norm(tokens)
+        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + self.mlp(tokens)
+        return self.head(tokens[:, 0])
+
+
 class LayerScaleNet(nn.Module):
     """A residual block scaled by a free ``(C, 1, 1)`` parameter, as in ConvNeXt."""
 
@@ -376,3 +398,34 @@ def test_attention_projections_are_counted_over_their_own_tokens(kdim):
     e, d = 16, kdim or 16
     expected = 5 * e * e + 7 * d * e + 7 * d * e + 5 * e * e + 5 * 16 * 3
     assert count_cost(model, inputs).macs == expected
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_attention_token_width_is_cut_by_whole_positions_of_every_head(allocation):
+    """nn.MultiheadAttention's embed width is the token width: it is pruned one position of every
+    head at a time (head_dim shrinks, num_heads stays), and the recorded surgery replays exactly."""
+    from lightning_prune.checkpoint import replay_surgery
+
+    torch.manual_seed(0)
+    model = AttentionViT().eval()
+    fresh = copy.deepcopy(model)
+    x = _images(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnprunableGroupWarning)  # nothing is refused
+        result = ChannelPruner("l1", allocation=allocation).step(model, x[:2], Target("flops", 0.3))
+    e, attn = model.patch.out_channels, model.attn
+    assert e < 64 and e % 4 == 0  # whole positions: one channel of every head
+    assert attn.num_heads == 4 and attn.embed_dim == e and attn.head_dim * 4 == e
+    assert attn.in_proj_weight.shape == (3 * e, e) and attn.out_proj.weight.shape == (e, e)
+    assert model.cls.shape == (1, 1, e) and model.norm.normalized_shape == (e,) and model.head.in_features == e
+    # the cost model and the hand count agree; one position (4 channels of the token width) is the unit
+    tokens, hidden = 1 + 16, model.mlp[1].out_features
+    hand = 16 * e * 3 * 16 + tokens * (3 * e * e + e * e + 2 * e * hidden) + e * 10
+    assert result.after.macs == count_cost(model, x[:2]).macs == hand
+    assert abs(1 - result.after.macs / result.before.macs - 0.3) <= 0.05
+    model.train()
+    model(x).sum().backward()  # trains
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    replay_surgery(fresh, x[:2], [result.surgery])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))

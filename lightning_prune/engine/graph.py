@@ -385,7 +385,9 @@ def discover_groups(
             if isinstance(target, nn.Module) and target in module_names:
                 names.append(module_names[target])
                 pruner = graph.get_pruner_of_module(target)
-                if pruner is not None and not _is_depthwise(target):
+                if isinstance(target, nn.MultiheadAttention):  # every head keeps the same width
+                    channel_groups = max(channel_groups, int(target.num_heads))
+                elif pruner is not None and not _is_depthwise(target):
                     getter = pruner.get_out_channel_groups if is_out else pruner.get_in_channel_groups
                     channel_groups = max(channel_groups, int(getter(target) or 1))
             plain = [int(i) for i in tp._helpers.to_plain_idxs(idxs)]
