@@ -64,6 +64,45 @@ def test_masking_zeroes_channels_exactly_after_batchnorm():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+class _DenseConcat(nn.Module):
+    """DenseNet's pattern: a BatchNorm normalises a concatenation, so a branch owns part of its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(10)
+        self.conv = nn.Conv2d(10, 5, 3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("branch,offset", [("a", 0), ("b", 4)])
+def test_masking_a_branch_that_owns_part_of_a_batchnorm_after_a_concatenation(branch, offset):
+    torch.manual_seed(0)
+    model = _DenseConcat().eval()
+    with torch.no_grad():
+        model.norm.bias.uniform_(0.5, 1.0)
+    x = torch.randn(3, 1, 6, 6)
+    graph = build_dependency_graph(model, x)
+    groups = discover_groups(model, graph)
+    group = next(g for g in groups if g.root_name == branch)
+    mask = torch.ones(group.size)
+    mask[1] = 0
+    seen = {}
+    handle = model.conv.register_forward_pre_hook(lambda m, i: seen.update(conv_in=i[0].detach()))
+    with channel_masking(groups, model, graph, [mask if g is group else torch.ones(g.size) for g in groups]), torch.no_grad():
+        model(x)
+    handle.remove()
+    with torch.no_grad():  # independent: the dense activation with that one channel zeroed
+        expected = torch.relu(model.norm(torch.cat([model.a(x), model.b(x)], 1)))
+    expected[:, offset + 1] = 0
+    torch.testing.assert_close(seen["conv_in"], expected)
+
+
 def _trained_mlp():
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=128)

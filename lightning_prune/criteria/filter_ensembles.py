@@ -50,27 +50,28 @@ def ridge_coefficients(masks: torch.Tensor, outcomes: torch.Tensor, alpha: float
     return xc.T @ torch.linalg.solve(xc @ xc.T + alpha * torch.eye(s, dtype=x.dtype), yc)
 
 
-def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """Where a group's channels leave it: (module, module channel idxs, root idxs) to zero.
+def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]]:
+    """Where a group's channels leave it: (module, module channel idxs, root idxs, module width) to zero.
 
     Every producer of the group (a layer whose *output* channels belong to it and that owns
     parameters) is masked, unless its output feeds another producer of the same group (a conv
     followed by its BatchNorm: the BN is masked, so the channel is exactly zero, not BN's shift).
     """
     modules = dict(model.named_modules())
-    producers: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    producers: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...], int]] = {}
     for s in group.slices:
-        if not s.is_output:
+        if not s.is_output or not s.addressable:
             continue
         owner = modules.get(s.name.rsplit(".", 1)[0] if "." in s.name else "")
         if owner is not None and owner not in producers:
-            producers[owner] = (s.idxs, s.root_idxs)
+            # the module's own width: the group may own only part of it (a BatchNorm after a concatenation)
+            producers[owner] = (s.idxs, s.root_idxs, int(s.param.shape[s.dim]))
     points = []
-    for module, (idxs, roots) in producers.items():
+    for module, (idxs, roots, width) in producers.items():
         node = graph.module2node.get(module) if graph is not None else None
         feeds_producer = node is not None and any(out.module in producers for out in _downstream(node))
         if not feeds_producer:
-            points.append((module, torch.tensor(idxs), torch.tensor(roots)))
+            points.append((module, torch.tensor(idxs), torch.tensor(roots), width))
     return points
 
 
@@ -96,8 +97,7 @@ def channel_masking(
     """Zero, while inside, the channels whose ``masks[g][root_channel]`` is 0 (forward hooks)."""
     handles = []
     for group, mask in zip(groups, masks):
-        for module, idxs, roots in _mask_points(group, model, graph):
-            width = int(idxs.max()) + 1
+        for module, idxs, roots, width in _mask_points(group, model, graph):
             module_mask = torch.ones(width)
             module_mask[idxs] = mask.float()[roots]
             dim = 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
