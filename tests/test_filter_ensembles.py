@@ -227,3 +227,30 @@ def test_a_torchmetrics_metric_can_be_the_outcome():
 def test_a_loss_fn_that_is_neither_callable_nor_a_metric_is_refused():
     with pytest.raises(TypeError, match="loss_fn"):
         get_criterion("filter_ensembles", loss_fn=42)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: an ``nn.LayerNorm`` over the channels of a channels-first map."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_masking_a_channels_first_layer_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), _LayerNorm2d(6), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x = torch.randn(2, 1, 8, 8)
+    graph = build_dependency_graph(model, x)
+    groups = discover_groups(model, graph)
+    group = next(g for g in groups if g.root_name == "0")
+    mask = torch.ones(6)
+    mask[2] = 0
+    seen = {}
+    handle = model[2].register_forward_pre_hook(lambda m, i: seen.update(x=i[0].detach()))
+    with channel_masking(groups, model, graph, [mask if g is group else torch.ones(g.size) for g in groups]), torch.no_grad():
+        model(x)
+    handle.remove()
+    with torch.no_grad():
+        expected = model[1](model[0](x))
+    expected[:, 2] = 0
+    torch.testing.assert_close(seen["x"], expected)

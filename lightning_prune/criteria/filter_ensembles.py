@@ -103,6 +103,8 @@ def channel_masking(
             dim = 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
 
             def hook(_m, _inputs, output, module_mask=module_mask, dim=dim):
+                if output.shape[dim] != module_mask.numel():  # e.g. ConvNeXt's LayerNorm2d: channels first
+                    dim = 1 if dim == -1 else -1
                 shape = [1] * output.dim()
                 shape[dim] = -1
                 return output * module_mask.to(output.device, output.dtype).view(shape)
