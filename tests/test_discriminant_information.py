@@ -129,3 +129,20 @@ def test_labels_outside_num_classes_are_reported():
     collector.end_batch()
     with pytest.raises(ValueError, match="num_classes"):
         collector.store()
+
+
+def test_di_curve_without_a_cholesky_factor_equals_brute_force():
+    """S_bar + rho I indefinite (cancellation in S_bar beyond rho): the downdate path, same curve."""
+    rng = np.random.default_rng(3)
+    c = 6
+    q, _ = np.linalg.qr(rng.standard_normal((c, c)))
+    s_bar = q @ np.diag([2.0, 1.0, 0.5, 0.3, -5e-3, 0.2]) @ q.T  # one eigenvalue below -rho
+    m = rng.standard_normal((3, c))
+    s_b = m.T @ m
+    order = [4, 1, 5, 0, 3, 2]
+    curve = di_curve(torch.from_numpy(s_bar), torch.from_numpy(s_b), RHO, order).numpy()
+    a = s_bar + RHO * np.eye(c)
+    for kept in range(1, c + 1):
+        idx = order[c - kept :]
+        expected = np.trace(np.linalg.solve(a[np.ix_(idx, idx)], s_b[np.ix_(idx, idx)]))
+        assert curve[kept] == pytest.approx(expected, rel=1e-8, abs=1e-10)
