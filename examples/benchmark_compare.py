@@ -509,7 +509,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     config = result["config"]
     methods = config["criteria"] + config["peers"]
     dense_macs = result["dense"][0]["macs"]
-    colors = plt.get_cmap("tab10").colors
+    colors = [c for k, c in enumerate(plt.get_cmap("tab10").colors) if k != 7]  # grey and black are the peers'
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
     for ax, key, title in zip(
         axes, ("accuracy_after_prune", "accuracy_after_finetune"), ("right after the prune", f"after {config['finetune_epochs']} fine-tuning epoch(s)")

@@ -46,6 +46,7 @@ from _bench import (
     make_model,
     make_trainer,
     output_dir,
+    replace_between_markers,
     setup_threads,
     write_outputs,
 )
@@ -262,6 +263,10 @@ def collection_memory(criterion: str, repeat: int, seed: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+README_START = "<!-- benchmark-performance:start -->"
+README_END = "<!-- benchmark-performance:end -->"
+
+
 def markdown(result: dict[str, Any]) -> str:
     steps, fit, criteria = result["step_overhead"], result["fit_overhead"], result["config"]["criteria"]
     med = fit["median_seconds"]
@@ -329,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latency-rounds", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, "one criterion, one target, one repeat, one epoch")
+    parser.add_argument("--readme", type=Path, default=None, help="also put the tables between the README's markers")
     args = parser.parse_args(argv)
     if args.smoke:
         args.criteria, args.targets = args.criteria[:1], [0.5]
@@ -363,6 +369,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_outputs(args.out, "performance", result, table)
     print(table)
     log(f"wrote {args.out / 'performance.json'}, {args.out / 'performance.md'}")
+    if args.readme:
+        if replace_between_markers(args.readme, README_START, README_END, table + "\n"):
+            log(f"updated {args.readme}")
+        else:
+            log(f"{args.readme}: markers {README_START} / {README_END} not found, left untouched")
     return result
 
 

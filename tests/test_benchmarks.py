@@ -38,7 +38,8 @@ def compare(tmp_path_factory):
 @pytest.fixture(scope="module")
 def performance(tmp_path_factory):
     out = tmp_path_factory.mktemp("performance")
-    done = _run("benchmark_performance.py", out, timeout=400)
+    (out / "README.md").write_text("a\n<!-- benchmark-performance:start -->\n<!-- benchmark-performance:end -->\nb\n")
+    done = _run("benchmark_performance.py", out, 400, "--readme", str(out / "README.md"))
     return out, json.loads((out / "performance.json").read_text()), done.stdout
 
 
@@ -119,6 +120,7 @@ def test_performance_smoke(performance):
         assert entry["peak_bytes"] >= entry["final_bytes"]
     table = (out / "performance.md").read_text()
     assert "collection overhead" in table and "4x / 1x" in table and "digits SmallResNet" in table
+    assert (out / "README.md").read_text() == f"a\n<!-- benchmark-performance:start -->\n{table}<!-- benchmark-performance:end -->\nb\n"
 
 
 def test_latency_leaves_training_modes_alone():
