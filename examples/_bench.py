@@ -211,6 +211,16 @@ def replace_between_markers(path: Path, start: str, end: str, text: str) -> bool
     return True
 
 
+def refresh_readme(readme: Path | None, start: str, end: str, text: str) -> None:
+    """``--readme``: put ``text`` between the markers of ``readme`` and say what happened."""
+    if readme is None:
+        return
+    if replace_between_markers(readme, start, end, text):
+        log(f"updated {readme}")
+    else:
+        log(f"{readme}: markers {start} / {end} not found, left untouched")
+
+
 def write_outputs(out: Path, stem: str, result: Mapping[str, Any], table: str) -> None:
     """``<out>/<stem>.json`` and ``<out>/<stem>.md``."""
     out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ from _bench import (
     mean_std,
     nonzero_params,
     output_dir,
-    replace_between_markers,
+    refresh_readme,
     setup_threads,
     write_outputs,
 )
@@ -600,11 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pngs = plot(result, args.out)
     print(table)
     log(f"wrote {args.out / 'compare.json'}, {args.out / 'compare.md'}, {', '.join(pngs)}")
-    if args.readme:
-        if replace_between_markers(args.readme, README_START, README_END, readme_summary(result)):
-            log(f"updated {args.readme}")
-        else:
-            log(f"{args.readme}: markers {README_START} / {README_END} not found, left untouched")
+    refresh_readme(args.readme, README_START, README_END, readme_summary(result))
     return result
 
 

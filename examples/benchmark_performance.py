@@ -46,7 +46,7 @@ from _bench import (
     make_model,
     make_trainer,
     output_dir,
-    replace_between_markers,
+    refresh_readme,
     setup_threads,
     write_outputs,
 )
@@ -369,11 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_outputs(args.out, "performance", result, table)
     print(table)
     log(f"wrote {args.out / 'performance.json'}, {args.out / 'performance.md'}")
-    if args.readme:
-        if replace_between_markers(args.readme, README_START, README_END, table + "\n"):
-            log(f"updated {args.readme}")
-        else:
-            log(f"{args.readme}: markers {README_START} / {README_END} not found, left untouched")
+    refresh_readme(args.readme, README_START, README_END, table + "\n")
     return result
 
 

@@ -21,7 +21,7 @@ from lightning_prune.checkpoint import STATE_VERSION, callback_state, restore_pr
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import ChannelPruner, Cost, Plan, Target, layer_widths
-from lightning_prune.engine.allocation import Allocation
+from lightning_prune.engine.allocation import ALLOCATIONS, Allocation
 from lightning_prune.engine.cost import call_model
 from lightning_prune.engine.graph import preserved_training_modes
 from lightning_prune.reporting import PruningRecord, format_count, summary_table
@@ -29,7 +29,6 @@ from lightning_prune.schedules import SCHEDULES, Schedule, ScheduleName, cumulat
 
 __all__ = ["StructuredPruningCallback"]
 
-_ALLOCATIONS = ("uniform", "global")
 _EXAMPLE_SAMPLES = 2
 _START_PASS_BATCHES = 32
 
@@ -198,8 +197,8 @@ class StructuredPruningCallback(Callback):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or a callable, got '{schedule}'")
         self.schedule = schedule
         self.step_targets = cumulative_targets(self.target.value, self.num_steps, schedule)
-        if allocation is not None and allocation not in _ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(_ALLOCATIONS)} or None, got {allocation!r}")
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or None, got {allocation!r}")
         self.allocation = allocation or getattr(self.criterion, "default_allocation", "uniform")
         self.max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):

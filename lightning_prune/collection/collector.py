@@ -213,6 +213,7 @@ class ActivationCollector:
             raise ValueError(f"class_moments requests need num_classes (on the request or the collector): {unsized}")
         self._modules = {r: modules[r.module] for r in self.requests}
         self._channel_dims = {r: _channel_dim(r, self._modules[r]) for r in self.requests}
+        self._column_index: dict[tuple[ActivationRequest, torch.device], torch.Tensor] = {}  # channel_index on device
         self._handles: list[Any] = []
         self._generator: torch.Generator | None = None
         self.reset()
@@ -333,7 +334,10 @@ class ActivationCollector:
         dim = self._channel_dims[request]
         x = x.detach()
         if request.channel_index:  # the observed channels' part of a wider input (a concatenation)
-            x = x.index_select(dim, torch.tensor(request.channel_index, device=x.device))
+            key = (request, x.device)
+            if key not in self._column_index:  # one host-to-device copy per request, not per batch
+                self._column_index[key] = torch.tensor(request.channel_index, device=x.device)
+            x = x.index_select(dim, self._column_index[key])
         if request.channels and x.dim() == 2 and x.shape[1] != request.channels:
             x = x.reshape(x.shape[0], request.channels, -1)  # flattened feature map: channel-major
             dim = 1

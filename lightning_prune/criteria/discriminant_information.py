@@ -17,7 +17,7 @@ the window contribute nothing.
 
 Widths: DI values are not comparable across layers, so the allocation uses, per layer, the
 fraction of the layer's DI lost when it keeps its ``k`` best channels (nested subsets in the
-criterion's order, each evaluated exactly by Schur downdates of ``G``), divided by the fraction of
+criterion's order, all evaluated exactly from one Cholesky factor, see :func:`di_curve`), divided by the fraction of
 the model's MACs the removal saves; the cheapest step (least DI lost per MAC saved) goes first,
 until the target is met. ``greedy=True`` orders channels by repeated removal of the least
 influential one (recomputing the influences after each removal, O(C^4) per layer) instead of the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,8 +59,6 @@ def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
     if factory is None:
         raise ValueError(f"unknown criterion '{criterion}'. Valid names: {', '.join(available_criteria())}")
     if kwargs:  # name the argument and what the criterion accepts, before training starts
-        import inspect
-
         try:
             accepted = inspect.signature(factory).parameters
         except (TypeError, ValueError):  # a factory without a signature: let the call decide

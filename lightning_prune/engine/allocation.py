@@ -20,16 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from lightning_prune.engine.cost import Cost, CostModel
 from lightning_prune.engine.graph import ChannelGroup
 
-__all__ = ["Allocation", "Plan", "Target", "TargetUnreachableError", "plan_pruning", "max_reduction"]
+__all__ = ["ALLOCATIONS", "Allocation", "Plan", "Target", "TargetUnreachableError", "plan_pruning", "max_reduction"]
 
 Allocation = Literal["uniform", "global"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)  #: the valid ``allocation`` names
 TargetKind = Literal["flops", "params", "channels"]
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lightning_prune.criteria.base import Criterion, ScoringContext
-from lightning_prune.engine.allocation import Allocation, Plan, Target, max_reduction, plan_pruning
+from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, Target, max_reduction, plan_pruning
 from lightning_prune.engine.cost import Cost, CostModel, call_model, count_cost
 from lightning_prune.engine.graph import (
     ChannelGroup,
@@ -143,8 +143,8 @@ class ChannelPruner:
     ) -> None:
         from lightning_prune.criteria import get_criterion  # the registry imports every criterion
 
-        if allocation not in ("uniform", "global"):
-            raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if not 0.0 < max_layer_ratio < 1.0:
             raise ValueError(f"max_layer_ratio must be in (0, 1), got {max_layer_ratio!r}")
         self.criterion = get_criterion(criterion)
