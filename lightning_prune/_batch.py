@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lightning_prune._tree import tree_map
+
 __all__ = ["default_input_fn", "default_label_fn", "detach", "slice_batch", "to_device"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_ids")
@@ -53,32 +55,14 @@ def default_label_fn(batch: Any) -> torch.Tensor | None:
 
 def slice_batch(inputs: Any, size: int) -> Any:
     """The first ``size`` samples of every tensor in ``inputs`` (nested tuples, lists and dicts)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:size] if inputs.dim() else inputs
-    if isinstance(inputs, Mapping):
-        return {k: slice_batch(v, size) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(slice_batch(v, size) for v in inputs)
-    return inputs
+    return tree_map(lambda t: t[:size] if t.dim() else t, inputs)
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:
     """Move every tensor in ``inputs`` to ``device`` (detached, so never an inference tensor)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.detach().clone().to(device)
-    if isinstance(inputs, Mapping):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
+    return tree_map(lambda t: t.detach().clone().to(device), inputs)
 
 
 def detach(inputs: Any) -> Any:
     """``inputs`` with every tensor detached (no copy)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.detach()
-    if isinstance(inputs, Mapping):
-        return {k: detach(v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(detach(v) for v in inputs)
-    return inputs
+    return tree_map(torch.Tensor.detach, inputs)

@@ -1,74 +1,40 @@
-"""StructuredPruningCallback: remove channels for real in the middle of ``Trainer.fit``."""
+"""StructuredPruningCallback: remove channels for real in the middle of ``Trainer.fit``.
+
+The callback is Lightning glue only: it validates its arguments, decides when to collect
+statistics and when to prune, and delegates the work: batches to
+:class:`~lightning_prune.collection.feeding.BatchFeeder`, statistics to
+:class:`~lightning_prune.collection.ActivationCollector`, the step to
+:class:`~lightning_prune.engine.ChannelPruner`, resume to :mod:`lightning_prune.checkpoint`,
+records and logging to :mod:`lightning_prune.reporting`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections import deque
-from collections.abc import Iterator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_prune._batch import default_input_fn, default_label_fn, detach, slice_batch, to_device
-from lightning_prune.checkpoint import STATE_VERSION, callback_state, restore_pruned_structure
+from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
+from lightning_prune._trainer import broadcast_plan, check_strategy, rewrap_distributed, uncompiled
+from lightning_prune.checkpoint import STATE_VERSION, install_resume_guard
 from lightning_prune.collection import ActivationCollector
+from lightning_prune.collection.feeding import BatchFeeder
 from lightning_prune.criteria import Criterion, get_criterion
-from lightning_prune.engine import ChannelPruner, Cost, Plan, Target, layer_widths
-from lightning_prune.engine.allocation import ALLOCATIONS, Allocation
-from lightning_prune.engine.cost import call_model
-from lightning_prune.engine.graph import preserved_training_modes
-from lightning_prune.reporting import PruningRecord, format_count, summary_table
+from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
+from lightning_prune.engine.allocation import Allocation
+from lightning_prune.engine.targets import target_from_arguments
+from lightning_prune.reporting import PruningRecord, log_step, record_step, summary_table
 from lightning_prune.schedules import SCHEDULES, Schedule, ScheduleName, cumulative_targets
 
 __all__ = ["StructuredPruningCallback"]
 
 _EXAMPLE_SAMPLES = 2
-_START_PASS_BATCHES = 32
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
-    return float(value)
-
-
-_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
-
-
-@contextlib.contextmanager
-def _uncompiled(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Run the original (uncompiled) methods of a module given to fit as ``torch.compile(model)``.
-
-    Tracing, cost counting and masking hooks need the eager forward. On exit the methods are
-    compiled afresh, so the pruned shapes get a new graph (one recompilation per prune).
-    """
-    ctx = getattr(pl_module, "_compiler_ctx", None)
-    if not ctx:
-        yield
-        return
-    for name in _COMPILED_METHODS:
-        setattr(pl_module, name, ctx[f"original_{name}"])
-    try:
-        yield
-    finally:
-        for name in _COMPILED_METHODS:
-            setattr(pl_module, name, ctx["dynamo_ctx"](ctx[f"original_{name}"]))
-
-
-def _first_loader(loaders: Any) -> Any:
-    """The first dataloader of what a ``train_dataloader`` returned (one loader, a dict or a list)."""
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()))
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0]
-    return loaders
 
 
 class StructuredPruningCallback(Callback):
@@ -190,30 +156,41 @@ class StructuredPruningCallback(Callback):
     ) -> None:
         super().__init__()
         self.criterion = get_criterion(criterion, **dict(criterion_kwargs or {}))
-        self.target = self._parse_target(target_flops_reduction, target_params_reduction, channel_ratio)
+        self.target = target_from_arguments(
+            {
+                "target_flops_reduction": target_flops_reduction,
+                "target_params_reduction": target_params_reduction,
+                "channel_ratio": channel_ratio,
+            }
+        )
         self.epochs = self._parse_epochs(epochs, prune_on_train_start)
         self.prune_on_train_start = bool(prune_on_train_start)
         if isinstance(schedule, str) and schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} or a callable, got '{schedule}'")
         self.schedule = schedule
         self.step_targets = cumulative_targets(self.target.value, self.num_steps, schedule)
-        if allocation is not None and allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or None, got {allocation!r}")
-        self.allocation = allocation or getattr(self.criterion, "default_allocation", "uniform")
-        self.max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio)
-        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
-        self.round_to = round_to
-        for layer in ignored_layers:
-            if not isinstance(layer, (str, nn.Module)):
-                raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
-        self.ignored_layers = list(ignored_layers)
-        self.example_inputs = example_inputs
-        self.input_fn = input_fn or default_input_fn
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be a callable (output -> tensor) or None, got {output_transform!r}")
+        self.feeder = BatchFeeder(
+            self.criterion.name or type(self.criterion).__name__,
+            needs_labels=self.criterion.requirements.labels,
+            heldout_batches=self.criterion.heldout_batches,
+            input_fn=input_fn or default_input_fn,
+            label_fn=label_fn or default_label_fn,
+            output_transform=output_transform,
+        )
+        # One pruner for the whole fit: allocation, max_layer_ratio, round_to and ignored_layers are
+        # validated there, once.
+        self.pruner = ChannelPruner(
+            self.criterion,
+            allocation=allocation or self.criterion.default_allocation,
+            max_layer_ratio=max_layer_ratio,
+            round_to=round_to,
+            ignored_layers=ignored_layers,
+            output_transform=None if output_transform is None else self.feeder.traceable,
+        )
+        self.example_inputs = example_inputs
         self.output_transform = output_transform
-        self.label_fn = label_fn or default_label_fn
         if collect_batches is not None and (isinstance(collect_batches, bool) or not isinstance(collect_batches, int) or collect_batches < 1):
             raise ValueError(f"collect_batches must be a positive integer or None, got {collect_batches!r}")
         self.collect_batches = collect_batches
@@ -226,32 +203,29 @@ class StructuredPruningCallback(Callback):
         self.history: list[PruningRecord] = []
         self.dense_cost: Cost | None = None
         self._original_widths: dict[str, int] = {}
-        self._pruner: ChannelPruner | None = None
         self._example: Any = None
+        self._num_classes: int | None = None
+        self._analysis: Analysis | None = None  #: the current structure's analysis, until it changes
         self._collector: ActivationCollector | None = None
         self._window_start: int | None = None
-        self._cached_batches: deque[tuple[Any, Any]] = deque(maxlen=self._heldout_size)
+        self._prepared = False
 
-    # ------------------------------------------------------------------ validation helpers
-    @staticmethod
-    def _parse_target(flops: float | None, params: float | None, channels: float | None) -> Target:
-        given = {
-            name: value
-            for name, value in (
-                ("target_flops_reduction", flops),
-                ("target_params_reduction", params),
-                ("channel_ratio", channels),
-            )
-            if value is not None
-        }
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of target_flops_reduction, target_params_reduction, channel_ratio; "
-                f"got {', '.join(f'{k}={v}' for k, v in given.items()) or 'none'}"
-            )
-        name, value = next(iter(given.items()))
-        kind = {"target_flops_reduction": "flops", "target_params_reduction": "params", "channel_ratio": "channels"}[name]
-        return Target(kind, _check_fraction(name, value))  # type: ignore[arg-type]
+    # ------------------------------------------------------------------ arguments
+    @property
+    def allocation(self) -> Allocation:
+        return self.pruner.allocation
+
+    @property
+    def max_layer_ratio(self) -> float:
+        return self.pruner.max_layer_ratio
+
+    @property
+    def round_to(self) -> int | None:
+        return self.pruner.round_to
+
+    @property
+    def ignored_layers(self) -> list[str | nn.Module]:
+        return self.pruner.ignored_layers
 
     @staticmethod
     def _parse_epochs(epochs: int | Sequence[int] | None, on_start: bool) -> list[int]:
@@ -276,6 +250,17 @@ class StructuredPruningCallback(Callback):
     def steps_done(self) -> int:
         return len(self.history)
 
+    @property
+    def needs_activations(self) -> bool:
+        return self.criterion.requirements.collects_activations
+
+    @property
+    def needs_forward_passes(self) -> bool:
+        return bool(self.criterion.requirements.forward_passes)
+
+    def _pending(self, epoch: int) -> bool:
+        return epoch in self.epochs and not any(r.epoch == epoch for r in self.history)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -286,54 +271,27 @@ class StructuredPruningCallback(Callback):
                 f"epochs={self.epochs} reaches beyond max_epochs={max_epochs}: epochs are 0-based, the last one "
                 f"that can end is {max_epochs - 1}"
             )
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
-            raise ValueError(
-                f"StructuredPruningCallback cannot prune under {strategy}: it shards or wraps parameters, so their "
-                "channels cannot be cut in place. Use a single-device or DDP-style strategy"
-            )
-        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise ValueError(
-                f"StructuredPruningCallback supports multi-process training with DDP strategies only, got {strategy} "
-                f"(world_size={trainer.world_size})"
-            )
-        self._guard_resume(pl_module)
+        check_strategy(trainer)
+        install_resume_guard(pl_module, lambda: self._example, None if self.output_transform is None else self.feeder.traceable)
         if next(pl_module.parameters(), None) is not None:
-            with _uncompiled(pl_module):
+            with uncompiled(pl_module):
                 self._prepare(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pruner is None:  # model built in configure_model: analyse it now
-            with _uncompiled(pl_module):
+        if not self._prepared:  # model built in configure_model: analyse it now
+            with uncompiled(pl_module):
                 self._prepare(trainer, pl_module)
-
-    @property
-    def needs_activations(self) -> bool:
-        req = self.criterion.requirements
-        return bool(req.activations or (req.labels and not req.forward_passes))
-
-    @property
-    def needs_forward_passes(self) -> bool:
-        return bool(self.criterion.requirements.forward_passes)
-
-    @property
-    def _heldout_size(self) -> int:
-        return int(getattr(self.criterion, "num_batches", 4))
-
-    def _pending(self, epoch: int) -> bool:
-        return epoch in self.epochs and not any(r.epoch == epoch for r in self.history)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prune_on_train_start and self.steps_done == 0:
             if self.needs_activations:
-                with _uncompiled(pl_module):
-                    self._collection_pass(trainer, pl_module)
-            if self.needs_forward_passes and not self._validation_batches(trainer):
-                loader = _first_loader(trainer.train_dataloader)
-                for index, batch in enumerate(loader):
-                    if index >= self._heldout_size:
-                        break
-                    self._cache_batch(trainer.strategy.batch_to_device(batch))
+                with uncompiled(pl_module):
+                    self._collector = collector = self._new_collector(trainer, pl_module)
+                    self.feeder.collection_pass(
+                        trainer, pl_module, collector, self.collect_batches, self.verbose and trainer.is_global_zero
+                    )
+            if self.needs_forward_passes and not self.feeder.validation_batches(trainer):
+                self.feeder.cache_from_train_loader(trainer)
             self._prune(trainer, pl_module, epoch=-1)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,10 +307,10 @@ class StructuredPruningCallback(Callback):
         if self._window_start is None or batch_idx < self._window_start or not self.needs_activations:
             return
         if self._collector is None:
-            with _uncompiled(pl_module):
+            with uncompiled(pl_module):
                 self._collector = self._new_collector(trainer, pl_module)
             self._collector.attach()
-        self._collector.begin_batch(self._labels_of(batch))
+        self._collector.begin_batch(self.feeder.labels_of(batch))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -360,7 +318,7 @@ class StructuredPruningCallback(Callback):
         if self._collector is not None and self._collector.attached:
             self._collector.end_batch()
         if self.needs_forward_passes and self._window_start is not None and batch_idx >= self._window_start:
-            self._cache_batch(batch)
+            self.feeder.cache(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -370,7 +328,7 @@ class StructuredPruningCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_collector()
-        self._cached_batches.clear()
+        self.feeder.clear()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.verbose and self.history and self.dense_cost is not None:
@@ -393,94 +351,29 @@ class StructuredPruningCallback(Callback):
             self.dense_cost = Cost(**state_dict["dense"])
             self._original_widths = dict(state_dict.get("original_widths", {}))
 
-    # ------------------------------------------------------------------ the work
-    def _guard_resume(self, pl_module: pl.LightningModule) -> None:
-        """Restore a checkpoint's pruned structure on the model before its weights load.
-
-        Lightning loads the weights before any callback hook runs, so this wraps the module's
-        ``on_load_checkpoint`` (called just before the weights load): if the checkpoint records
-        pruning steps the model does not have yet (a freshly built dense model), they are replayed.
-        A record that does not fit raises ``ValueError`` naming the layer, model untouched.
-        """
-        original = pl_module.on_load_checkpoint
-        if getattr(original, "_lightning_prune_guard", False):
-            return
-
-        def restore_then_load(checkpoint: dict[str, Any]) -> Any:
-            state = callback_state(checkpoint)
-            history = state.get("history", []) if state else []
-            if history:
-                saved = history[-1]["widths"]
-                if any(layer_widths(pl_module).get(n) != w for n, w in saved.items()):
-                    inputs = state.get("example_inputs")
-                    inputs = self._inputs_for_model(pl_module, inputs if inputs is not None else self._example)
-                    restore_pruned_structure(pl_module, state, inputs, None if self.output_transform is None else self._traceable)
-                    differing = [n for n, w in saved.items() if layer_widths(pl_module).get(n) != w]
-                    if differing:
-                        raise ValueError(
-                            f"after replaying the checkpoint's {len(history)} pruning step(s), layer '{differing[0]}' has "
-                            f"{layer_widths(pl_module).get(differing[0])} channels, the checkpoint {saved[differing[0]]}"
-                        )
-            return original(checkpoint)
-
-        restore_then_load._lightning_prune_guard = True  # type: ignore[attr-defined]
-        pl_module.on_load_checkpoint = restore_then_load  # type: ignore[method-assign]
-
     def summary(self) -> str:
         """The table of completed steps (empty string before the first one)."""
         if self.dense_cost is None:
             return ""
         return summary_table(self.history, self.dense_cost.macs, self.dense_cost.params)
 
-    def _resolve_ignored(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        named = dict(pl_module.named_modules())
-        modules = []
-        for layer in self.ignored_layers:
-            if isinstance(layer, nn.Module):
-                if not any(layer is m for m in named.values()):
-                    raise ValueError(f"ignored_layers holds a {type(layer).__name__} that is not part of the model")
-                modules.append(layer)
-            elif layer in named:
-                modules.append(named[layer])
-            else:
-                close = [n for n in named if n and (layer in n or n in layer)][:5]
-                hint = f" Did you mean one of {close}?" if close else ""
-                raise ValueError(f"ignored_layers: the model has no layer named '{layer}'.{hint}")
-        return modules
+    # ------------------------------------------------------------------ delegation
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return trainer.precision_plugin.convert_input(to_device(self._example, pl_module.device))
 
-    def _example_from_data(self, trainer: pl.Trainer) -> Any:
-        try:
-            batch = next(iter(_first_loader(trainer.fit_loop._data_source.dataloader())))
-        except Exception as error:
-            raise ValueError(
-                "could not take example inputs from the training dataloader "
-                f"({type(error).__name__}: {error}); pass example_inputs=... to StructuredPruningCallback"
-            ) from error
-        if self.criterion.requirements.labels:
-            self._labels_of(batch)  # fail before training when the labels cannot be found
-        return self.input_fn(batch)
-
-    def _inputs_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        return trainer.precision_plugin.convert_input(self._inputs_for_model(pl_module, self._example))
-
-    @staticmethod
-    def _inputs_for_model(pl_module: pl.LightningModule, inputs: Any) -> Any:
-        return to_device(inputs, pl_module.device)
+    def _current_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Analysis:
+        """The analysis of the model as it is: made once per structure (setup, then after each step)."""
+        if self._analysis is None or not self._analysis.describes(pl_module):
+            self._analysis = self.pruner.analyse(pl_module, self._inputs(trainer, pl_module))
+        return self._analysis
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ignored = self._resolve_ignored(pl_module)
-        self._pruner = ChannelPruner(
-            self.criterion,
-            allocation=self.allocation,  # type: ignore[arg-type]
-            max_layer_ratio=self.max_layer_ratio,
-            round_to=self.round_to,
-            ignored_layers=ignored,
-            output_transform=None if self.output_transform is None else self._traceable,
-        )
-        example = self.example_inputs if self.example_inputs is not None else self._example_from_data(trainer)
+        self._prepared = True
+        example = self.example_inputs if self.example_inputs is not None else self.feeder.example_from(trainer)
         self._example = slice_batch(example, _EXAMPLE_SAMPLES) if self.example_inputs is None else example
+        self.pruner.resolve_ignored(pl_module)  # a bad name is reported as such, not as a tracing error
         try:
-            analysis = self._pruner.analyse(pl_module, self._inputs_for(trainer, pl_module))
+            analysis = self._current_analysis(trainer, pl_module)
         except Exception as error:
             raise ValueError(
                 f"torch-pruning could not trace the model with the example inputs ({type(error).__name__}: {error}); "
@@ -496,129 +389,33 @@ class StructuredPruningCallback(Callback):
         if self.steps_done == 0:
             self.dense_cost = analysis.cost
             self._original_widths = layer_widths(pl_module)
-        reachable = self._pruner.max_reduction(analysis, self.target, self.dense_cost, self._original_widths)
+        assert self.dense_cost is not None
+        reachable = self.pruner.max_reduction(analysis, self.target, self.dense_cost, self._original_widths)
         if reachable < self.target.value - 0.02:
             raise ValueError(
                 f"the target ({self.target.describe()}) is unreachable: with max_layer_ratio={self.max_layer_ratio}, "
-                f"round_to={self.round_to} and {len(ignored)} ignored layer(s) at most {reachable:.1%} can be removed"
+                f"round_to={self.round_to} and {len(self.ignored_layers)} ignored layer(s) at most {reachable:.1%} can be removed"
             )
-
-    def _labels_of(self, batch: Any) -> torch.Tensor | None:
-        if not self.criterion.requirements.labels:
-            return None
-        labels = self.label_fn(batch)
-        if labels is None:
-            raise ValueError(
-                f"criterion '{self.criterion.name}' needs labels but label_fn found none in a batch of type "
-                f"{type(batch).__name__}; pass label_fn=lambda batch: ... to StructuredPruningCallback"
-            )
-        return torch.as_tensor(labels)
+        if self.needs_activations:  # the class count, once: output layers are never pruned
+            self._num_classes = self.feeder.output_width(pl_module, self._inputs(trainer, pl_module))
 
     def _new_collector(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCollector:
-        assert self._pruner is not None
-        analysis = self._pruner.analyse(pl_module, self._inputs_for(trainer, pl_module))
-        requests = self.criterion.activation_requests(analysis.groups)
+        analysis = self._current_analysis(trainer, pl_module)
         return ActivationCollector(
             pl_module,
-            requests,
+            self.criterion.activation_requests(analysis.groups),
             max_samples=self.max_samples,
             seed=self.seed + self.steps_done,
-            num_classes=self._output_width(trainer, pl_module),
+            num_classes=self._num_classes,
         )
-
-    def _output_width(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
-        """Width of the model's output on the example inputs (the class count of a classifier)."""
-        with preserved_training_modes(pl_module), torch.no_grad():
-            pl_module.eval()
-            output = self._predictions(call_model(pl_module, self._inputs_for(trainer, pl_module)))
-        return int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.dim() == 2 else None
-
-    def _traceable(self, output: Any) -> Any:
-        """What torch-pruning traces: every output when it can walk them (tensors, dicts, lists, tuples),
-        so that no layer producing any of them is pruned; otherwise ``output_transform(output)``."""
-        if isinstance(output, (torch.Tensor, Mapping, list, tuple)):
-            return output
-        return self._predictions(output)
-
-    def _predictions(self, output: Any) -> Any:
-        return self.output_transform(output) if self.output_transform is not None else output
-
-    def _cache_batch(self, batch: Any) -> None:
-        """Keep a training batch (inputs, labels; detached, on its device) as a held-out batch."""
-        labels = self._labels_of(batch)
-        self._cached_batches.append((detach(self.input_fn(batch)), labels.detach()))
-
-    def _validation_batches(self, trainer: pl.Trainer) -> list[tuple[Any, Any]]:
-        """The first held-out batches of the validation loader, if the fit has one."""
-        loaders = trainer.val_dataloaders
-        if not loaders:
-            return []
-        loader = _first_loader(loaders)
-        batches = []
-        try:
-            for index, batch in enumerate(loader):
-                if index >= self._heldout_size:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
-                batches.append((self.input_fn(batch), self._labels_of(batch)))
-        except TypeError:  # a loader without length/iteration support
-            return []
-        return batches
-
-    def _forward_fn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Callable], float]:
-        batches = self._validation_batches(trainer) or list(self._cached_batches)
-        if not batches:
-            raise ValueError(
-                f"criterion '{self.criterion.name}' needs held-out batches but there is no validation loader and "
-                "no training batch was cached before the step"
-            )
-
-        def evaluate(loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> float:
-            with preserved_training_modes(pl_module), torch.no_grad():
-                pl_module.eval()
-                losses = []
-                for inputs, labels in batches:
-                    with trainer.precision_plugin.forward_context():
-                        losses.append(loss_fn(self._predictions(call_model(pl_module, inputs)), labels).float())
-                loss = torch.stack(losses).mean()
-                if trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
-                    loss = trainer.strategy.reduce(loss, reduce_op="mean")
-                return float(loss)  # one sync per evaluation, none per training step
-
-        return evaluate
 
     def _drop_collector(self) -> None:
         if self._collector is not None:
             self._collector.detach()
             self._collector = None
 
-    def _collection_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A dedicated pass (eval mode, no gradient) over training batches, before the first step."""
-        from tqdm.auto import tqdm
-
-        loader = _first_loader(trainer.train_dataloader)
-        batches = self.collect_batches or _START_PASS_BATCHES
-        total = min(batches, len(loader)) if hasattr(loader, "__len__") else batches
-        self._collector = collector = self._new_collector(trainer, pl_module)
-        collector.attach()
-        show = self.verbose and trainer.is_global_zero
-        with preserved_training_modes(pl_module), torch.no_grad():
-            pl_module.eval()
-            progress = tqdm(total=total, desc="lightning-prune: collecting activations", disable=not show, leave=False)
-            for index, batch in enumerate(loader):
-                if index >= total:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
-                collector.begin_batch(self._labels_of(batch))
-                with trainer.precision_plugin.forward_context():
-                    call_model(pl_module, self.input_fn(batch))
-                collector.end_batch()
-                progress.update()
-            progress.close()
-        collector.detach()
-
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        assert self._pruner is not None and self.dense_cost is not None
+        assert self.dense_cost is not None
         context: dict[str, Any] = {}
         if self.needs_activations:
             if self._collector is None or self._collector.batches == 0:
@@ -632,93 +429,41 @@ class StructuredPruningCallback(Callback):
             self._collector.detach()  # the step's own forward passes (tracing, costs) are not data
             context = {"activations": store, "labels": store.labels}
         try:
-            with _uncompiled(pl_module):
+            with uncompiled(pl_module):
                 if self.needs_forward_passes:
-                    context["forward"] = self._forward_fn(trainer, pl_module)
-                self._prune_step(trainer, pl_module, epoch, context)
+                    context["forward"] = self.feeder.evaluation(trainer, pl_module)
+                self._step(trainer, pl_module, epoch, context)
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused
-            self._cached_batches.clear()
+            self.feeder.clear()
 
-    def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
+        assert self.dense_cost is not None
         index = self.steps_done
         target = Target(self.target.kind, self.step_targets[index])
-        generator = torch.Generator().manual_seed(self.seed + index)
-        result = self._pruner.step(
+        result = self.pruner.step(
             pl_module,
-            self._inputs_for(trainer, pl_module),
+            self._inputs(trainer, pl_module),
             target,
             dense=self.dense_cost,
             original_widths=self._original_widths,
             optimizers=trainer.optimizers,
             context=context,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed + index),
             step_index=index,
-            plan_hook=self._broadcast_plan(trainer),
+            plan_hook=broadcast_plan(trainer),
+            analysis=self._analysis,
         )
-        self._rewrap_distributed(trainer, pl_module)
-        flops_reduction, params_reduction = result.after.reduction_from(self.dense_cost)
-        record = PruningRecord(
+        self._analysis = None  # the structure changed: the next window analyses it afresh
+        rewrap_distributed(trainer, pl_module)
+        record = record_step(
+            result,
             step=index,
             epoch=epoch,
             criterion=self.criterion.name or type(self.criterion).__name__,
-            target_kind=target.kind,
-            target=target.value,
-            macs_before=result.before.macs,
-            macs_after=result.after.macs,
-            params_before=result.before.params,
-            params_after=result.after.params,
-            flops_reduction=flops_reduction,
-            params_reduction=params_reduction,
-            widths=result.widths,
-            seconds=result.seconds,
-            corrections=result.corrections,
-            surgery=result.surgery,
+            target=target,
+            dense=self.dense_cost,
             samples=context["activations"].samples_seen if "activations" in context else None,
         )
         self.history.append(record)
-        self._log(trainer, record)
-
-    @staticmethod
-    def _broadcast_plan(trainer: pl.Trainer) -> Callable[[Plan], Plan] | None:
-        """Under DDP, every rank cuts rank 0's plan (the statistics are already identical on all ranks;
-        this guards against floating-point ties broken differently)."""
-        if trainer.world_size == 1:
-            return None
-
-        def broadcast(plan: Plan) -> Plan:
-            plan.removed = trainer.strategy.broadcast(plan.removed, src=0)
-            return plan
-
-        return broadcast
-
-    @staticmethod
-    def _rewrap_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The DDP wrapper still points at the old parameters: wrap the pruned module again."""
-        strategy = trainer.strategy
-        if trainer.world_size > 1 and isinstance(strategy, DDPStrategy):
-            strategy.model = pl_module
-            strategy.configure_ddp()
-
-    def _log(self, trainer: pl.Trainer, record: PruningRecord) -> None:
-        metrics = {
-            "prune/macs": float(record.macs_after),
-            "prune/params": float(record.params_after),
-            "prune/flops_reduction": record.flops_reduction,
-            "prune/params_reduction": record.params_reduction,
-            "prune/seconds": record.seconds,
-            "prune/step": float(record.step + 1),
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if self.verbose:
-            when = "train start" if record.epoch < 0 else f"end of epoch {record.epoch}"
-            rank_zero_info(
-                f"[lightning-prune] step {record.step + 1}/{self.num_steps} ({when}, {record.criterion}): "
-                f"MACs {format_count(record.macs_before)} -> {format_count(record.macs_after)} "
-                f"(-{record.flops_reduction:.1%} vs dense), params {format_count(record.params_after)} "
-                f"(-{record.params_reduction:.1%}), {record.seconds:.2f}s"
-            )
-        if record.macs_after == record.macs_before and record.step + 1 < self.num_steps:
-            rank_zero_warn(f"pruning step {record.step + 1} removed nothing (the schedule's target was already met)")
+        log_step(trainer, record, self.num_steps, self.verbose)

@@ -7,7 +7,8 @@ example inputs used for tracing. Replaying the steps in order on the dense model
 pruned structure exactly; then the weights load.
 
 * Resuming ``trainer.fit(model, ckpt_path=...)`` with a fresh dense model: the callback does this
-  by itself, before the weights load (it wraps the module's ``on_load_checkpoint``).
+  by itself, before the weights load (:func:`install_resume_guard` wraps the module's
+  ``on_load_checkpoint``).
 * Inference: :func:`load_pruned` is the counterpart of ``LightningModule.load_from_checkpoint``.
 * A plain ``nn.Module``: :func:`restore_pruned_structure`.
 
@@ -24,10 +25,21 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_prune.engine.graph import _tolerant_reshape_mapping, build_dependency_graph
+from lightning_prune._batch import to_device
+from lightning_prune.engine.graph import build_dependency_graph
+from lightning_prune.engine.pruner import layer_widths
 from lightning_prune.engine.surgery import ModuleSnapshot
+from lightning_prune.engine.tp_adapter import replay_history
 
-__all__ = ["CALLBACK_STATE_KEY", "STATE_VERSION", "callback_state", "load_pruned", "replay_surgery", "restore_pruned_structure"]
+__all__ = [
+    "CALLBACK_STATE_KEY",
+    "STATE_VERSION",
+    "callback_state",
+    "install_resume_guard",
+    "load_pruned",
+    "replay_surgery",
+    "restore_pruned_structure",
+]
 
 CALLBACK_STATE_KEY = "StructuredPruningCallback"
 STATE_VERSION = 2
@@ -64,9 +76,7 @@ def replay_surgery(
             for name, _is_out, _idxs in step:
                 if name not in names:
                     raise ValueError(f"pruning step {index + 1} names layer '{name}', which the model does not have")
-            graph = build_dependency_graph(model, example_inputs, output_transform=output_transform)
-            with torch.no_grad(), _tolerant_reshape_mapping():
-                graph.load_pruning_history([[n, bool(o), list(i)] for n, o, i in step])
+            replay_history(build_dependency_graph(model, example_inputs, output_transform=output_transform), step)
     except ValueError:
         snapshot.restore()
         raise
@@ -146,3 +156,53 @@ def load_pruned(module_class: type[_M], ckpt_path: str | Path, *args: Any, map_l
     restore_pruned_structure(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
+
+
+def install_resume_guard(
+    module: nn.Module,
+    example_inputs: Callable[[], Any],
+    output_transform: Callable[[Any], Any] | None = None,
+) -> None:
+    """Restore a checkpoint's pruned structure on ``module`` before its weights load (idempotent).
+
+    Lightning loads the weights before any callback hook runs, so this wraps the module's
+    ``on_load_checkpoint`` (called just before the weights load): if the checkpoint records
+    pruning steps the model does not have yet (a freshly built dense model), they are replayed.
+    A record that does not fit raises ``ValueError`` naming the layer, model untouched.
+
+    Args:
+        module: the LightningModule being fitted.
+        example_inputs: returns tracing inputs for when the checkpoint stores none.
+        output_transform: the callback's traceable output transform (None: the output as is).
+    """
+    original = module.on_load_checkpoint
+    if getattr(original, "_lightning_prune_guard", False):
+        return
+
+    def restore_then_load(checkpoint: dict[str, Any]) -> Any:
+        state = callback_state(checkpoint)
+        history = state.get("history", []) if state else []
+        if state and history:
+            saved = history[-1]["widths"]
+            if any(layer_widths(module).get(n) != w for n, w in saved.items()):
+                inputs = state.get("example_inputs")
+                inputs = to_device(inputs if inputs is not None else example_inputs(), _device_of(module))
+                restore_pruned_structure(module, state, inputs, output_transform)
+                differing = [n for n, w in saved.items() if layer_widths(module).get(n) != w]
+                if differing:
+                    raise ValueError(
+                        f"after replaying the checkpoint's {len(history)} pruning step(s), layer '{differing[0]}' has "
+                        f"{layer_widths(module).get(differing[0])} channels, the checkpoint {saved[differing[0]]}"
+                    )
+        return original(checkpoint)
+
+    restore_then_load._lightning_prune_guard = True  # type: ignore[attr-defined]  # marks the wrapper
+    module.on_load_checkpoint = restore_then_load  # type: ignore[method-assign]  # Lightning calls the attribute
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

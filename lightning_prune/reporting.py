@@ -1,4 +1,5 @@
-"""What pruning did: per-step records and the summary table printed at the end of fit."""
+"""What pruning did: per-step records, what is logged after each step, and the summary table
+printed at the end of fit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PruningRecord", "format_count", "plot_widths", "summary_table"]
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_prune.engine.cost import Cost
+from lightning_prune.engine.pruner import StepResult
+from lightning_prune.engine.targets import Target
+
+__all__ = ["PruningRecord", "format_count", "log_step", "plot_widths", "record_step", "summary_table"]
 
 
 @dataclass
@@ -48,7 +57,7 @@ class PruningRecord:
     widths: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     corrections: dict[str, str] = field(default_factory=dict)
-    surgery: list[list] = field(default_factory=list)
+    surgery: list[list[Any]] = field(default_factory=list)
     samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +66,69 @@ class PruningRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
         return cls(**data)
+
+
+def record_step(
+    result: StepResult,
+    *,
+    step: int,
+    epoch: int,
+    criterion: str,
+    target: Target,
+    dense: Cost,
+    samples: int | None = None,
+) -> PruningRecord:
+    """The record of one completed step (reductions relative to ``dense``)."""
+    flops_reduction, params_reduction = result.after.reduction_from(dense)
+    return PruningRecord(
+        step=step,
+        epoch=epoch,
+        criterion=criterion,
+        target_kind=target.kind,
+        target=target.value,
+        macs_before=result.before.macs,
+        macs_after=result.after.macs,
+        params_before=result.before.params,
+        params_after=result.after.params,
+        flops_reduction=flops_reduction,
+        params_reduction=params_reduction,
+        widths=result.widths,
+        seconds=result.seconds,
+        corrections=result.corrections,
+        surgery=result.surgery,
+        samples=samples,
+    )
+
+
+def step_metrics(record: PruningRecord) -> dict[str, float]:
+    """What is logged after a step, under ``prune/...``."""
+    return {
+        "prune/macs": float(record.macs_after),
+        "prune/params": float(record.params_after),
+        "prune/flops_reduction": record.flops_reduction,
+        "prune/params_reduction": record.params_reduction,
+        "prune/seconds": record.seconds,
+        "prune/step": float(record.step + 1),
+    }
+
+
+def log_step(trainer: pl.Trainer, record: PruningRecord, num_steps: int, verbose: bool) -> None:
+    """Send a step's metrics to every logger and to ``trainer.callback_metrics``; one line on rank 0
+    when ``verbose``; a warning when a step that is not the last removed nothing."""
+    metrics = step_metrics(record)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    if verbose:
+        when = "train start" if record.epoch < 0 else f"end of epoch {record.epoch}"
+        rank_zero_info(
+            f"[lightning-prune] step {record.step + 1}/{num_steps} ({when}, {record.criterion}): "
+            f"MACs {format_count(record.macs_before)} -> {format_count(record.macs_after)} "
+            f"(-{record.flops_reduction:.1%} vs dense), params {format_count(record.params_after)} "
+            f"(-{record.params_reduction:.1%}), {record.seconds:.2f}s"
+        )
+    if record.macs_after == record.macs_before and record.step + 1 < num_steps:
+        rank_zero_warn(f"pruning step {record.step + 1} removed nothing (the schedule's target was already met)")
 
 
 def format_count(value: float) -> str:

@@ -68,26 +68,10 @@ def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tupl
             producers[owner] = (s.idxs, s.root_idxs, int(s.param.shape[s.dim]))
     points = []
     for module, (idxs, roots, width) in producers.items():
-        node = graph.module2node.get(module) if graph is not None else None
-        feeds_producer = node is not None and any(out.module in producers for out in _downstream(node))
+        feeds_producer = graph is not None and any(m in producers for m in graph.downstream_modules(module))
         if not feeds_producer:
             points.append((module, torch.tensor(idxs), torch.tensor(roots), width))
     return points
-
-
-def _downstream(node: Any) -> list[Any]:
-    """Nodes reached from ``node`` through parameter-free elementwise ops (ReLU, dropout, ...)."""
-    seen, stack, found = set(), list(node.outputs), []
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        found.append(current)
-        module = current.module
-        if isinstance(module, nn.Module) and not any(True for _ in module.parameters(recurse=False)):
-            stack.extend(current.outputs)
-    return found
 
 
 @contextlib.contextmanager
@@ -187,6 +171,10 @@ class LinearFilterEnsembles(Criterion):
         self.loss_fn = _as_loss(loss_fn) if loss_fn is not None else nn.functional.cross_entropy
         self.progress = progress
         self.evaluations = 0  #: masked evaluations run at the last step (never above the budget)
+
+    @property
+    def heldout_batches(self) -> int:
+        return self.num_batches
 
     def sample_masks(self, sizes: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """``(max_evaluations, sum(sizes))`` i.i.d. Bernoulli(``p_keep``) masks from ``generator``."""

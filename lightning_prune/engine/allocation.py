@@ -26,28 +26,16 @@ import torch
 
 from lightning_prune.engine.cost import Cost, CostModel
 from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.targets import Target
 
 __all__ = ["ALLOCATIONS", "Allocation", "Plan", "Target", "TargetUnreachableError", "plan_pruning", "max_reduction"]
 
 Allocation = Literal["uniform", "global"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)  #: the valid ``allocation`` names
-TargetKind = Literal["flops", "params", "channels"]
 
 
 class TargetUnreachableError(ValueError):
     """The caps (``max_layer_ratio``, ``round_to``, ignored layers) do not allow the target."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A reduction relative to the dense model: ``value`` of the MACs, parameters or channels."""
-
-    kind: TargetKind
-    value: float
-
-    def describe(self) -> str:
-        noun = {"flops": "MACs", "params": "parameters", "channels": "prunable channels"}[self.kind]
-        return f"{self.value:.1%} of the {noun}"
 
 
 @dataclass
@@ -138,14 +126,6 @@ def _events(
     return events, orders
 
 
-def _metric(target: Target, cost: Cost, dense: Cost, kept_channels: int, original_channels: int) -> float:
-    if target.kind == "flops":
-        return 1.0 - cost.macs / max(1, dense.macs)
-    if target.kind == "params":
-        return 1.0 - cost.params / max(1, dense.params)
-    return 1.0 - kept_channels / max(1, original_channels)
-
-
 class _Prefix:
     """Evaluates the plan made of the first ``m`` events."""
 
@@ -168,7 +148,7 @@ class _Prefix:
         removed = [(g.positions - k) * g.channel_groups for g, k in zip(self.groups, kept)]
         cost = self.cost_model.evaluate(removed)
         kept_channels = sum(k * g.channel_groups for g, k in zip(self.groups, kept))
-        return _metric(self.target, cost, self.dense, kept_channels, self.original_total), cost, kept
+        return self.target.metric.reduction(cost, kept_channels, self.dense, self.original_total), cost, kept
 
 
 def _original_sizes(groups: Sequence[ChannelGroup], original_widths: Mapping[str, int] | None) -> list[int]:

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.engine.graph import ChannelGroup, preserved_training_modes
+from lightning_prune._model import batch_size_of, call_model, eval_forward, output_signature
+from lightning_prune.engine.graph import ChannelGroup
 
-__all__ = ["Cost", "CostModel", "count_cost", "call_model", "batch_size_of"]
+__all__ = ["Cost", "CostModel", "batch_size_of", "call_model", "cost_from_positions", "count_cost", "profile"]
 
 
 @dataclass(frozen=True)
@@ -40,26 +41,6 @@ class Cost:
     def reduction_from(self, dense: Cost) -> tuple[float, float]:
         """Fractions of MACs and parameters removed relative to ``dense``."""
         return 1.0 - self.macs / max(1, dense.macs), 1.0 - self.params / max(1, dense.params)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` the way torch-pruning does: tuples/lists are unpacked, dicts are keywords."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def batch_size_of(inputs: Any) -> int:
-    """Batch size of the first tensor found in ``inputs``."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
-            return batch_size_of(value)
-    return 1
 
 
 def _is_layer(module: nn.Module) -> bool:
@@ -90,8 +71,9 @@ def _attention_positions(
     return weights
 
 
-def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter, float]:
-    """Output positions per sample of every conv/linear weight, from one forward pass (eval mode)."""
+def profile(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Parameter, float], Any]:
+    """One forward pass (eval mode): output positions per sample of every conv/linear weight, and the
+    shape signature of the output (:func:`~lightning_prune._model.output_signature`)."""
     batch = batch_size_of(example_inputs)
     positions: dict[nn.Parameter, float] = {}
     handles = []
@@ -112,21 +94,28 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter,
         if _is_layer(module):
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
-        with preserved_training_modes(model), torch.no_grad():
-            model.eval()
-            call_model(model, example_inputs)
+        output = eval_forward(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return positions
+    return positions, output_signature(output)
+
+
+def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter, float]:
+    """Output positions per sample of every conv/linear weight, from one forward pass (eval mode)."""
+    return profile(model, example_inputs)[0]
+
+
+def cost_from_positions(model: nn.Module, positions: Mapping[nn.Parameter, float]) -> Cost:
+    """MACs and parameters of ``model`` from the layer positions of :func:`profile`."""
+    macs = sum(p * w.numel() for w, p in positions.items())
+    params = sum(p.numel() for p in model.parameters())
+    return Cost(macs=int(round(macs)), params=int(params))
 
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     """Measure MACs per sample and parameters of ``model`` (see the module docstring)."""
-    positions = layer_positions(model, example_inputs)
-    macs = sum(p * w.numel() for w, p in positions.items())
-    params = sum(p.numel() for p in model.parameters())
-    return Cost(macs=int(round(macs)), params=int(params))
+    return cost_from_positions(model, layer_positions(model, example_inputs))
 
 
 class CostModel:
@@ -136,10 +125,17 @@ class CostModel:
         model: the model as it is now.
         groups: its channel groups (from :func:`~lightning_prune.engine.graph.discover_groups`).
         example_inputs: inputs for the forward pass that measures layer positions.
+        positions: the layer positions of :func:`profile`, when already measured (no forward pass).
     """
 
-    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any) -> None:
-        self._positions = layer_positions(model, example_inputs)
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        example_inputs: Any = None,
+        positions: Mapping[nn.Parameter, float] | None = None,
+    ) -> None:
+        self._positions = dict(positions) if positions is not None else layer_positions(model, example_inputs)
         params = list(dict.fromkeys(model.parameters()))
         self._index = {p: i for i, p in enumerate(params)}
         self._shapes = [tuple(p.shape) for p in params]

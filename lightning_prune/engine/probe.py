@@ -15,16 +15,16 @@ reported by name with the error they caused, and left at full width.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from lightning_prune.engine.graph import ChannelGroup, preserved_training_modes
+from lightning_prune._model import preserved_training_modes
+from lightning_prune.engine.graph import ChannelGroup
 from lightning_prune.engine.surgery import ModuleSnapshot
+from lightning_prune.engine.tp_adapter import TracedGraph
 
 __all__ = ["UnprunableGroupWarning", "find_unprunable_groups", "unprunable_message"]
 
@@ -34,41 +34,20 @@ class UnprunableGroupWarning(UserWarning):
 
 
 class _GraphSnapshot:
-    """Model tensors, graph-internal operator state (concat/split sizes, slice bounds) and history."""
+    """Model tensors and the graph's own state (operator sizes, history, node tables)."""
 
-    def __init__(self, model: nn.Module, graph: tp.DependencyGraph) -> None:
+    def __init__(self, model: nn.Module, graph: TracedGraph) -> None:
         self._model = ModuleSnapshot(model)
-        own = set(model.modules())
-        self._ops = [
-            (op, {k: copy.copy(v) for k, v in vars(op).items() if isinstance(v, (list, tuple, int, float))})
-            for op in graph.module2node
-            if isinstance(op, nn.Module) and op not in own
-        ]
-        self._graph = graph
-        self._history = len(graph._pruning_history)
-        # Unwrapped parameters (e.g. a layer scale) are graph nodes themselves: pruning one rebinds the
-        # node, the node table and the name table to the new tensor.
-        self._module2node = dict(graph.module2node)
-        self._node_modules = [(node, node.module) for node in graph.module2node.values()]
-        self._param_to_name = dict(graph._param_to_name)
+        self._graph = graph.snapshot(model)
 
     def restore(self) -> None:
         self._model.restore()
-        for op, attrs in self._ops:
-            vars(op).update({k: copy.copy(v) for k, v in attrs.items()})
-        graph = self._graph
-        del graph._pruning_history[self._history :]
-        graph.module2node.clear()
-        graph.module2node.update(self._module2node)
-        for node, module in self._node_modules:
-            node.module = module
-        graph._param_to_name.clear()
-        graph._param_to_name.update(self._param_to_name)
+        self._graph.restore()
 
 
 def _trial(
     model: nn.Module,
-    graph: tp.DependencyGraph,
+    graph: TracedGraph,
     groups: Sequence[ChannelGroup],
     run: Callable[[], Any],
     signature: Any,
@@ -92,9 +71,10 @@ def _trial(
 
 def find_unprunable_groups(
     model: nn.Module,
-    graph: tp.DependencyGraph,
+    graph: TracedGraph,
     groups: Sequence[ChannelGroup],
     run: Callable[[], Any],
+    signature: Any = None,
 ) -> dict[int, str]:
     """Indices of the groups whose cut breaks the model, with the error each caused.
 
@@ -103,6 +83,7 @@ def find_unprunable_groups(
         graph: its torch-pruning graph (left as it was, pruning history included).
         groups: candidate groups from :func:`~lightning_prune.engine.graph.discover_groups`.
         run: runs the model on its example inputs and returns a comparable output signature.
+        signature: the signature of the model as it is, when known (saves one forward pass).
 
     Cost: one trial surgery and forward pass when every group is sound; about ``2 log2(n)`` more
     per faulty group otherwise.
@@ -131,7 +112,8 @@ def find_unprunable_groups(
 
     with preserved_training_modes(model):
         model.eval()
-        signature = run()
+        if signature is None:
+            signature = run()
         error = _trial(model, graph, list(groups), run, signature) if groups else None
         if error is not None:
             blame(list(groups), error)

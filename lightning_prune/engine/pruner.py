@@ -34,18 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.criteria.base import Criterion, ScoringContext
-from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, Target, max_reduction, plan_pruning
-from lightning_prune.engine.cost import Cost, CostModel, call_model, count_cost
-from lightning_prune.engine.graph import (
-    ChannelGroup,
-    build_dependency_graph,
-    discover_groups,
-    preserved_training_modes,
-)
+from lightning_prune._model import preserved_training_modes
+from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, max_reduction, plan_pruning
+from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
+from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
 from lightning_prune.engine.probe import UnprunableGroupWarning, find_unprunable_groups, unprunable_message
+from lightning_prune.engine.protocol import Criterion, ScoringContext
 from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, apply_plan, unrecorded_changes
+from lightning_prune.engine.targets import Target, check_fraction
+from lightning_prune.engine.tp_adapter import TracedGraph
 
 __all__ = ["Analysis", "ChannelPruner", "PruningError", "StepResult", "layer_widths"]
 
@@ -54,15 +52,28 @@ class PruningError(RuntimeError):
     """A pruning step failed; the model and optimizers were left as they were."""
 
 
+def _structure(model: nn.Module) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Identity and shape of every parameter: what an analysis of the model depends on."""
+    return tuple((id(p), tuple(p.shape)) for p in model.parameters())
+
+
 @dataclass
 class Analysis:
-    """The prunable structure of a model at one moment."""
+    """The prunable structure of a model at one moment: traced once, used by everything that needs
+    the groups until the model's structure changes (the collector's requests, the criterion, the
+    allocation, the surgery)."""
 
-    graph: Any
+    graph: TracedGraph
     groups: list[ChannelGroup]
     cost_model: CostModel
     cost: Cost
     refused: dict[str, str] = field(default_factory=dict)  #: root layer -> why its group cannot be cut
+    signature: Any = None  #: shapes of the model's outputs on the example inputs
+    structure: tuple[Any, ...] = ()  #: parameter identities and shapes when analysed
+
+    def describes(self, model: nn.Module) -> bool:
+        """Whether ``model`` still has the parameters (same objects, same shapes) it was analysed with."""
+        return bool(self.structure) and self.structure == _structure(model)
 
 
 @dataclass
@@ -77,7 +88,7 @@ class StepResult:
     seconds: float = 0.0
     num_groups: int = 0
     corrections: dict[str, str] = field(default_factory=dict)  #: per group root: how its weights were corrected
-    surgery: list[list] = field(default_factory=list)  #: torch-pruning history [layer, is_out, idxs]: replayable
+    surgery: list[list[Any]] = field(default_factory=list)  #: history [layer, is_out, idxs]: replayable
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -95,32 +106,24 @@ def _names(names: Sequence[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-def _output_signature(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return tuple(output.shape)
-    if isinstance(output, Mapping):
-        return {k: _output_signature(v) for k, v in output.items()}
-    if isinstance(output, (tuple, list)):
-        return [_output_signature(v) for v in output]
-    return type(output).__name__
-
-
-def _run_signature(model: nn.Module, example_inputs: Any) -> Any:
-    with preserved_training_modes(model), torch.no_grad():
-        model.eval()
-        return _output_signature(call_model(model, example_inputs))
-
-
 class ChannelPruner:
     """Scores, allocates and cuts channels of a model, one atomic step at a time.
 
+    Every argument is validated here, once, with a message naming it.
+
     Args:
-        criterion: the scoring method: a :class:`Criterion` or a registered name (``"l1"``, ...).
-            An unknown name raises ``ValueError`` listing the valid ones.
+        criterion: the scoring method, a :class:`~lightning_prune.engine.protocol.Criterion`
+            (``lightning_prune.get_criterion("l1")`` resolves a registered name). Anything else
+            raises ``TypeError``.
         allocation: ``"uniform"`` (same fraction in every group) or ``"global"`` (one ranking).
+            Default ``"uniform"``; another value raises ``ValueError``.
         max_layer_ratio: largest fraction of a group's original width that may be removed, in (0, 1).
-        round_to: kept widths are multiples of this (None: any width).
-        ignored_layers: modules whose output channels are never pruned.
+            Default 0.9; outside (0, 1) raises ``ValueError``.
+        round_to: kept widths are multiples of this (None, the default: any width). Not a positive
+            integer: ``ValueError``.
+        ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
+            Default none. Other types raise ``TypeError``; a name the model lacks raises
+            ``ValueError`` when the model is analysed, naming close matches.
         forward_fn / output_transform / customized_pruners: passed to torch-pruning's tracing
             (models with unusual call signatures or outputs, layers torch-pruning does not know).
         probe: before planning, cut one channel of every group on trial and put it back; groups
@@ -130,26 +133,32 @@ class ChannelPruner:
 
     def __init__(
         self,
-        criterion: Criterion | str,
+        criterion: Criterion,
         *,
         allocation: Allocation = "uniform",
         max_layer_ratio: float = 0.9,
         round_to: int | None = None,
-        ignored_layers: Sequence[nn.Module] = (),
+        ignored_layers: Sequence[str | nn.Module] = (),
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-        output_transform: Callable[[Any], torch.Tensor] | None = None,
+        output_transform: Callable[[Any], Any] | None = None,
         customized_pruners: Mapping[Any, Any] | None = None,
         probe: bool = True,
     ) -> None:
-        from lightning_prune.criteria import get_criterion  # the registry imports every criterion
-
+        if not isinstance(criterion, Criterion):
+            raise TypeError(
+                f"criterion must be a Criterion instance, got {type(criterion).__name__}: {criterion!r}; "
+                "resolve a registered name with lightning_prune.get_criterion(name)"
+            )
         if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-        if not 0.0 < max_layer_ratio < 1.0:
-            raise ValueError(f"max_layer_ratio must be in (0, 1), got {max_layer_ratio!r}")
-        self.criterion = get_criterion(criterion)
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or None, got {allocation!r}")
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        for layer in ignored_layers:
+            if not isinstance(layer, (str, nn.Module)):
+                raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
+        self.criterion = criterion
         self.allocation = allocation
-        self.max_layer_ratio = max_layer_ratio
+        self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio)
         self.round_to = round_to
         self.ignored_layers = list(ignored_layers)
         self.forward_fn = forward_fn
@@ -157,25 +166,61 @@ class ChannelPruner:
         self.customized_pruners = dict(customized_pruners or {})
         self.probe = probe
 
+    def resolve_ignored(self, model: nn.Module) -> list[nn.Module]:
+        """``ignored_layers`` as modules of ``model``.
+
+        Raises:
+            ValueError: a name the model does not have (with close names), or a module outside it.
+        """
+        named = dict(model.named_modules())
+        modules = []
+        for layer in self.ignored_layers:
+            if isinstance(layer, nn.Module):
+                if not any(layer is m for m in named.values()):
+                    raise ValueError(f"ignored_layers holds a {type(layer).__name__} that is not part of the model")
+                modules.append(layer)
+            elif layer in named:
+                modules.append(named[layer])
+            else:
+                close = [n for n in named if n and (layer in n or n in layer)][:5]
+                hint = f" Did you mean one of {close}?" if close else ""
+                raise ValueError(f"ignored_layers: the model has no layer named '{layer}'.{hint}")
+        return modules
+
     def analyse(self, model: nn.Module, example_inputs: Any) -> Analysis:
-        """Trace ``model`` and find its channel groups and cost (model left unchanged)."""
-        graph = build_dependency_graph(
-            model,
-            example_inputs,
-            forward_fn=self.forward_fn,
-            output_transform=self.output_transform,
-            customized_pruners=self.customized_pruners,
-        )
+        """Trace ``model`` and find its channel groups and cost (model left unchanged).
+
+        Three forward passes: the trace, one that measures layer positions and output shapes, and
+        the trial surgery of :func:`~lightning_prune.engine.probe.find_unprunable_groups`.
+        """
+        ignored = self.resolve_ignored(model)
+        with preserved_training_modes(model):
+            graph = build_dependency_graph(
+                model,
+                example_inputs,
+                forward_fn=self.forward_fn,
+                output_transform=self.output_transform,
+                customized_pruners=self.customized_pruners,
+            )
         refused: dict[str, str] = {}
-        groups = discover_groups(model, graph, ignored_modules=self.ignored_layers, refused=refused)
+        groups = discover_groups(model, graph, ignored_modules=ignored, refused=refused)
+        positions, signature = profile(model, example_inputs)
         if self.probe and groups:
-            bad = find_unprunable_groups(model, graph, groups, lambda: _run_signature(model, example_inputs))
+            bad = find_unprunable_groups(model, graph, groups, lambda: profile(model, example_inputs)[1], signature)
             refused.update({g.root_name: f"{bad[g.index]}; coupled layers: {_names(g.module_names)}" for g in groups if g.index in bad})
             groups = [dataclasses.replace(g, index=i) for i, g in enumerate(g for g in groups if g.index not in bad)]
         if refused:
             warnings.warn(unprunable_message(refused), UnprunableGroupWarning, stacklevel=1)
-        cost_model = CostModel(model, groups, example_inputs)
-        return Analysis(graph=graph, groups=groups, cost_model=cost_model, cost=cost_model.current, refused=refused)
+        cost_model = CostModel(model, groups, positions=positions)
+        return Analysis(
+            graph=graph,
+            groups=groups,
+            cost_model=cost_model,
+            cost=cost_model.current,
+            refused=refused,
+            signature=signature,
+            structure=_structure(model),
+        )
 
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
@@ -204,6 +249,7 @@ class ChannelPruner:
         generator: torch.Generator | None = None,
         step_index: int = 0,
         plan_hook: Callable[[Plan], Plan] | None = None,
+        analysis: Analysis | None = None,
     ) -> StepResult:
         """Prune ``model`` in place until it meets ``target`` (cumulative, relative to ``dense``).
 
@@ -219,6 +265,9 @@ class ChannelPruner:
             step_index: index of this step, passed to the criterion.
             plan_hook: applied to the plan before the surgery (e.g. broadcast it from rank 0 so that
                 every process cuts the same channels).
+            analysis: an analysis of ``model`` made earlier (e.g. the one the activation requests came
+                from); used when the model's structure has not changed since, else the model is
+                analysed afresh.
 
         Raises:
             PruningError: anything failed; model and optimizers are unchanged.
@@ -228,11 +277,11 @@ class ChannelPruner:
         params_before = list(model.parameters())
         try:
             with torch.inference_mode(False):
-                analysis = self.analyse(model, example_inputs)
+                if analysis is None or not analysis.describes(model):
+                    analysis = self.analyse(model, example_inputs)
                 if not analysis.groups:
                     reason = "".join(f"; '{k}': {v}" for k, v in analysis.refused.items())
                     raise PruningError(f"the model has no prunable channel group left{reason}")
-                signature = _run_signature(model, example_inputs)
                 scoring = ScoringContext(
                     model=model,
                     example_inputs=example_inputs,
@@ -262,8 +311,8 @@ class ChannelPruner:
                     plan = plan_hook(plan)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
-                surgery = [[str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in analysis.graph.pruning_history()]
-                after = self._check(model, example_inputs, params_before, changes, plan, signature) or analysis.cost
+                surgery = analysis.graph.pruning_history()
+                after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
                 remaps = [prepare_optimizer_remap(opt, changes) for opt in optimizers]
         except Exception as error:
             snapshot.restore()
@@ -285,20 +334,27 @@ class ChannelPruner:
         )
 
     @staticmethod
-    def _check(model, example_inputs, params_before, changes, plan, signature) -> Cost | None:
+    def _check(
+        model: nn.Module,
+        example_inputs: Any,
+        params_before: Sequence[nn.Parameter],
+        changes: Mapping[nn.Parameter, ParameterChange],
+        plan: Plan,
+        signature: Any,
+    ) -> Cost | None:
         """Verify the surgery (all changes recorded, output unchanged, cost as planned); return the cost."""
         stray = unrecorded_changes(params_before, model, changes)
         if stray:
             raise PruningError(f"parameters replaced outside the recorded surgery: {stray[:5]}")
         if not changes:
             return None
-        after_signature = _run_signature(model, example_inputs)
+        positions, after_signature = profile(model, example_inputs)
         if after_signature != signature:
             raise PruningError(
                 f"pruning changed the model's output from {signature} to {after_signature}; "
                 "add the layer that produces the output to ignored_layers"
             )
-        measured = count_cost(model, example_inputs)
+        measured = cost_from_positions(model, positions)
         if plan.predicted is not None and CostModel.relative_error(plan.predicted, measured) > 1e-6:
             raise PruningError(
                 f"the pruned model costs {measured}, the plan predicted {plan.predicted}: a layer is pruned "

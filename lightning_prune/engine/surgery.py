@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch_pruning.pruner.function import BasePruningFunc
-
-from lightning_prune.engine.graph import ChannelGroup, _intercept_parameter_pruning
+from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.tp_adapter import cut_parameter, intercept_parameter_pruning
 
 __all__ = ["ModuleSnapshot", "ParameterChange", "apply_plan"]
 
@@ -73,10 +72,9 @@ def apply_plan(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[in
     """
     changes: dict[nn.Parameter, ParameterChange] = {}
     origin: dict[int, nn.Parameter] = {}
-    original = BasePruningFunc._prune_parameter_and_grad
 
-    def record(pruner: BasePruningFunc, weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
-        new = original(pruner, weight, keep, dim)
+    def record(pruner: Any, weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+        new = cut_parameter(pruner, weight, keep, dim)
         new.requires_grad_(weight.requires_grad)  # torch-pruning's new Parameter would unfreeze frozen layers
         base = origin.get(id(weight), weight)
         change = changes.get(base)
@@ -87,7 +85,7 @@ def apply_plan(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[in
         origin[id(new)] = base
         return new
 
-    with _intercept_parameter_pruning(record), torch.no_grad():
+    with intercept_parameter_pruning(record), torch.no_grad():
         for index, channels in removed.items():
             if channels:
                 groups[index].prune(channels)

@@ -1,0 +1,35 @@
+"""The architecture refactor changed no decision: for a fixed seed every built-in criterion gives the
+same plan (widths per layer after each step) and bit-identical final weights as the values recorded
+on the code before it (``tests/data/reference_plans.json``, from ``tests/reference_fit.py``), and each
+pruning step analyses the model once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from reference_fit import CRITERIA, REFERENCE, run
+
+RECORDED = json.loads(REFERENCE.read_text())
+
+#: Forwards made inside the callback's hooks over the whole fit (2 steps), and torch-pruning traces.
+#: Per structure one analysis (a trace, one profiling forward, one trial surgery); per step one
+#: profiling forward after the surgery; once per fit the class count for activation criteria. The
+#: recorded file keeps the counts before the refactor (18/3 and 28/5; 146/3 for filter_ensembles).
+WEIGHT_ONLY = {"forwards": 3 + 1 + (3 + 1), "traces": 2}
+ACTIVATIONS = {"forwards": 3 + 1 + 1 + (3 + 1), "traces": 2}
+EXPECTED_COUNTS = {
+    **{c: WEIGHT_ONLY for c in ("l1", "l2", "fpgm", "random")},
+    **{c: ACTIVATIONS for c in ("pls_vip", "pca_gm", "di", "id")},
+    # 32 masked evaluations of 2 held-out batches per step on top of the weight-only count
+    "filter_ensembles": {"forwards": WEIGHT_ONLY["forwards"] + 2 * 32 * 2, "traces": 2},
+}
+
+
+@pytest.mark.parametrize("criterion", list(CRITERIA))
+def test_same_plan_and_weights_as_recorded_and_one_analysis_per_step(criterion):
+    result = run(criterion)
+    assert result["steps"] == 2
+    assert result["widths"] == RECORDED[criterion]["widths"]
+    assert result["weights_sha256"] == RECORDED[criterion]["weights_sha256"]
+    assert {k: result[k] for k in ("forwards", "traces")} == EXPECTED_COUNTS[criterion]
