@@ -20,7 +20,9 @@ class ActivationRequest:
         module: qualified name of the module whose activation is observed.
         site: ``"output"`` (what the module produces) or ``"input"`` (what it consumes, e.g. the
             activation after BN, ReLU and pooling that the next layer reads).
-        statistic: ``"pooled"``: one value per sample and channel (global ``pooling`` over all
+        statistic: the name of an accumulator in
+            :data:`~lightning_prune.collection.accumulators.ACCUMULATORS`; built in:
+            ``"pooled"``: one value per sample and channel (global ``pooling`` over all
             non-channel dims), kept for a bounded reservoir of samples together with their labels;
             ``"covariance"``: streaming channel covariance over rows (every sample and spatial
             position is a row), O(C^2) memory whatever the number of samples;
@@ -58,8 +60,11 @@ class ActivationRequest:
     def __post_init__(self) -> None:
         if self.site not in ("output", "input"):
             raise ValueError(f"site must be 'output' or 'input', got {self.site!r}")
-        if self.statistic not in ("pooled", "covariance", "class_moments", "rows"):
-            raise ValueError(f"statistic must be 'pooled', 'covariance', 'class_moments' or 'rows', got {self.statistic!r}")
+        from lightning_prune.collection.accumulators import ACCUMULATORS
+
+        if self.statistic not in ACCUMULATORS:
+            names = [repr(name) for name in ACCUMULATORS]
+            raise ValueError(f"statistic must be {', '.join(names[:-1])} or {names[-1]}, got {self.statistic!r}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.rows_per_batch < 1:

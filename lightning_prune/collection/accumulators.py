@@ -1,0 +1,681 @@
+"""Accumulators: one class per collected statistic, in the manner of torchmetrics' metrics.
+
+An :class:`Accumulator` holds the bounded-memory state of one statistic and offers:
+
+* :meth:`~Accumulator.update`: fold one activation in, on its device, with no host synchronisation;
+* :meth:`~Accumulator.sync`: combine every rank's state in place (``torch.distributed``), so that
+  every rank ends with the statistic of all ranks' data; a no-op when no process group is
+  initialised or the world has one rank;
+* :meth:`~Accumulator.compute`: the result handed to criteria;
+* :meth:`~Accumulator.tensors` and :meth:`~Accumulator.nbytes`: memory accounting.
+
+The built-in statistics:
+
+* :class:`PooledReservoir` (``"pooled"``): *one* reservoir shared by every pooled request, so that
+  all layers keep the same samples (aligned rows, with their labels);
+* :class:`CovarianceSums` (``"covariance"``): streamed channel sums and outer products over rows;
+* :class:`ClassMomentSums` (``"class_moments"``): streamed class counts, class sums and ``X^T X``;
+* :class:`RowReservoir` (``"rows"``): a uniform reservoir of activation rows.
+
+:data:`ACCUMULATORS` maps :attr:`ActivationRequest.statistic
+<lightning_prune.collection.requests.ActivationRequest>` to its class, and
+:func:`build_accumulators` is the one place that dispatches on it: adding a statistic is one
+subclass and its entry. Every random draw goes through one :class:`SharedGenerator`, in hook order,
+so that results are reproducible for a given seed.
+
+Example::
+
+    sums = CovarianceSums(ActivationRequest("conv", statistic="covariance"))
+    for x in activations:
+        sums.update(sums.request, x)
+    sums.sync()  # all ranks' rows
+    cov = sums.compute()  # (C, C) float64
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.collection.statistics import (
+    covariance_from_sums,
+    pool_channels,
+    reservoir_merge,
+    sample_rows,
+)
+
+__all__ = [
+    "ACCUMULATORS",
+    "Accumulator",
+    "AccumulatorContext",
+    "ClassMomentSums",
+    "ClassMoments",
+    "CovarianceSums",
+    "PooledReservoir",
+    "PooledSamples",
+    "RowReservoir",
+    "SharedGenerator",
+    "build_accumulators",
+]
+
+class SharedGenerator:
+    """One seeded :class:`torch.Generator` for every accumulator of a collector.
+
+    Calling it with a device returns the generator, re-created from ``seed`` when the device
+    changes. Sharing it keeps the random draws (row subsampling, reservoir keys) in hook order, so
+    a collection is reproducible; sampling never touches the global generator.
+
+    Args:
+        seed: seed of the generator.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+
+def _generator(generator: Any, device: torch.device) -> torch.Generator | None:
+    return generator(device) if callable(generator) else generator
+
+
+@dataclass(frozen=True)
+class AccumulatorContext:
+    """What a collector hands to :meth:`Accumulator.build` besides the requests.
+
+    Attributes:
+        channel_dims: the resolved channel dimension of every request's activation.
+        generator: the collector's shared generator.
+        max_samples: capacity of the pooled reservoir.
+        num_classes: the collector's number of classes (requests may set their own).
+    """
+
+    channel_dims: Mapping[ActivationRequest, int] = field(default_factory=dict)
+    generator: SharedGenerator = field(default_factory=SharedGenerator)
+    max_samples: int = 2048
+    num_classes: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _world_size() -> int:
+    """The number of ranks when a process group is initialised, else 1."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def _default_device() -> torch.device:
+    """Where a rank that holds nothing puts what the others sent (the backend's device)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------------------- base
+class Accumulator(ABC):
+    """Bounded-memory state of one statistic, updated from the activations of training batches.
+
+    Subclasses set :attr:`requests` and implement :meth:`build`, :meth:`update`, :meth:`sync`,
+    :meth:`compute`, :meth:`tensors` and :attr:`empty`; :meth:`begin_batch` and :meth:`end_batch`
+    are for accumulators that align a batch across requests.
+
+    Attributes:
+        shared: when True, one instance serves every request of its statistic (the collector
+            builds it once with all of them); otherwise one instance per request.
+        requests: the requests this accumulator serves.
+    """
+
+    shared: ClassVar[bool] = False
+    requests: tuple[ActivationRequest, ...]
+
+    @classmethod
+    @abstractmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> Accumulator:
+        """The accumulator of ``requests`` (exactly one unless :attr:`shared`) in a collector."""
+
+    def begin_batch(self) -> None:
+        """A training batch starts."""
+
+    @abstractmethod
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Fold in ``x``, the activation of ``request`` in the current batch (``labels``: the batch's)."""
+
+    def end_batch(self) -> None:
+        """The training batch ended (every request of it was updated)."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Combine the state of every rank, in place, identically on all ranks (a no-op on one rank)."""
+
+    @abstractmethod
+    def compute(self) -> Any:
+        """The statistic, as handed to criteria."""
+
+    @property
+    @abstractmethod
+    def empty(self) -> bool:
+        """Whether nothing was accumulated yet."""
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Labels of the samples the accumulator keeps; None for streamed statistics."""
+        return None
+
+    def results(self) -> dict[ActivationRequest, Any]:
+        """:meth:`compute` per request served; empty when nothing was accumulated."""
+        if self.empty:
+            return {}
+        return {self.requests[0]: self.compute()}
+
+    def rows_seen(self) -> dict[ActivationRequest, int]:
+        """Rows folded in per request (for statistics over rows)."""
+        return {}
+
+    @abstractmethod
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the accumulator holds."""
+
+    def nbytes(self) -> int:
+        """Bytes of :meth:`tensors`."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+# ---------------------------------------------------------------------------------------------- pooled
+class PooledSamples(NamedTuple):
+    """What :meth:`PooledReservoir.compute` returns."""
+
+    values: dict[ActivationRequest, torch.Tensor]  #: ``(N, C)`` pooled values per request, rows aligned
+    labels: torch.Tensor | None  #: ``(N,)`` labels of the samples, or None when a batch had none
+
+
+class PooledReservoir(Accumulator):
+    """Per-sample pooled channel values of every ``"pooled"`` request, for a uniform reservoir of samples.
+
+    Every sample gets one uniform random key at :meth:`end_batch`; the samples with the
+    ``max_samples`` largest keys are kept (:func:`~lightning_prune.collection.statistics.reservoir_merge`),
+    the same samples for every request, with their labels. Batches are buffered and compacted once
+    ``2 * max_samples`` are pending: amortised O(1) copies per sample, memory bounded by about
+    ``3 * max_samples`` samples whatever the number seen.
+
+    Args:
+        requests: the pooled requests (their ``pooling`` is used).
+        max_samples: reservoir capacity.
+        generator: draws the keys: a generator, a function of the device returning one (a
+            :class:`SharedGenerator`), or None for the global generator.
+        channel_dims: the channel dimension per request (default 1).
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        requests: Sequence[ActivationRequest],
+        max_samples: int = 2048,
+        generator: Any = None,
+        channel_dims: Mapping[ActivationRequest, int] | None = None,
+    ) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.requests = tuple(requests)
+        self.max_samples = int(max_samples)
+        self.generator = generator
+        self.channel_dims = {r: (channel_dims or {}).get(r, 1) for r in self.requests}
+        self._keys: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._pooled: dict[ActivationRequest, torch.Tensor] = {}
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor | None, dict[ActivationRequest, torch.Tensor]]] = []
+        self._pending = 0
+        self._staged: dict[ActivationRequest, torch.Tensor] = {}
+        self._batch_labels: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> PooledReservoir:
+        return cls(requests, context.max_samples, context.generator, context.channel_dims)
+
+    def begin_batch(self) -> None:
+        self._staged, self._batch_labels = {}, None
+
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Stage the pooled values of ``x`` (``(N, C)``); they enter the reservoir at :meth:`end_batch`."""
+        self._staged[request] = pool_channels(x, request.pooling, self.channel_dims[request])
+        self._batch_labels = labels
+
+    def end_batch(self) -> None:
+        """Key the batch's samples and buffer them (compacting at ``2 * max_samples`` pending)."""
+        pooled, labels = self._staged, self._batch_labels
+        self._staged, self._batch_labels = {}, None
+        if not pooled:
+            return
+        first = next(iter(pooled.values()))
+        n, device = first.shape[0], first.device
+        keys = torch.rand(n, generator=_generator(self.generator, device), device=device)
+        if labels is not None and labels.shape[0] != n:
+            raise ValueError(f"label_fn returned {labels.shape[0]} labels for a batch of {n} samples")
+        self._chunks.append((keys, labels, pooled))
+        self._pending += n
+        if self._pending >= 2 * self.max_samples:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._chunks:
+            return
+        old_keys = self._keys if self._keys is not None else self._chunks[0][0][:0]
+        new_keys = torch.cat([c[0] for c in self._chunks])
+        index, self._keys = reservoir_merge(old_keys, new_keys, self.max_samples)
+        if all(c[1] is not None for c in self._chunks) and (old_keys.numel() == 0 or self._labels is not None):
+            old = self._labels if self._labels is not None else self._chunks[0][1][:0]
+            self._labels = torch.cat([old, *[c[1] for c in self._chunks]])[index]
+        else:
+            self._labels = None
+        for request in self._chunks[0][2]:
+            old = self._pooled.get(request)
+            parts = ([old] if old is not None else []) + [c[2][request] for c in self._chunks]
+            self._pooled[request] = torch.cat(parts)[index]
+        self._chunks = []
+        self._pending = 0
+
+    def sync(self) -> None:
+        """Gather every rank's reservoir and keep the ``max_samples`` largest keys of all of them.
+
+        Still a uniform sample of all the samples seen by all ranks; labels are kept when every
+        rank has them.
+        """
+        if _world_size() == 1:
+            return
+        self._compact()
+        local = None
+        if self._keys is not None:
+            local = {
+                "keys": self._keys.cpu(),
+                "labels": None if self._labels is None else self._labels.cpu(),
+                "pooled": {r: v.cpu() for r, v in self._pooled.items()},
+            }
+        gathered = [g for g in _all_gather(local) if g is not None]
+        if not gathered:
+            return
+        device = self._keys.device if self._keys is not None else _default_device()
+        keys = torch.cat([g["keys"] for g in gathered])
+        index, kept = reservoir_merge(keys[:0], keys, self.max_samples)
+        if all(g["labels"] is not None for g in gathered):
+            self._labels = torch.cat([g["labels"] for g in gathered])[index].to(device)
+        else:
+            self._labels = None
+        for request in gathered[0]["pooled"]:
+            self._pooled[request] = torch.cat([g["pooled"][request] for g in gathered])[index].to(device)
+        self._keys = kept.to(device)
+
+    def compute(self) -> PooledSamples:
+        """The reservoir (compacted to at most ``max_samples`` samples) and its labels."""
+        self._compact()
+        return PooledSamples(dict(self._pooled), self._labels)
+
+    @property
+    def empty(self) -> bool:
+        return self._keys is None and not self._chunks
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        self._compact()
+        return self._labels
+
+    def results(self) -> dict[ActivationRequest, Any]:
+        return self.compute().values
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self._keys is not None:
+            yield self._keys
+        if self._labels is not None:
+            yield self._labels
+        yield from self._pooled.values()
+        for keys, labels, pooled in self._chunks:
+            yield keys
+            if labels is not None:
+                yield labels
+            yield from pooled.values()
+
+
+# ---------------------------------------------------------------------------------------------- streamed sums
+class _Sums:
+    """``sum x`` and ``sum x x^T`` over rows: float32 per batch (one ``addmm_``), flushed into float64
+    every ``flush_every`` batches so that long windows keep float64 accuracy."""
+
+    flush_every = 32
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.count = 0
+        self.batches = 0
+        self.total32 = torch.zeros(channels, device=device)
+        self.outer32 = torch.zeros(channels, channels, device=device)
+        self.total = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.count += int(rows.shape[0])
+        self.total32.add_(rows.sum(0))
+        self.outer32.addmm_(rows.T, rows)
+        self.batches += 1
+        if self.batches % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        self.total += self.total32.double()
+        self.outer += self.outer32.double()
+        self.total32.zero_()
+        self.outer32.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.total32, self.outer32, self.total, self.outer]
+
+
+def _all_reduce_sums(sums: _Sums | None, extra: Callable[[], list[torch.Tensor]], name: str) -> None:
+    """Flush and all-reduce ``sums`` (and ``extra()``) with the row count; every rank must hold some."""
+    import torch.distributed as dist
+
+    device = sums.total.device if sums is not None else _default_device()
+    state = torch.tensor([0.0 if sums is None else float(sums.count), float(sums is None)], dtype=torch.float64, device=device)
+    dist.all_reduce(state)
+    if int(state[1].item()) == 0:
+        sums.flush()
+        for tensor in [sums.total, sums.outer, *extra()]:
+            dist.all_reduce(tensor)
+        sums.count = int(state[0].item())
+    elif int(state[1].item()) < dist.get_world_size():  # the same decision on every rank: no hang
+        raise RuntimeError(f"{name}: some ranks collected nothing while others did; statistics cannot be combined")
+
+
+class _RowSampling(Accumulator):
+    """Shared by the accumulators of activation rows: :func:`sample_rows` with the request's settings."""
+
+    request: ActivationRequest
+    channel_dim: int
+    generator: Any
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        column_index = None
+        if self.request.channel_index:
+            column_index = self._column_index.get(x.device)
+            if column_index is None:  # one host-to-device copy per request and device, not per batch
+                column_index = self._column_index[x.device] = torch.tensor(self.request.channel_index, device=x.device)
+        return sample_rows(
+            x, self.channel_dim, self.request.rows_per_batch,
+            channels=self.request.channels, column_index=column_index, generator=self.generator,
+        )
+
+    def _index_tensors(self) -> Iterator[torch.Tensor]:
+        yield from self._column_index.values()
+
+    def _init_sampling(self, request: ActivationRequest, channel_dim: int, generator: Any) -> None:
+        self.request = request
+        self.requests = (request,)
+        self.channel_dim = int(channel_dim)
+        self.generator = generator
+        self._column_index: dict[torch.device, torch.Tensor] = {}
+
+
+class CovarianceSums(_RowSampling):
+    """Streaming channel covariance over rows (every sample and position is a row), O(C^2) memory.
+
+    Per batch, up to ``request.rows_per_batch`` rows are sampled (:func:`sample_rows`) and folded
+    into float32 sums (one ``addmm_``), flushed into float64 every 32 batches.
+
+    Args:
+        request: a ``"covariance"`` request.
+        channel_dim: the channel dimension of the activation (default 1).
+        generator: draws the row subsample (see :class:`PooledReservoir`).
+    """
+
+    def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
+        self._init_sampling(request, channel_dim, generator)
+        self._sums: _Sums | None = None
+
+    @classmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> CovarianceSums:
+        (request,) = requests
+        return cls(request, context.channel_dims.get(request, 1), context.generator)
+
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        rows = self._rows(x)
+        if self._sums is None:
+            self._sums = _Sums(rows.shape[1], rows.device)
+        self._sums.add(rows)
+
+    def sync(self) -> None:
+        """All-reduce the sums and the row count."""
+        if _world_size() > 1:
+            _all_reduce_sums(self._sums, list, f"covariance of '{self.request.module}'")
+
+    def compute(self) -> torch.Tensor:
+        """``(C, C)`` float64 population covariance over every row folded in."""
+        if self._sums is None:
+            raise RuntimeError(f"covariance of '{self.request.module}': nothing accumulated")
+        self._sums.flush()
+        return covariance_from_sums(torch.tensor(float(self._sums.count)), self._sums.total, self._sums.outer)
+
+    @property
+    def empty(self) -> bool:
+        return self._sums is None
+
+    def rows_seen(self) -> dict[ActivationRequest, int]:
+        return {} if self._sums is None else {self.request: self._sums.count}
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self._sums is not None:
+            yield from self._sums.tensors()
+        yield from self._index_tensors()
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    """Streamed per-class statistics of pooled features (float64): everything DI needs."""
+
+    counts: torch.Tensor  #: (K,) samples per class
+    class_sums: torch.Tensor  #: (K, C) feature sums per class
+    total: torch.Tensor  #: (C,) feature sum
+    scatter: torch.Tensor  #: (C, C) sum of x x^T
+
+
+class ClassMomentSums(Accumulator):
+    """Streamed class counts, class sums, feature sum and ``X^T X`` of pooled features, O(K C + C^2) memory.
+
+    Labels are one-hot encoded; labels outside ``[0, num_classes)`` are counted and reported by
+    :meth:`compute`.
+
+    Args:
+        request: a ``"class_moments"`` request (its ``pooling`` is used).
+        num_classes: the number of classes ``K``.
+        channel_dim: the channel dimension of the activation (default 1).
+    """
+
+    def __init__(self, request: ActivationRequest, num_classes: int, channel_dim: int = 1) -> None:
+        if num_classes < 1:
+            raise ValueError(f"class_moments of '{request.module}' need num_classes >= 1, got {num_classes}")
+        self.request = request
+        self.requests = (request,)
+        self.classes = int(num_classes)
+        self.channel_dim = int(channel_dim)
+        self._sums: _Sums | None = None
+        self._counts: torch.Tensor | None = None
+        self._class_sums: torch.Tensor | None = None
+        self._invalid: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> ClassMomentSums:
+        (request,) = requests
+        return cls(request, request.num_classes or int(context.num_classes or 0), context.channel_dims.get(request, 1))
+
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if labels is None:
+            raise ValueError(f"class_moments of '{request.module}' need the batch labels (begin_batch(labels))")
+        rows = pool_channels(x, request.pooling, self.channel_dim)
+        if self._sums is None:
+            self._sums = _Sums(rows.shape[1], rows.device)
+            self._counts = torch.zeros(self.classes, dtype=torch.float64, device=rows.device)
+            self._class_sums = torch.zeros(self.classes, rows.shape[1], dtype=torch.float64, device=rows.device)
+            self._invalid = torch.zeros((), dtype=torch.long, device=rows.device)
+        labels = labels.to(rows.device).long()
+        self._invalid += ((labels < 0) | (labels >= self.classes)).sum()
+        onehot = torch.nn.functional.one_hot(labels.clamp(0, self.classes - 1), self.classes).to(rows.dtype)
+        self._counts += onehot.sum(0).double()
+        self._class_sums += (onehot.T @ rows).double()
+        self._sums.add(rows)
+
+    def sync(self) -> None:
+        """All-reduce the counts, sums and invalid-label count."""
+        if _world_size() > 1:
+            _all_reduce_sums(
+                self._sums, lambda: [self._counts, self._class_sums, self._invalid],
+                f"class_moments of '{self.request.module}'",
+            )
+
+    def compute(self) -> ClassMoments:
+        """The moments; raises ValueError when labels fell outside ``[0, num_classes)``."""
+        if self._sums is None:
+            raise RuntimeError(f"class_moments of '{self.request.module}': nothing accumulated")
+        if int(self._invalid):
+            raise ValueError(
+                f"{int(self._invalid)} collected label(s) fall outside [0, {self.classes}); "
+                "pass num_classes= to the criterion (criterion_kwargs) or fix label_fn"
+            )
+        self._sums.flush()
+        return ClassMoments(self._counts, self._class_sums, self._sums.total, self._sums.outer)
+
+    @property
+    def empty(self) -> bool:
+        return self._sums is None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self._sums is not None:
+            yield from self._sums.tensors()
+            yield from (self._counts, self._class_sums, self._invalid)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+class RowReservoir(_RowSampling):
+    """A uniform reservoir of at most ``request.max_rows`` activation rows (sample x position).
+
+    Per batch, up to ``request.rows_per_batch`` rows are sampled (:func:`sample_rows`), each with a
+    uniform random key; the rows with the largest keys are kept, compacted once ``2 * max_rows``
+    are pending (amortised O(1) copies per row).
+
+    Args:
+        request: a ``"rows"`` request (its ``channels`` and ``channel_index`` are honoured).
+        channel_dim: the channel dimension of the activation (default 1).
+        generator: draws the row subsample and the keys (see :class:`PooledReservoir`).
+    """
+
+    def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
+        self._init_sampling(request, channel_dim, generator)
+        self.max_rows = int(request.max_rows)
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._pending = 0
+        self._seen = 0
+
+    @classmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> RowReservoir:
+        (request,) = requests
+        return cls(request, context.channel_dims.get(request, 1), context.generator)
+
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        rows = self._rows(x)
+        keys = torch.rand(rows.shape[0], generator=_generator(self.generator, rows.device), device=rows.device)
+        if self._keys is None:
+            self._keys, self._values = keys[:0], rows[:0]
+        if self._pending + rows.shape[0] >= 2 * self.max_rows:  # compact: amortised O(1) copies per row
+            index, self._keys = reservoir_merge(self._keys, keys, self.max_rows)
+            self._values, self._pending = torch.cat([self._values, rows])[index], 0
+        else:
+            self._keys, self._values = torch.cat([self._keys, keys]), torch.cat([self._values, rows])
+            self._pending += rows.shape[0]
+        self._seen += int(rows.shape[0])
+
+    def sync(self) -> None:
+        """Gather every rank's rows and keep the ``max_rows`` largest keys of all of them."""
+        if _world_size() == 1:
+            return
+        local = None if self._keys is None else (self._keys.cpu(), self._values.cpu(), self._seen)
+        gathered = [g for g in _all_gather(local) if g is not None]
+        if not gathered:
+            return
+        device = self._values.device if self._values is not None else _default_device()
+        keys = torch.cat([g[0] for g in gathered])
+        values = torch.cat([g[1] for g in gathered])
+        index, kept = reservoir_merge(keys[:0], keys, self.max_rows)
+        self._keys, self._values, self._pending = kept.to(device), values[index].to(device), 0
+        self._seen = sum(g[2] for g in gathered)
+
+    def compute(self) -> torch.Tensor:
+        """``(M, C)`` rows, a uniform sample of at most ``max_rows`` of all the rows folded in."""
+        if self._keys is None:
+            raise RuntimeError(f"rows of '{self.request.module}': nothing accumulated")
+        index, _kept = reservoir_merge(self._keys[:0], self._keys, self.max_rows)
+        return self._values[index]
+
+    @property
+    def empty(self) -> bool:
+        return self._keys is None
+
+    def rows_seen(self) -> dict[ActivationRequest, int]:
+        return {} if self._keys is None else {self.request: self._seen}
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self._keys is not None:
+            yield self._keys
+            yield self._values
+        yield from self._index_tensors()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+#: ``ActivationRequest.statistic`` -> the accumulator class that collects it.
+ACCUMULATORS: dict[str, type[Accumulator]] = {
+    "pooled": PooledReservoir,
+    "covariance": CovarianceSums,
+    "class_moments": ClassMomentSums,
+    "rows": RowReservoir,
+}
+
+
+def build_accumulators(
+    requests: Sequence[ActivationRequest], context: AccumulatorContext
+) -> dict[ActivationRequest, Accumulator]:
+    """The accumulator of every request (requests of a :attr:`~Accumulator.shared` class share one).
+
+    The dict's order is that of ``requests``; distinct accumulators, in order of first appearance,
+    are ``dict.fromkeys(result.values())``.
+    """
+    requests = list(dict.fromkeys(requests))
+    unknown = sorted({r.statistic for r in requests} - ACCUMULATORS.keys())
+    if unknown:
+        raise ValueError(f"no accumulator for statistic(s) {unknown}; known: {sorted(ACCUMULATORS)}")
+    result: dict[ActivationRequest, Accumulator] = {}
+    shared: dict[str, Accumulator] = {}
+    for request in requests:
+        cls = ACCUMULATORS[request.statistic]
+        if cls.shared:
+            if request.statistic not in shared:
+                shared[request.statistic] = cls.build([r for r in requests if r.statistic == request.statistic], context)
+            result[request] = shared[request.statistic]
+        else:
+            result[request] = cls.build([request], context)
+    return result
