@@ -6,7 +6,11 @@ PY     := $(VENV)/bin/python
 # torch/torchvision pinned to the builds that ship with this machine image (CPU use; CUDA works too).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+# Debian's Fashion-MNIST package (the real-data tests read its files; with CI=true they fail without them).
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_PKG := dataset-fashion-mnist
+
+.PHONY: demo test install data clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +19,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,plot,onnx]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed data
+
+# Installs the package as root where apt-get exists; elsewhere (non-root, no apt) only a note, never a failure.
+data:
+	@if [ -d $(FASHION_MNIST_DIR) ]; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(FASHION_MNIST_PKG) (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FASHION_MNIST_PKG); } || \
+			echo "note: apt-get install $(FASHION_MNIST_PKG) failed; the Fashion-MNIST tests skip (fail with CI=true)"; \
+	else \
+		echo "note: $(FASHION_MNIST_DIR) is missing and apt-get cannot be run here (needs root and apt):" \
+			"run 'sudo apt-get install $(FASHION_MNIST_PKG)'; the Fashion-MNIST tests skip (fail with CI=true)"; \
+	fi
 
 demo: install
 	$(PY) examples/digits_demo.py

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from lightning_prune.data.digits import EpochShuffle
-from lightning_prune.data.fake import FakeImageDataset
+from lightning_prune.data._vision import _torchvision, _VisionDataModule
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD"]
 
@@ -20,19 +16,10 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 _FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 extracts under its root
 _NUM_CLASSES = 10
+_OWNER = "CIFAR10DataModule"
 
 
-def _torchvision() -> Any:
-    try:
-        import torchvision
-    except ImportError as error:  # pragma: no cover - torchvision is installed with the test extra
-        raise ImportError(
-            "CIFAR10DataModule needs torchvision: pip install torchvision (or use fake=True)"
-        ) from error
-    return torchvision
-
-
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(_VisionDataModule):
     """CIFAR-10: 50,000 training and 10,000 test images, 32x32 RGB, 10 classes.
 
     Training images get the standard augmentation of the ResNet paper (He et al. 2016): a random
@@ -69,6 +56,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         RuntimeError: the download failed (no network); the message says what to do instead.
     """
 
+    mean = CIFAR10_MEAN
+    std = CIFAR10_STD
+
     def __init__(
         self,
         data_dir: str = "data",
@@ -81,29 +71,20 @@ class CIFAR10DataModule(pl.LightningDataModule):
         seed: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
-        super().__init__()
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
         if batch_size < 1 or num_workers < 0 or fake_size < 1:
             raise ValueError(
                 f"need batch_size >= 1, num_workers >= 0 and fake_size >= 1, got {batch_size}, {num_workers}, {fake_size}"
             )
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        super().__init__(data_dir, batch_size, num_workers, fake, fake_size, seed, eval_batch_size)
         self.download = download
-        self.fake = fake
-        self.fake_size = fake_size
         self.val_split = val_split
-        self.seed = seed
-        self.eval_batch_size = eval_batch_size or batch_size
         self.num_classes = _NUM_CLASSES
-        self._splits: dict[str, Dataset] = {}
 
     @property
-    def root(self) -> Path:
-        """The folder torchvision's ``cifar-10-batches-py`` lives in."""
-        return Path(self.data_dir).expanduser()
+    def fake_shape(self) -> tuple[int, int, int]:
+        return (3, 32, 32)
 
     def _missing(self) -> FileNotFoundError:
         return FileNotFoundError(
@@ -117,7 +98,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return
         if not self.download:
             raise self._missing()
-        datasets = _torchvision().datasets
+        datasets = _torchvision(_OWNER).datasets
         try:
             for train in (True, False):
                 datasets.CIFAR10(str(self.root), train=train, download=True)
@@ -129,58 +110,21 @@ class CIFAR10DataModule(pl.LightningDataModule):
             ) from error
 
     def _transforms(self) -> tuple[Any, Any]:
-        t = _torchvision().transforms
-        normalize = t.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        t = _torchvision(_OWNER).transforms
+        normalize = t.Normalize(self.mean, self.std)
         train = t.Compose([t.RandomCrop(32, padding=4), t.RandomHorizontalFlip(), t.ToTensor(), normalize])
         return train, t.Compose([t.ToTensor(), normalize])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
-        if self.fake:
-            held_out = max(1, self.fake_size // 4)
-            shape = (3, 32, 32)
-            self._splits = {
-                "train": FakeImageDataset(self.fake_size, shape, _NUM_CLASSES, seed=self.seed),
-                "val": FakeImageDataset(held_out, shape, _NUM_CLASSES, seed=self.seed + 1),
-                "test": FakeImageDataset(held_out, shape, _NUM_CLASSES, seed=self.seed + 2),
-            }
-            return
+    def _real_splits(self) -> dict[str, Dataset]:
         if not (self.root / _FOLDER).is_dir():
             raise self._missing()
-        cifar = _torchvision().datasets.CIFAR10
+        cifar = _torchvision(_OWNER).datasets.CIFAR10
         train_tf, eval_tf = self._transforms()
         root = str(self.root)
         test = cifar(root, train=False, transform=eval_tf)
         train = cifar(root, train=True, transform=train_tf)
         val: Dataset = test
         if self.val_split > 0:
-            size = len(train)
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            held_out = max(1, round(self.val_split * size))
-            val = Subset(cifar(root, train=True, transform=eval_tf), order[:held_out])
-            train = Subset(train, order[held_out:])
-        self._splits = {"train": train, "val": val, "test": test}
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self._splits[split]
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+            held_out = max(1, round(self.val_split * len(train)))
+            train, val = self._hold_out(train, cifar(root, train=True, transform=eval_tf), held_out)
+        return {"train": train, "val": val, "test": test}

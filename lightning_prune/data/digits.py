@@ -5,28 +5,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DigitsDataModule"]
+from lightning_prune.data._vision import EpochShuffle  # re-exported: it lived here first
 
-
-class EpochShuffle(Sampler[int]):
-    """A shuffle seeded by ``seed + epoch`` (Lightning calls ``set_epoch``): a resumed fit sees the
-    same order in each epoch as an uninterrupted one."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+__all__ = ["DigitsDataModule", "EpochShuffle"]
 
 
 class DigitsDataModule(pl.LightningDataModule):

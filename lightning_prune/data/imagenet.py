@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_prune.data.digits import EpochShuffle
-from lightning_prune.data.fake import FakeImageDataset
+from lightning_prune.data._vision import _torchvision, _VisionDataModule
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetDataModule"]
 
@@ -18,16 +14,10 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetDataModule"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def _torchvision() -> Any:
-    try:
-        import torchvision
-    except ImportError as error:  # pragma: no cover - torchvision is installed with the test extra
-        raise ImportError("ImageNetDataModule needs torchvision: pip install torchvision (or use fake=True)") from error
-    return torchvision
+_OWNER = "ImageNetDataModule"
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(_VisionDataModule):
     """ImageNet (ILSVRC-2012) or any data set laid out as ``data_dir/train/<class>/<image>`` and
     ``data_dir/val/<class>/<image>``, read with torchvision's ``ImageFolder``.
 
@@ -65,6 +55,10 @@ class ImageNetDataModule(pl.LightningDataModule):
             and ``val/`` name different classes.
     """
 
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    _fake_test_is_val = True
+
     def __init__(
         self,
         data_dir: str = "data/imagenet",
@@ -78,28 +72,19 @@ class ImageNetDataModule(pl.LightningDataModule):
         seed: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
-        super().__init__()
         if batch_size < 1 or num_workers < 0 or image_size < 1 or num_classes < 1 or fake_size < 1:
             raise ValueError(
                 "need batch_size, image_size, num_classes, fake_size >= 1 and num_workers >= 0, got "
                 f"{batch_size}, {image_size}, {num_classes}, {fake_size}, {num_workers}"
             )
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        super().__init__(data_dir, batch_size, num_workers, fake, fake_size, seed, eval_batch_size)
         self.image_size = image_size
         self.resize_size = resize_size or round(image_size * 256 / 224)
         self.num_classes = num_classes
-        self.fake = fake
-        self.fake_size = fake_size
-        self.seed = seed
-        self.eval_batch_size = eval_batch_size or batch_size
-        self._splits: dict[str, Dataset] = {}
 
     @property
-    def root(self) -> Path:
-        """The folder holding ``train/`` and ``val/``."""
-        return Path(self.data_dir).expanduser()
+    def fake_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
 
     def _check_folders(self) -> None:
         for split in ("train", "val"):
@@ -118,26 +103,15 @@ class ImageNetDataModule(pl.LightningDataModule):
             self._check_folders()
 
     def _transforms(self) -> tuple[Any, Any]:
-        t = _torchvision().transforms
-        normalize = t.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        t = _torchvision(_OWNER).transforms
+        normalize = t.Normalize(self.mean, self.std)
         train = t.Compose([t.RandomResizedCrop(self.image_size), t.RandomHorizontalFlip(), t.ToTensor(), normalize])
         evaluation = t.Compose([t.Resize(self.resize_size), t.CenterCrop(self.image_size), t.ToTensor(), normalize])
         return train, evaluation
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
-        if self.fake:
-            held_out = max(1, self.fake_size // 4)
-            shape = (3, self.image_size, self.image_size)
-            self._splits = {
-                "train": FakeImageDataset(self.fake_size, shape, self.num_classes, seed=self.seed),
-                "val": FakeImageDataset(held_out, shape, self.num_classes, seed=self.seed + 1),
-            }
-            self._splits["test"] = self._splits["val"]
-            return
+    def _real_splits(self) -> dict[str, Dataset]:
         self._check_folders()
-        folder = _torchvision().datasets.ImageFolder
+        folder = _torchvision(_OWNER).datasets.ImageFolder
         train_tf, eval_tf = self._transforms()
         train = folder(str(self.root / "train"), transform=train_tf)
         val = folder(str(self.root / "val"), transform=eval_tf)
@@ -152,27 +126,4 @@ class ImageNetDataModule(pl.LightningDataModule):
                 f"'{self.root / 'train'}' and '{self.root / 'val'}' hold different class folders (e.g. {missing}); "
                 "the labels would not match"
             )
-        self._splits = {"train": train, "val": val, "test": val}
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self._splits[split]
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return {"train": train, "val": val, "test": val}
