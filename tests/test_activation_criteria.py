@@ -24,7 +24,7 @@ from lightning_prune.models import ImageClassifier, SmallResNet
 
 # ----------------------------------------------------------------------------- PLS + VIP
 def _numpy_vip(pls: PLSRegression) -> np.ndarray:
-    """VIP written out term by term from the formula (shared/criteria.md section 1)."""
+    """VIP written out term by term from the formula (docs/criteria.md section "PLS + VIP")."""
     w, t, q = pls.x_weights_, pls.x_scores_, pls.y_loadings_
     p, a_count = w.shape
     s = np.array([(t[:, a] @ t[:, a]) * (q[:, a] @ q[:, a]) for a in range(a_count)])

@@ -75,7 +75,7 @@ _SMOKE: dict[str, dict[str, Any]] = {
     },
 }
 
-#: The papers' setups (shared/criteria.md): criterion, target kind and value, number of pruning steps.
+#: The papers' setups (docs/criteria.md): criterion, target kind and value, number of pruning steps.
 _PAPERS = {
     "cifar10_resnet56_pls_vip_5steps.yaml": ("pls_vip", "channels", 1 - 0.9**5, 5),  # 10% of what remains, 5x
     "cifar10_resnet56_pls_vip_8steps.yaml": ("pls_vip", "channels", 1 - 0.9**8, 8),

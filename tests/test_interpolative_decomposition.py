@@ -163,7 +163,7 @@ def test_residual_groups_are_pruned_by_selection_only_and_recorded():
 
 
 def test_conv_flatten_linear_consumer_absorbs_t_kron_identity():
-    """conv -> BN -> ReLU -> flatten -> linear: the linear absorbs T (x) I_HW (shared/criteria.md section 4)."""
+    """conv -> BN -> ReLU -> flatten -> linear: the linear absorbs T (x) I_HW (docs/criteria.md section "Interpolative decomposition")."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
     with torch.no_grad():  # channels 4 and 5 are multiples of 0 and 1 after BN and ReLU

@@ -1,6 +1,6 @@
-"""``"discriminant_information"`` (``"di"``): Hou & Kung, ICPR 2020 (``shared/criteria.md`` section 3).
+"""``"discriminant_information"`` (``"di"``): Hou & Kung, ICPR 2020.
 
-On a layer's pooled features ``X (N x C)``::
+``docs/criteria.md`` section "Discriminant information". On a layer's pooled features ``X (N x C)``::
 
     S_bar = X~^T X~ / N                                 (centred scatter, per sample)
     S_B   = sum_c N_c (mu_c - mu)(mu_c - mu)^T / N       (between-class scatter, per sample)

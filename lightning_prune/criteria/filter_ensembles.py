@@ -1,6 +1,6 @@
 """``"filter_ensembles"``: linear filter ensembles (Sándor, Pável, Csató, arXiv 2001.08142).
 
-``shared/criteria.md`` section 2. ``S`` random binary masks over the channels (each kept with
+``docs/criteria.md`` section "Linear filter ensembles". ``S`` random binary masks over the channels (each kept with
 probability ``p_keep``) are applied by zeroing the masked channels where they leave their group
 (hooks on the model, no copy); the loss of each masked model on a fixed set of held-out batches
 is recorded, and a linear additive model ``loss ~ b0 + sum_k b_k m_k`` is fitted by ridge

@@ -1,4 +1,4 @@
-"""``"fpgm"``: geometric-median redundancy (He et al., CVPR 2019; ``shared/criteria.md`` section 5)."""
+"""``"fpgm"``: geometric-median redundancy (He et al., CVPR 2019; ``docs/criteria.md`` section "Baselines")."""
 
 from __future__ import annotations
 

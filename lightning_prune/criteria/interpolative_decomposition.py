@@ -1,7 +1,8 @@
 """``"interpolative_decomposition"`` (``"id"``): Chee, Renz, Damle, De Sa, NeurIPS 2022.
 
-``shared/criteria.md`` section 4. ``Z`` is the activation the group's consumers read (after BN,
-ReLU and pooling), as rows ``(N*H*W) x C`` (a uniform reservoir of at most ``max_rows`` rows).
+``docs/criteria.md`` section "Interpolative decomposition". ``Z`` is the activation the group's
+consumers read (after BN, ReLU and pooling), as rows ``(N*H*W) x C`` (a uniform reservoir of at
+most ``max_rows`` rows).
 A column-pivoted QR ``Z P = Q R`` orders the channels (first pivots are kept first). For the
 channels ``S`` that stay, the interpolation matrix ``T`` (``k x C``) with ``Z ~ Z[:, S] T`` is the
 least-squares solution ``T = Z[:, S]^+ Z``, which for ``S`` = the first ``k`` pivots is exactly

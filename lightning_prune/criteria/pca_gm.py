@@ -1,6 +1,6 @@
 """``"pca_gm"``: widths from PCA of activations, channels chosen by geometric median (Ahmed et al., 2022).
 
-``shared/criteria.md`` section 5. Stage 1 (widths): per layer, PCA of the activations reshaped to
+``docs/criteria.md`` section "PCA + geometric median". Stage 1 (widths): per layer, PCA of the activations reshaped to
 ``(N*H*W, C)``; the layer needs ``k`` channels where ``k`` is the smallest number of components
 explaining ``variance_threshold`` of the variance. Stage 2 (which channels): FPGM, the filters
 nearest the layer's geometric median go first.

@@ -1,6 +1,6 @@
 """``"pls_vip"``: Partial Least Squares + Variable Importance in Projection (Jordao et al., 2019).
 
-``shared/criteria.md`` section 1. The pooled (global max, or avg) activation of every channel of
+``docs/criteria.md`` section "PLS + VIP". The pooled (global max, or avg) activation of every channel of
 every prunable layer is one feature; one PLS regression of all features against the one-hot labels
 (``n_components=2``, features scaled to unit variance) gives, for feature ``j``::
 

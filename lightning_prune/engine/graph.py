@@ -5,7 +5,8 @@ Built on torch-pruning's dependency graph, reached only through
 torch-pruning does not offer:
 
 * tracing that leaves the model as it found it (torch-pruning's tracing switches every submodule
-  to eval mode and never switches back, see ``docs/integration.md``);
+  to eval mode and never switches back, see ``docs/integration.md`` section
+  "Tracing leaves the model in eval mode");
 * :class:`ChannelGroup`, a frozen description of one set of coupled channels (a conv, its BN, the
   residual partners, the consumers' input channels) with the parameter slices each channel owns;
 * the exclusion of groups that would change the model's output shape (the classifier's outputs)

@@ -1,7 +1,8 @@
 """Point an existing optimizer at the pruned parameters, keeping its state.
 
 Rebuilding the optimizer after a prune loses momentum and Adam moments and restarts the LR
-schedule; keeping the old one silently freezes every pruned layer (``shared/integration.md``).
+schedule; keeping the old one silently freezes every pruned layer (``docs/integration.md``
+section "The optimizer keeps the old parameters").
 Here the *same* optimizer object gets the new parameters in its ``param_groups``, and every
 per-parameter state tensor shaped like the old parameter (``momentum_buffer``, ``exp_avg``,
 ``exp_avg_sq``, ``max_exp_avg_sq``, Adagrad's ``sum``, ...) is cut exactly as the parameter was.

@@ -3,7 +3,7 @@
 The convolutional part is VGG-16's (Simonyan & Zisserman 2015) with BatchNorm after every
 convolution and five 2x2 max-pools, so a 32x32 image ends as a 512-channel 1x1 map. The classifier
 is the one common in CIFAR pruning code: ``Linear(512, 512) - BatchNorm1d - ReLU - Linear(512,
-num_classes)`` (``shared/criteria.md`` names no other variant). 14.99M parameters and 313.5M MACs
+num_classes)`` (the papers in ``docs/criteria.md`` name no other variant). 14.99M parameters and 313.5M MACs
 per 32x32 sample.
 """
 
