@@ -10,7 +10,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 FASHION_MNIST_PKG := dataset-fashion-mnist
 
-.PHONY: demo test install data clean
+.PHONY: demo test lint install data clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ data:
 demo: install
 	$(PY) examples/digits_demo.py
 
-test: install
+# Lint (ruff, imports sorted) and type-check (mypy) the package, then the tests: any failure fails CI.
+lint: install
+	$(PY) -m ruff check lightning_prune
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -191,7 +191,9 @@ class StructuredPruningCallback(Callback):
         )
         self.example_inputs = example_inputs
         self.output_transform = output_transform
-        if collect_batches is not None and (isinstance(collect_batches, bool) or not isinstance(collect_batches, int) or collect_batches < 1):
+        if collect_batches is not None and (
+            isinstance(collect_batches, bool) or not isinstance(collect_batches, int) or collect_batches < 1
+        ):
             raise ValueError(f"collect_batches must be a positive integer or None, got {collect_batches!r}")
         self.collect_batches = collect_batches
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
@@ -231,7 +233,7 @@ class StructuredPruningCallback(Callback):
     def _parse_epochs(epochs: int | Sequence[int] | None, on_start: bool) -> list[int]:
         if epochs is None:
             return [] if on_start else [0]
-        values = [epochs] if isinstance(epochs, int) and not isinstance(epochs, bool) else list(epochs)
+        values: list[Any] = [epochs] if isinstance(epochs, (int, bool)) else list(epochs)
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"epochs must hold non-negative integers (0-based epoch indices), got {epochs!r}")

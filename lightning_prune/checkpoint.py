@@ -122,9 +122,10 @@ def restore_pruned_structure(
         output_transform: output -> tensor, for models returning objects torch-pruning cannot trace
             (the callback's ``output_transform``); default None.
     """
-    if isinstance(source, (str, Path)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    state = callback_state(source) if "callbacks" in source else source
+    loaded: Mapping[str, Any] = (
+        torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) else source
+    )
+    state = callback_state(loaded) if "callbacks" in loaded else loaded
     if state is None:
         raise ValueError("no StructuredPruningCallback state in this checkpoint: it was not pruned by lightning-prune")
     steps, stored_inputs = _steps_and_inputs(state)
@@ -159,7 +160,7 @@ def load_pruned(module_class: type[_M], ckpt_path: str | Path, *args: Any, map_l
 
 
 def install_resume_guard(
-    module: nn.Module,
+    module: Any,
     example_inputs: Callable[[], Any],
     output_transform: Callable[[Any], Any] | None = None,
 ) -> None:
@@ -197,7 +198,7 @@ def install_resume_guard(
         return original(checkpoint)
 
     restore_then_load._lightning_prune_guard = True  # type: ignore[attr-defined]  # marks the wrapper
-    module.on_load_checkpoint = restore_then_load  # type: ignore[method-assign]  # Lightning calls the attribute
+    module.on_load_checkpoint = restore_then_load  # an instance attribute: Lightning looks it up with getattr
 
 
 def _device_of(module: nn.Module) -> torch.device:

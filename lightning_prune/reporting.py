@@ -143,7 +143,8 @@ def summary_table(records: Sequence[PruningRecord], dense_macs: int, dense_param
     """A compact text table of the steps, with the dense model as the first row."""
     header = f"{'step':>4} {'epoch':>5} {'target':>7} {'MACs':>9} {'-MACs':>7} {'params':>9} {'-params':>8} {'time':>7}"
     lines = [header, "-" * len(header)]
-    lines.append(f"{'dense':>4} {'':>5} {'':>7} {format_count(dense_macs):>9} {'':>7} {format_count(dense_params):>9} {'':>8} {'':>7}")
+    dense = f"{format_count(dense_macs):>9} {'':>7} {format_count(dense_params):>9}"
+    lines.append(f"{'dense':>4} {'':>5} {'':>7} {dense} {'':>8} {'':>7}")
     for r in records:
         epoch = "start" if r.epoch < 0 else str(r.epoch)
         lines.append(

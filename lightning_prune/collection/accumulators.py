@@ -154,14 +154,14 @@ class Accumulator(ABC):
     def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> Accumulator:
         """The accumulator of ``requests`` (exactly one unless :attr:`shared`) in a collector."""
 
-    def begin_batch(self) -> None:
+    def begin_batch(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """A training batch starts."""
 
     @abstractmethod
     def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Fold in ``x``, the activation of ``request`` in the current batch (``labels``: the batch's)."""
 
-    def end_batch(self) -> None:
+    def end_batch(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """The training batch ended (every request of it was updated)."""
 
     @abstractmethod
@@ -283,14 +283,16 @@ class PooledReservoir(Accumulator):
         old_keys = self._keys if self._keys is not None else self._chunks[0][0][:0]
         new_keys = torch.cat([c[0] for c in self._chunks])
         index, self._keys = reservoir_merge(old_keys, new_keys, self.max_samples)
-        if all(c[1] is not None for c in self._chunks) and (old_keys.numel() == 0 or self._labels is not None):
-            old = self._labels if self._labels is not None else self._chunks[0][1][:0]
-            self._labels = torch.cat([old, *[c[1] for c in self._chunks]])[index]
+        chunk_labels = [c[1] for c in self._chunks]
+        if all(lab is not None for lab in chunk_labels) and (old_keys.numel() == 0 or self._labels is not None):
+            labelled = [lab for lab in chunk_labels if lab is not None]  # all of them (narrowed for the type checker)
+            old = self._labels if self._labels is not None else labelled[0][:0]
+            self._labels = torch.cat([old, *labelled])[index]
         else:
             self._labels = None
         for request in self._chunks[0][2]:
-            old = self._pooled.get(request)
-            parts = ([old] if old is not None else []) + [c[2][request] for c in self._chunks]
+            kept = self._pooled.get(request)
+            parts = ([kept] if kept is not None else []) + [c[2][request] for c in self._chunks]
             self._pooled[request] = torch.cat(parts)[index]
         self._chunks = []
         self._pending = 0
@@ -396,6 +398,7 @@ def _all_reduce_sums(sums: _Sums | None, extra: Callable[[], list[torch.Tensor]]
     state = torch.tensor([0.0 if sums is None else float(sums.count), float(sums is None)], dtype=torch.float64, device=device)
     dist.all_reduce(state)
     if int(state[1].item()) == 0:
+        assert sums is not None  # no rank (this one included) lacks sums
         sums.flush()
         for tensor in [sums.total, sums.outer, *extra()]:
             dist.all_reduce(tensor)
@@ -533,18 +536,24 @@ class ClassMomentSums(Accumulator):
             self._counts = torch.zeros(self.classes, dtype=torch.float64, device=rows.device)
             self._class_sums = torch.zeros(self.classes, rows.shape[1], dtype=torch.float64, device=rows.device)
             self._invalid = torch.zeros((), dtype=torch.long, device=rows.device)
+        counts, class_sums, invalid = self._state()
         labels = labels.to(rows.device).long()
-        self._invalid += ((labels < 0) | (labels >= self.classes)).sum()
+        invalid += ((labels < 0) | (labels >= self.classes)).sum()
         onehot = torch.nn.functional.one_hot(labels.clamp(0, self.classes - 1), self.classes).to(rows.dtype)
-        self._counts += onehot.sum(0).double()
-        self._class_sums += (onehot.T @ rows).double()
+        counts += onehot.sum(0).double()
+        class_sums += (onehot.T @ rows).double()
         self._sums.add(rows)
+
+    def _state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Counts, class sums and invalid-label count (created together with the sums)."""
+        assert self._counts is not None and self._class_sums is not None and self._invalid is not None
+        return self._counts, self._class_sums, self._invalid
 
     def sync(self) -> None:
         """All-reduce the counts, sums and invalid-label count."""
         if _world_size() > 1:
             _all_reduce_sums(
-                self._sums, lambda: [self._counts, self._class_sums, self._invalid],
+                self._sums, lambda: list(self._state()),
                 f"class_moments of '{self.request.module}'",
             )
 
@@ -552,13 +561,14 @@ class ClassMomentSums(Accumulator):
         """The moments; raises ValueError when labels fell outside ``[0, num_classes)``."""
         if self._sums is None:
             raise RuntimeError(f"class_moments of '{self.request.module}': nothing accumulated")
-        if int(self._invalid):
+        counts, class_sums, invalid = self._state()
+        if int(invalid):
             raise ValueError(
-                f"{int(self._invalid)} collected label(s) fall outside [0, {self.classes}); "
+                f"{int(invalid)} collected label(s) fall outside [0, {self.classes}); "
                 "pass num_classes= to the criterion (criterion_kwargs) or fix label_fn"
             )
         self._sums.flush()
-        return ClassMoments(self._counts, self._class_sums, self._sums.total, self._sums.outer)
+        return ClassMoments(counts, class_sums, self._sums.total, self._sums.outer)
 
     @property
     def empty(self) -> bool:
@@ -567,7 +577,7 @@ class ClassMomentSums(Accumulator):
     def tensors(self) -> Iterator[torch.Tensor]:
         if self._sums is not None:
             yield from self._sums.tensors()
-            yield from (self._counts, self._class_sums, self._invalid)
+            yield from self._state()
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -600,7 +610,7 @@ class RowReservoir(_RowSampling):
     def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         rows = self._rows(x)
         keys = torch.rand(rows.shape[0], generator=_generator(self.generator, rows.device), device=rows.device)
-        if self._keys is None:
+        if self._keys is None or self._values is None:
             self._keys, self._values = keys[:0], rows[:0]
         if self._pending + rows.shape[0] >= 2 * self.max_rows:  # compact: amortised O(1) copies per row
             index, self._keys = reservoir_merge(self._keys, keys, self.max_rows)
@@ -614,7 +624,7 @@ class RowReservoir(_RowSampling):
         """Gather every rank's rows and keep the ``max_rows`` largest keys of all of them."""
         if _world_size() == 1:
             return
-        local = None if self._keys is None else (self._keys.cpu(), self._values.cpu(), self._seen)
+        local = None if self._keys is None or self._values is None else (self._keys.cpu(), self._values.cpu(), self._seen)
         gathered = [g for g in _all_gather(local) if g is not None]
         if not gathered:
             return
@@ -627,7 +637,7 @@ class RowReservoir(_RowSampling):
 
     def compute(self) -> torch.Tensor:
         """``(M, C)`` rows, a uniform sample of at most ``max_rows`` of all the rows folded in."""
-        if self._keys is None:
+        if self._keys is None or self._values is None:
             raise RuntimeError(f"rows of '{self.request.module}': nothing accumulated")
         index, _kept = reservoir_merge(self._keys[:0], self._keys, self.max_rows)
         return self._values[index]
@@ -640,7 +650,7 @@ class RowReservoir(_RowSampling):
         return {} if self._keys is None else {self.request: self._seen}
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        if self._keys is not None:
+        if self._keys is not None and self._values is not None:
             yield self._keys
             yield self._values
         yield from self._index_tensors()

@@ -70,7 +70,8 @@ def _inverse(s_bar: torch.Tensor, rho: float) -> torch.Tensor:
 
 def discriminant_information(s_bar: torch.Tensor, s_b: torch.Tensor, rho: float) -> float:
     """``tr((S_bar + rho I)^-1 S_B)``."""
-    return float(torch.trace(torch.linalg.solve(s_bar.double() + rho * torch.eye(s_bar.shape[0], dtype=torch.float64), s_b.double())))
+    ridged = s_bar.double() + rho * torch.eye(s_bar.shape[0], dtype=torch.float64)
+    return float(torch.trace(torch.linalg.solve(ridged, s_b.double())))
 
 
 def leave_one_out_drops(s_bar: torch.Tensor, s_b: torch.Tensor, rho: float) -> torch.Tensor:

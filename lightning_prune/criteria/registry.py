@@ -28,7 +28,7 @@ def register_criterion(name: str, *aliases: str, overwrite: bool = False) -> Cal
                 raise ValueError(f"criterion name '{key}' is already registered; pass overwrite=True to replace it")
             _REGISTRY[key] = factory
         if isinstance(factory, type) and not getattr(factory, "name", ""):
-            factory.name = name
+            setattr(factory, "name", name)  # noqa: B010 - a class attribute of a factory that may lack it
         return factory
 
     return decorator
@@ -64,13 +64,13 @@ def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
         except (TypeError, ValueError):  # a factory without a signature: let the call decide
             accepted = None
         takes_any = accepted is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        unknown = [] if takes_any else sorted(set(kwargs) - set(accepted))
-        if unknown:
+        unknown = [] if accepted is None or takes_any else sorted(set(kwargs) - set(accepted))
+        if unknown and accepted is not None:
             valid = ", ".join(n for n, p in accepted.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL) or "none"
             raise ValueError(
                 f"criterion_kwargs {unknown} are not arguments of criterion '{criterion}'; it accepts: {valid}"
             )
     instance = factory(**kwargs)
     if not getattr(instance, "name", ""):
-        instance.name = criterion.lower()  # type: ignore[misc]
+        instance.name = criterion.lower()  # type: ignore[misc]  # name is a ClassVar; a factory-made instance gets its own
     return instance

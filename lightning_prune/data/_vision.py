@@ -130,7 +130,7 @@ class _VisionDataModule(pl.LightningDataModule):
         Returns:
             ``(train subset, validation subset)``; their ``indices`` are disjoint and cover ``train``.
         """
-        val_indices, train_indices = _split_order(len(train), held_out, self.seed)  # type: ignore[arg-type]
+        val_indices, train_indices = _split_order(len(train), held_out, self.seed)  # type: ignore[arg-type]  # map-style datasets have len
         return Subset(train, train_indices), Subset(val_source, val_indices)
 
     def setup(self, stage: str | None = None) -> None:
@@ -143,7 +143,7 @@ class _VisionDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]  # map-style: has len
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

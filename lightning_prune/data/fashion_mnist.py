@@ -36,7 +36,14 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _SIZES = {"train": 60_000, "test": 10_000}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, np.dtype] = {  # idx type byte -> element type (big-endian)
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -226,9 +233,14 @@ class FashionMNISTDataModule(_VisionDataModule):
         """``{"train": (images, labels), "test": (images, labels)}`` from the first searched folder
         that holds all four idx files (each gzipped or not), or None."""
         for folder in self.search_dirs:
-            found = {split: tuple(_find(folder, name) for name in names) for split, names in _FILES.items()}
-            if all(path is not None for pair in found.values() for path in pair):
-                return found  # type: ignore[return-value]
+            found: dict[str, tuple[Path, Path]] = {}
+            for split, (images, labels) in _FILES.items():
+                pair = _find(folder, images), _find(folder, labels)
+                if pair[0] is None or pair[1] is None:
+                    break
+                found[split] = (pair[0], pair[1])
+            else:
+                return found
         return None
 
     def _missing(self) -> FileNotFoundError:

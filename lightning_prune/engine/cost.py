@@ -47,7 +47,7 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention))
 
 
-def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, batch: int) -> float:
+def _positions(module: Any, inputs: tuple[Any, ...], output: torch.Tensor, batch: int) -> float:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         x = inputs[0]
         return x.numel() / (batch * module.in_channels)
@@ -56,26 +56,34 @@ def _positions(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
     return output.numel() / (batch * module.out_features)  # nn.Linear: tokens per sample
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _attention_positions(
     module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor, batch: int
-) -> dict[nn.Parameter, float]:
+) -> dict[torch.Tensor, float]:
     """Tokens per sample seen by each projection weight of ``nn.MultiheadAttention``."""
     key = args[1] if len(args) > 1 else kwargs.get("key")
     queries = output.numel() / (batch * module.embed_dim)
     keys = key.numel() / (batch * module.kdim) if isinstance(key, torch.Tensor) else queries
+    weights: dict[torch.Tensor, float]
     if module.in_proj_weight is not None:  # packed rows: q (query tokens), k and v (key tokens)
         weights = {module.in_proj_weight: (queries + 2 * keys) / 3}
     else:
+        assert module.q_proj_weight is not None and module.k_proj_weight is not None and module.v_proj_weight is not None
         weights = {module.q_proj_weight: queries, module.k_proj_weight: keys, module.v_proj_weight: keys}
     weights[module.out_proj.weight] = queries
     return weights
 
 
-def profile(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Parameter, float], Any]:
+def profile(model: nn.Module, example_inputs: Any) -> tuple[dict[torch.Tensor, float], Any]:
     """One forward pass (eval mode): output positions per sample of every conv/linear weight, and the
     shape signature of the output (:func:`~lightning_prune._model.output_signature`)."""
     batch = batch_size_of(example_inputs)
-    positions: dict[nn.Parameter, float] = {}
+    positions: dict[torch.Tensor, float] = {}
     handles = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -86,7 +94,7 @@ def profile(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Parameter, f
         if isinstance(module, nn.MultiheadAttention):
             found = _attention_positions(module, args, kwargs, output, batch)
         else:
-            found = {module.weight: _positions(module, args, output, batch)}
+            found = {_weight(module): _positions(module, args, output, batch)}
         for weight, count in found.items():
             positions[weight] = positions.get(weight, 0.0) + count
 
@@ -101,12 +109,12 @@ def profile(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Parameter, f
     return positions, output_signature(output)
 
 
-def layer_positions(model: nn.Module, example_inputs: Any) -> dict[nn.Parameter, float]:
+def layer_positions(model: nn.Module, example_inputs: Any) -> dict[torch.Tensor, float]:
     """Output positions per sample of every conv/linear weight, from one forward pass (eval mode)."""
     return profile(model, example_inputs)[0]
 
 
-def cost_from_positions(model: nn.Module, positions: Mapping[nn.Parameter, float]) -> Cost:
+def cost_from_positions(model: nn.Module, positions: Mapping[torch.Tensor, float]) -> Cost:
     """MACs and parameters of ``model`` from the layer positions of :func:`profile`."""
     macs = sum(p * w.numel() for w, p in positions.items())
     params = sum(p.numel() for p in model.parameters())
@@ -133,7 +141,7 @@ class CostModel:
         model: nn.Module,
         groups: Sequence[ChannelGroup],
         example_inputs: Any = None,
-        positions: Mapping[nn.Parameter, float] | None = None,
+        positions: Mapping[torch.Tensor, float] | None = None,
     ) -> None:
         self._positions = dict(positions) if positions is not None else layer_positions(model, example_inputs)
         params = list(dict.fromkeys(model.parameters()))

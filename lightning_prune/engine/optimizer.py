@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ class OptimizerRemap:
         for group, params in zip(self.optimizer.param_groups, self.param_lists):
             group["params"] = params
         self.optimizer.state.clear()
-        self.optimizer.state.update(self.state)
+        self.optimizer.state.update(cast(dict[torch.Tensor, Any], self.state))
 
 
 def _cut_state(optimizer: torch.optim.Optimizer, key: str, value: Any, change: ParameterChange) -> Any:
@@ -61,7 +61,8 @@ def prepare_optimizer_remap(
     param_lists = [[changes[p].new if p in changes else p for p in group["params"]] for group in optimizer.param_groups]
     state: dict[nn.Parameter, dict[str, Any]] = {}
     with torch.no_grad():
-        for param, values in optimizer.state.items():
+        for key, values in optimizer.state.items():
+            param = cast(nn.Parameter, key)  # optimizers key their state by the parameters they hold
             change = changes.get(param)
             if change is None:
                 state[param] = values

@@ -43,7 +43,6 @@ from lightning_prune.engine.allocation import Allocation
 from lightning_prune.engine.graph import ChannelGroup
 from lightning_prune.engine.tp_adapter import TracedGraph
 
-
 __all__ = ["Criterion", "GroupCriterion", "Requirements", "ScoringContext"]
 
 

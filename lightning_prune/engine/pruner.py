@@ -207,7 +207,9 @@ class ChannelPruner:
         positions, signature = profile(model, example_inputs)
         if self.probe and groups:
             bad = find_unprunable_groups(model, graph, groups, lambda: profile(model, example_inputs)[1], signature)
-            refused.update({g.root_name: f"{bad[g.index]}; coupled layers: {_names(g.module_names)}" for g in groups if g.index in bad})
+            for g in groups:
+                if g.index in bad:
+                    refused[g.root_name] = f"{bad[g.index]}; coupled layers: {_names(g.module_names)}"
             groups = [dataclasses.replace(g, index=i) for i, g in enumerate(g for g in groups if g.index not in bad)]
         if refused:
             warnings.warn(unprunable_message(refused), UnprunableGroupWarning, stacklevel=1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from lightning_prune.engine.graph import ChannelGroup
 from lightning_prune.engine.tp_adapter import cut_parameter, intercept_parameter_pruning
 

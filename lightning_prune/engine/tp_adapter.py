@@ -102,11 +102,11 @@ def intercept_parameter_pruning(callback: ParameterCut) -> Iterator[None]:
     def patched(self: BasePruningFunc, weight: nn.Parameter, keep_idxs: list[int], pruning_dim: int) -> nn.Parameter:
         return callback(self, weight, keep_idxs, pruning_dim)
 
-    BasePruningFunc._prune_parameter_and_grad = patched  # type: ignore[method-assign]  # the patch is the point
+    BasePruningFunc._prune_parameter_and_grad = patched  # the patch is the point
     try:
         yield
     finally:
-        BasePruningFunc._prune_parameter_and_grad = original  # type: ignore[method-assign]  # restore
+        BasePruningFunc._prune_parameter_and_grad = original
 
 
 def cut_parameter(pruner: Any, weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
@@ -153,7 +153,9 @@ def _mappable_reshape(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     return len(after) == 2 and after[1] == math.prod(before[1:])
 
 
-def _cut_unmappable_ops(graph: tp.DependencyGraph, shapes: Mapping[Any, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[Any, str]:
+def _cut_unmappable_ops(
+    graph: tp.DependencyGraph, shapes: Mapping[Any, tuple[tuple[int, ...], tuple[int, ...]]]
+) -> dict[Any, str]:
     """Turn operations torch-pruning would map wrongly into barriers: reshapes other than a flatten
     or a reshape of the trailing axes (a channel shuffle's ``view``), and concatenations or splits
     whose channel sizes it could not infer (it then couples their inputs as if element-wise).
@@ -230,7 +232,7 @@ class TracedGraph:
 
     def root_groups(
         self,
-        module_names: Mapping[nn.Module, str],
+        module_names: Mapping[Any, str],
         ignored: Sequence[nn.Module],
         root_module_types: tuple[type, ...],
         refused: dict[str, str] | None,
@@ -250,7 +252,8 @@ class TracedGraph:
                 continue
             try:
                 with tolerant_reshape_mapping():
-                    group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+                    channels = list(range(pruner.get_out_channels(module)))
+                    group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
             except Exception as error:  # noqa: BLE001 - torch-pruning's index mappings fail in many ways
                 if refused is not None:
                     refused[module_names.get(module, str(module))] = (

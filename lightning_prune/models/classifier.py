@@ -67,7 +67,8 @@ class ImageClassifier(pl.LightningModule):
         return self(batch[0]).argmax(1)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams  # AttributeDict: hyper-parameters by attribute
+        opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adam":
