@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_prune._tree import leaves, tree_map
 
-__all__ = ["batch_size_of", "call_model", "eval_forward", "output_signature", "preserved_training_modes"]
+__all__ = ["batch_size_of", "call_model", "eval_forward", "evaluating", "output_signature", "preserved_training_modes"]
 
 
 @contextlib.contextmanager
@@ -34,15 +34,19 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def eval_forward(model: nn.Module, inputs: Any, context: Callable[[], Any] | None = None) -> Any:
-    """One forward pass in eval mode without gradients, every submodule's mode restored afterwards.
-
-    ``context`` (e.g. the precision plugin's ``forward_context``) wraps the call when given.
-    """
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients inside; every submodule's train/eval mode restored on exit."""
     with preserved_training_modes(model), torch.no_grad():
         model.eval()
-        with context() if context is not None else contextlib.nullcontext():
-            return call_model(model, inputs)
+        yield
+
+
+def eval_forward(model: nn.Module, inputs: Any, context: Callable[[], Any] | None = None) -> Any:
+    """One forward pass under :func:`evaluating`; ``context`` (e.g. the precision plugin's
+    ``forward_context``) wraps the call when given."""
+    with evaluating(model), context() if context is not None else contextlib.nullcontext():
+        return call_model(model, inputs)
 
 
 def batch_size_of(inputs: Any) -> int:

@@ -16,8 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_prune.engine.cost import call_model
-from lightning_prune.engine.graph import preserved_training_modes
+from lightning_prune._model import call_model, evaluating
 
 __all__ = ["Format", "export_pruned"]
 
@@ -54,8 +53,7 @@ def export_pruned(
     """
     path = Path(path)
     args = _as_args(example_inputs)
-    with preserved_training_modes(model), torch.no_grad():
-        model.eval()
+    with evaluating(model):
         expected = call_model(model, example_inputs)
         if format == "torchscript":
             exported = torch.jit.trace(model, args)

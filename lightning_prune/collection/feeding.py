@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune._batch import detach
-from lightning_prune._model import call_model, eval_forward, preserved_training_modes
+from lightning_prune._model import call_model, eval_forward, evaluating
 from lightning_prune.collection.collector import ActivationCollector
 
 __all__ = ["BatchFeeder", "first_loader"]
@@ -151,8 +151,7 @@ class BatchFeeder:
             )
 
         def evaluate(loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> float:
-            with preserved_training_modes(pl_module), torch.no_grad():
-                pl_module.eval()
+            with evaluating(pl_module):
                 losses = []
                 for inputs, labels in batches:
                     with trainer.precision_plugin.forward_context():
@@ -180,8 +179,7 @@ class BatchFeeder:
         wanted = batches or START_PASS_BATCHES
         total = min(wanted, len(loader)) if hasattr(loader, "__len__") else wanted
         collector.attach()
-        with preserved_training_modes(pl_module), torch.no_grad():
-            pl_module.eval()
+        with evaluating(pl_module):
             progress = tqdm(total=total, desc="lightning-prune: collecting activations", disable=not show, leave=False)
             for index, batch in enumerate(loader):
                 if index >= total:

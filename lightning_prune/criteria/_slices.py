@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
-
+from lightning_prune.engine.graph import ChannelGroup
 
 
 def filter_matrices(group: ChannelGroup) -> list[torch.Tensor]:

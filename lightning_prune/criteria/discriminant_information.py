@@ -27,18 +27,15 @@ one-shot closed form.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_prune.collection.collector import ClassMoments
 from lightning_prune.collection.requests import ActivationRequest, Pooling
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.pls_vip import root_request
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.collection.collector import ClassMoments
-    from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = [
     "DiscriminantInformation",

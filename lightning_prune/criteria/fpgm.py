@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from lightning_prune.criteria._slices import combine_layer_scores, filter_matrices
 from lightning_prune.criteria.base import GroupCriterion, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = ["FPGM", "geometric_median_scores", "pairwise_distances"]
 

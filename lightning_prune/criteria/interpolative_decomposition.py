@@ -28,7 +28,7 @@ error per MAC saved until the target is met.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +37,7 @@ from torch import nn
 from lightning_prune.collection.requests import ActivationRequest
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup, ParamSlice
+from lightning_prune.engine.graph import ChannelGroup, ParamSlice
 
 __all__ = ["InterpolativeDecomposition", "interpolation_matrix", "pivoted_qr", "reconstruction_errors"]
 

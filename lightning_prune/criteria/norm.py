@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lightning_prune.criteria._slices import combine_layer_scores, filter_matrices
 from lightning_prune.criteria.base import GroupCriterion, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = ["LpNorm", "L1Norm", "L2Norm"]
 

@@ -19,7 +19,6 @@ over rows, ``rows_per_batch`` sampled per batch), O(C^2) memory per layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,9 +27,7 @@ from lightning_prune.criteria.base import Criterion, Requirements, ScoringContex
 from lightning_prune.criteria.fpgm import FPGM
 from lightning_prune.criteria.pls_vip import root_request
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = ["PCAGeometricMedian", "explained_variance_curve", "pca_width"]
 

@@ -19,7 +19,6 @@ not the bottleneck and is used as is.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,9 +26,7 @@ import torch
 from lightning_prune.collection.requests import ActivationRequest, Pooling
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
-
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = ["PLSVIP", "fit_pls_vip", "root_request", "vip_scores"]
 
