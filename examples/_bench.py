@@ -55,8 +55,10 @@ def criteria_names() -> list[str]:
 
 
 def add_common_arguments(parser: "argparse.ArgumentParser", smoke_help: str) -> None:
-    """``--threads``, ``--smoke`` and ``--out``, the same in every benchmark script."""
+    """``--threads``, ``--smoke``, ``--out``, ``--accelerator`` and ``--devices``, the same in every script."""
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see README)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every fit: cpu (default), gpu, auto")
+    parser.add_argument("--devices", type=int, default=1, help="devices per fit (default 1)")
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} (smoke: benchmark_results/smoke)")
 
@@ -77,12 +79,31 @@ def make_model(epochs: int, lr: float = 0.05) -> ImageClassifier:
     return ImageClassifier(SmallResNet(widths=(32, 64, 128), blocks_per_stage=1), lr=lr, max_epochs=epochs)
 
 
+#: Where every benchmark fit runs (``--accelerator`` / ``--devices`` of the scripts) and how much of an
+#: epoch it trains (``--limit-train-batches``).
+TRAINER = {"accelerator": "cpu", "devices": 1, "limit_train_batches": 1.0}
+
+
+def set_trainer(accelerator: str = "cpu", devices: int = 1, limit_train_batches: float = 1.0) -> None:
+    """Every later :func:`make_trainer` fits on ``accelerator`` with ``devices``."""
+    TRAINER.update(accelerator=accelerator, devices=devices, limit_train_batches=limit_train_batches)
+
+
+def device() -> torch.device:
+    """The device the benchmark's fits run on (for evaluations and latency outside Lightning)."""
+    if TRAINER["accelerator"] in ("gpu", "cuda") or (TRAINER["accelerator"] == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def make_trainer(epochs: int, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """CPU trainer without validation, logger, checkpoints or progress bar (the same for every run)."""
+    """Trainer without validation, logger, checkpoints or progress bar (the same for every run), on the
+    accelerator of :data:`TRAINER`."""
     return L.Trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
+        accelerator=TRAINER["accelerator"],
+        devices=TRAINER["devices"],
+        limit_train_batches=TRAINER["limit_train_batches"],
         callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,
@@ -93,16 +114,22 @@ def make_trainer(epochs: int, callbacks: Sequence[L.Callback] = ()) -> L.Trainer
     )
 
 
-def accuracy(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy on ``loader`` in eval mode (the model's mode is restored)."""
+def accuracy(model: nn.Module, loader: Iterable, limit_batches: int | None = None) -> float:
+    """Top-1 accuracy on ``loader`` (its first ``limit_batches`` batches when given) in eval mode, on
+    :func:`device` (the model's mode and device are restored)."""
     was = model.training
-    model.eval()
+    where = next(model.parameters()).device
+    run_on = device()
+    model.eval().to(run_on)
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
+        for index, (x, y) in enumerate(loader):
+            if limit_batches is not None and index >= limit_batches:
+                break
+            x, y = x.to(run_on), y.to(run_on)
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
-    model.train(was)
+    model.train(was).to(where)
     return correct / total
 
 
@@ -117,7 +144,7 @@ def latency_ms(
     rounds: int = 15,
     budget_s: float = 0.03,
 ) -> dict[str, dict[str, float]]:
-    """Median CPU latency (ms per forward) of every model at every batch size, measured interleaved.
+    """Median latency (ms per forward, on :func:`device`) of every model at every batch size, interleaved.
 
     Each round times every model once per batch size (``calls`` back-to-back forwards, calibrated
     on the first model so that one timing lasts about ``budget_s``), in an order rotated by one
@@ -125,24 +152,30 @@ def latency_ms(
     copies (the models themselves keep their training modes).
     """
     names = list(models)
-    nets = {n: copy.deepcopy(models[n]).eval() for n in names}
+    run_on = device()
+    sync = torch.cuda.synchronize if run_on.type == "cuda" else (lambda: None)
+    nets = {n: copy.deepcopy(models[n]).eval().to(run_on) for n in names}
     result: dict[str, dict[str, float]] = {n: {} for n in names}
     with torch.inference_mode():
         for batch in batch_sizes:
-            x = torch.randn(batch, *input_shape)
+            x = torch.randn(batch, *input_shape, device=run_on)
             for net in nets.values():  # warm-up
                 net(x)
                 net(x)
+            sync()
             start = time.perf_counter()
             nets[names[0]](x)
+            sync()
             calls = max(1, min(200, round(budget_s / max(1e-6, time.perf_counter() - start))))
             samples: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     net = nets[name]
+                    sync()
                     start = time.perf_counter()
                     for _ in range(calls):
                         net(x)
+                    sync()
                     samples[name].append((time.perf_counter() - start) / calls * 1e3)
             for name in names:
                 result[name][str(batch)] = statistics.median(samples[name])
@@ -195,6 +228,7 @@ def machine() -> dict[str, Any]:
         "lightning": L.__version__,
         "torch_pruning": getattr(torch_pruning, "__version__", "?"),
         "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

@@ -1,8 +1,18 @@
-"""Benchmark (issue 7): every criterion against the pruners a user would pick instead, on the digits model.
+"""Benchmark: every criterion against the pruners a user would pick instead, on digits or Fashion-MNIST.
 
-One run, one machine, everything side by side. Per seed the dense model (SmallResNet + ImageClassifier on
-scikit-learn's digits) is trained once; every method then prunes a copy of it to each MACs target and the
-copy is fine-tuned with the same plain Lightning fit (same epochs, learning rate, data order):
+One run, one machine, everything side by side. Per seed the dense model is trained once; every method
+then prunes a copy of it to each MACs target and the copy is fine-tuned with the same plain Lightning fit
+(same epochs, learning rate, data order). Two data sets (``--data``):
+
+* ``digits`` (default, the quick one): SmallResNet (32, 64, 128) on scikit-learn's 8x8 digits. A short
+  fine-tune brings every method, random included, to 97-99%: it shows targets, speed and latency, not
+  which criterion to choose;
+* ``fashion-mnist``: a CIFAR-style ResNet (``--depth``, default 20: 3 stages of 3 basic blocks, 16/32/64
+  channels, projection shortcuts) on Fashion-MNIST's 60,000 real 28x28 images (5,000 held out for
+  validation, the 10,000 test images for the numbers). Debian's ``dataset-fashion-mnist`` files are used
+  when present, else torchvision downloads them into ``--data-dir``. Here the criteria differ.
+
+Methods:
 
 * **lightning-prune**: every registered criterion (aliases once), ``StructuredPruningCallback(criterion,
   target_flops_reduction=t, prune_on_train_start=True)`` inside the fine-tuning fit (activation criteria
@@ -27,9 +37,13 @@ prune-step time, MACs and parameters (total and non-zero) measured on the final 
 interleaved with the dense one). The Markdown table gives mean ± std over seeds.
 
     python examples/benchmark_compare.py [--seeds 0 1 2] [--targets 0.3 0.5 0.7 0.9] [--out examples/results]
+    python examples/benchmark_compare.py --data fashion-mnist --targets 0.5 0.7 0.9 --accelerator gpu
     python examples/benchmark_compare.py --smoke --out /tmp/smoke     # CI: 1 seed, 1 target, 2 criteria
+    python examples/benchmark_compare.py --smoke --data fashion-mnist  # CI: the same on a few real batches
 
-Writes ``compare.json``, ``compare.md``, ``compare_accuracy.png`` and ``compare_widths.png`` under ``--out``.
+Writes ``compare.json``, ``compare.md``, ``compare_accuracy.png`` and ``compare_widths.png`` under ``--out``
+(``compare_fashion_mnist.*`` for Fashion-MNIST). ``--accelerator`` / ``--devices`` choose where every fit,
+evaluation and latency measurement runs, so the same command reproduces the tables on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,31 +78,69 @@ from _bench import (
     nonzero_params,
     output_dir,
     refresh_readme,
+    set_trainer,
     setup_threads,
     write_outputs,
 )
 from lightning_prune import StructuredPruningCallback, Target, count_cost, get_criterion
-from lightning_prune.data import DigitsDataModule
+from lightning_prune.data import DigitsDataModule, FashionMNISTDataModule
 from lightning_prune.engine import ChannelPruner
-from lightning_prune.models import ImageClassifier
+from lightning_prune.models import CifarResNet, ImageClassifier
 
 TP = "torch-pruning (l1, local)"
 MP = "ModelPruning (ln_structured)"
 PEERS = (TP, MP)
-INPUT_SHAPE = (1, 8, 8)
 SMOKE_CRITERIA = ["l1", "pls_vip"]
+
+
+@dataclass(frozen=True)
+class DataSetup:
+    """One benchmark data set: its data module, its dense model and how it is described."""
+
+    name: str
+    title: str
+    input_shape: tuple[int, ...]
+    datamodule: Callable[[int], Any]  #: seed -> data module
+    model: Callable[[int, float], ImageClassifier]  #: (epochs, lr) -> dense model
+    stem: str  #: output file stem
+
+
+def data_setup(args: argparse.Namespace) -> DataSetup:
+    """The ``--data`` choice as a :class:`DataSetup`."""
+    if args.data == "digits":
+        return DataSetup(
+            name="digits",
+            title="Digits, SmallResNet (32, 64, 128)",
+            input_shape=(1, 8, 8),
+            datamodule=lambda seed: DigitsDataModule(seed=seed),
+            model=lambda epochs, lr: make_model(epochs, lr),
+            stem="compare",
+        )
+
+    def fashion(seed: int) -> FashionMNISTDataModule:
+        return FashionMNISTDataModule(data_dir=str(args.data_dir), seed=seed, batch_size=args.batch_size, num_workers=0)
+
+    return DataSetup(
+        name="fashion-mnist",
+        title=f"Fashion-MNIST, CIFAR-style ResNet-{args.depth} (16/32/64, 1-channel stem)",
+        input_shape=(1, 28, 28),
+        datamodule=fashion,
+        model=lambda epochs, lr: ImageClassifier(CifarResNet(depth=args.depth, in_channels=1), lr=lr, max_epochs=epochs),
+        stem="compare_fashion_mnist",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 class AccuracyAfterPrune(L.Callback):
     """Test accuracy when training starts: after every pruning callback listed before it has pruned."""
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, limit_batches: int | None = None) -> None:
         self.loader = loader
+        self.limit_batches = limit_batches
         self.value: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.value = accuracy(pl_module, self.loader)
+        self.value = accuracy(pl_module, self.loader, self.limit_batches)
 
 
 class ModelPruningAtStart(ModelPruning):
@@ -155,18 +209,18 @@ def finetune(model: ImageClassifier, datamodule, callbacks: list, seed: int, epo
 # ---------------------------------------------------------------------------------------------- methods
 def run_ours(name, dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
     model = finetune_copy(dense, args)
-    kwargs = {"progress": False} if name == "filter_ensembles" else None
+    kwargs: dict[str, Any] | None = {"progress": False} if name == "filter_ensembles" else None
     pruning = StructuredPruningCallback(
         name, target_flops_reduction=target, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs
     )
-    probe = AccuracyAfterPrune(datamodule.test_dataloader())
+    probe = AccuracyAfterPrune(datamodule.test_dataloader(), args.test_batches)
     fit_seconds = finetune(model, datamodule, [pruning, probe], seed, args.finetune_epochs)
     record = pruning.history[0]
     return {
         **measure(model, example, dense_cost),
         "channels_removed": channels_removed(model, dense_convs),
         "accuracy_after_prune": probe.value,
-        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader(), args.test_batches),
         "prune_seconds": record.seconds,
         "fit_seconds": fit_seconds,
         "model": model,
@@ -195,13 +249,13 @@ def run_torch_pruning(dense, datamodule, example, dense_cost, dense_convs, targe
     prune_seconds = time.perf_counter() - start
     net.train()  # Lightning keeps module modes: fine-tune in train mode like every other method
     tp_reduction = 1 - macs / base
-    after_prune = accuracy(model, datamodule.test_dataloader())
+    after_prune = accuracy(model, datamodule.test_dataloader(), args.test_batches)
     fit_seconds = finetune(model, datamodule, [], seed, args.finetune_epochs)
     row = {
         **measure(model, example, dense_cost),
         "channels_removed": channels_removed(model, dense_convs),
         "accuracy_after_prune": after_prune,
-        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader(), args.test_batches),
         "prune_seconds": prune_seconds,
         "fit_seconds": fit_seconds,
         "tp_steps": pruner.current_step,
@@ -240,7 +294,7 @@ def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_conv
         make_pruning_permanent=True,
         verbose=0,
     )
-    probe = AccuracyAfterPrune(datamodule.test_dataloader())
+    probe = AccuracyAfterPrune(datamodule.test_dataloader(), args.test_batches)
     fit_seconds = finetune(model, datamodule, [pruning, probe], seed, args.finetune_epochs)
     leftover = [n for n, _ in model.named_buffers() if n.endswith("_mask")]
     if leftover:
@@ -250,7 +304,7 @@ def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_conv
         "channels_removed": channels_removed(model, dense_convs),
         "amount": amount,
         "accuracy_after_prune": probe.value,
-        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader()),
+        "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader(), args.test_batches),
         "prune_seconds": pruning.seconds,
         "fit_seconds": fit_seconds,
         "model": model,
@@ -260,14 +314,23 @@ def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_conv
 # ---------------------------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    methods = args.criteria + list(PEERS)
+    setup = data_setup(args)
+    methods = args.criteria + list(args.peers)
     widths_target = min(args.targets, key=lambda t: abs(t - 0.5))
     result: dict[str, Any] = {
         "config": {
+            "data": setup.name,
+            "title": setup.title,
+            "input_shape": list(setup.input_shape),
+            "accelerator": args.accelerator,
+            "devices": args.devices,
+            "limit_train_batches": args.limit_train_batches,
+            "test_batches": args.test_batches,
+            "dense_lr": args.dense_lr,
             "seeds": args.seeds,
             "targets": args.targets,
             "criteria": args.criteria,
-            "peers": list(PEERS),
+            "peers": list(args.peers),
             "dense_epochs": args.dense_epochs,
             "finetune_epochs": args.finetune_epochs,
             "finetune_lr": args.finetune_lr,
@@ -285,10 +348,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     done = 0
     for seed in args.seeds:
         L.seed_everything(seed, verbose=False)
-        datamodule = DigitsDataModule(seed=seed)
+        datamodule = setup.datamodule(seed)
         datamodule.setup()
         example = next(iter(datamodule.train_dataloader()))[0][:2]
-        dense = make_model(args.dense_epochs)
+        dense = setup.model(args.dense_epochs, args.dense_lr)
         start = time.perf_counter()
         make_trainer(args.dense_epochs).fit(dense, datamodule)
         epoch_seconds = (time.perf_counter() - start) / args.dense_epochs
@@ -296,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense_convs = conv_widths(dense)
         dense_row = {
             "seed": seed,
-            "accuracy": accuracy(dense, datamodule.test_dataloader()),
+            "accuracy": accuracy(dense, datamodule.test_dataloader(), args.test_batches),
             "macs": dense_cost.macs,
             "params": dense_cost.params,
             "epoch_seconds": epoch_seconds,
@@ -333,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     log(f"[{done}/{total}] seed {seed} target {target:.0%} {method}: FAILED {row['error']}")
             models = {"dense": dense.net, **{r["method"]: r["model"].net for r in rows if r["ok"]}}
-            latency = latency_ms(models, INPUT_SHAPE, rounds=args.latency_rounds)
+            latency = latency_ms(models, setup.input_shape, rounds=args.latency_rounds)
             for row in rows:
                 if row["ok"]:
                     row["latency_ms"] = latency[row["method"]]
@@ -387,6 +450,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- report
 README_START = "<!-- benchmark-compare:start -->"
 README_END = "<!-- benchmark-compare:end -->"
+README_FASHION_START = "<!-- benchmark-compare-fashion-mnist:start -->"
+README_FASHION_END = "<!-- benchmark-compare-fashion-mnist:end -->"
 
 
 def readme_summary(result: dict[str, Any]) -> str:
@@ -422,17 +487,29 @@ def readme_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _partial_epochs(config: dict[str, Any]) -> str:
+    limit = config.get("limit_train_batches", 1.0)
+    return "" if limit in (None, 1, 1.0) else f"; every epoch trains on {limit:g} of the training batches"
+
+
+def _accelerator(config: dict[str, Any], m: dict[str, Any]) -> str:
+    accelerator = config.get("accelerator", "cpu")
+    return "CPU" if accelerator == "cpu" else f"{accelerator} ({m.get('gpu', '?')}, {config.get('devices', 1)} device(s))"
+
+
 def markdown(result: dict[str, Any]) -> str:
     config, m = result["config"], result["machine"]
     dense = result["dense"]
     runs = result["runs"]
     n = len(config["seeds"])
     lines = [
-        f"Digits, SmallResNet (32, 64, 128); {n} seed(s) ({', '.join(map(str, config['seeds']))}), mean ± std over seeds. "
+        f"{config.get('title', 'Digits, SmallResNet (32, 64, 128)')}; {n} seed(s) ({', '.join(map(str, config['seeds']))}), "
+        "mean ± std over seeds. "
         f"Dense: {config['dense_epochs']} epochs, test accuracy {fmt([d['accuracy'] for d in dense], digits=2)}, "
         f"{dense[0]['macs']:,} MACs, {dense[0]['params']:,} params, {fmt([d['epoch_seconds'] for d in dense], 'num')} s per epoch. "
         f"Every method prunes a copy of it, then the same {config['finetune_epochs']}-epoch fine-tuning fit "
-        f"(SGD, lr {config['finetune_lr']}, cosine). Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
+        f"(SGD, lr {config['finetune_lr']}, cosine){_partial_epochs(config)}. Machine: {m['cpu']}, {m['cores']} cores, "
+        f"{_accelerator(config, m)}, {m['torch_threads']} torch "
         f"thread(s), torch {m['torch']}, lightning {m['lightning']}, torch-pruning {m['torch_pruning']}. "
         f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
         "",
@@ -461,7 +538,8 @@ def markdown(result: dict[str, Any]) -> str:
     dense_lat = {b: [g[b] for g in groups.values()] for b in ("1", "64")}
     lines += [
         "",
-        f"CPU latency (ms per forward, median of {config['latency_rounds']} interleaved rounds; "
+        f"{'CPU' if config.get('accelerator', 'cpu') == 'cpu' else 'GPU'} latency (ms per forward, median of "
+        f"{config['latency_rounds']} interleaved rounds; "
         f"dense: {fmt(dense_lat['1'], 'num', 3)} ms at batch 1, {fmt(dense_lat['64'], 'num', 3)} ms at batch 64), "
         "as measured and as a multiple of the dense model timed in the same rounds:",
         "",
@@ -533,9 +611,10 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"Accuracy {title}")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Digits, SmallResNet: mean ± std over {len(config['seeds'])} seed(s)")
+    fig.suptitle(f"{config.get('title', 'Digits, SmallResNet')}: mean ± std over {len(config['seeds'])} seed(s)")
     fig.tight_layout()
-    accuracy_png = out / "compare_accuracy.png"
+    stem = "compare" if config.get("data", "digits") == "digits" else "compare_" + config["data"].replace("-", "_")
+    accuracy_png = out / f"{stem}_accuracy.png"
     fig.savefig(accuracy_png, dpi=110)
     plt.close(fig)
 
@@ -562,7 +641,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         fontsize=9,
     )
     fig.tight_layout()
-    widths_png = out / "compare_widths.png"
+    widths_png = out / f"{stem}_widths.png"
     fig.savefig(widths_png, dpi=110)
     plt.close(fig)
     return [str(accuracy_png), str(widths_png)]
@@ -570,12 +649,20 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=("digits", "fashion-mnist"), default="digits")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="fashion-mnist: where torchvision's layout is")
+    parser.add_argument("--depth", type=int, default=20, help="fashion-mnist: CIFAR ResNet depth, 6n+2 (default 20)")
+    parser.add_argument("--batch-size", type=int, default=128, help="fashion-mnist: training batch size")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--targets", type=float, nargs="+", default=None, help="default: 0.3 0.5 0.7 0.9 (digits), 0.5 0.7 0.9")
     parser.add_argument("--criteria", nargs="+", default=None, help="default: every registered criterion")
-    parser.add_argument("--dense-epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--dense-epochs", type=int, default=None, help="default: 8 (digits), 30 (fashion-mnist)")
+    parser.add_argument("--dense-lr", type=float, default=None, help="default: 0.05 (digits), 0.1 (fashion-mnist)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: 3 (digits), 5 (fashion-mnist)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--no-peers", action="store_true", help="only lightning-prune's criteria (no torch-pruning, no ModelPruning)")
+    parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction (or count) of training batches per epoch")
+    parser.add_argument("--test-batches", type=int, default=None, help="evaluate on the first N test batches only (default: all)")
     parser.add_argument("--max-layer-ratio", type=float, default=0.9)
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
@@ -583,24 +670,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
     parser.add_argument("--from-json", type=Path, default=None, help="no run: redo the tables, plots and README from a compare.json")
     args = parser.parse_args(argv)
+    fashion = args.data == "fashion-mnist"
+    args.targets = args.targets or ([0.5, 0.7, 0.9] if fashion else [0.3, 0.5, 0.7, 0.9])
+    args.dense_epochs = args.dense_epochs or (30 if fashion else 8)
+    args.dense_lr = args.dense_lr or (0.1 if fashion else 0.05)
+    args.finetune_epochs = args.finetune_epochs or (5 if fashion else 3)
     if args.smoke:
         args.seeds, args.targets = args.seeds[:1], [0.5]
-        args.criteria = args.criteria or SMOKE_CRITERIA
+        args.criteria = args.criteria or (["l1"] if fashion else SMOKE_CRITERIA)
         args.dense_epochs = args.finetune_epochs = 1
         args.latency_rounds = 3
+        if fashion:  # the real files and the data path end to end on a few batches, not numbers
+            args.depth, args.limit_train_batches, args.test_batches = 8, 3, 2
+            args.no_peers, args.latency_rounds = True, 1
+    args.peers = [] if args.no_peers else list(PEERS)
     args.criteria = [get_criterion(c).name or c for c in (args.criteria or criteria_names())]
     if "l1" not in args.criteria:
         log("note: l1 is not benchmarked; ModelPruning's amount comes from an l1 plan on a copy")
     args.out = output_dir(args)
     setup_threads(args.threads)
+    limit = args.limit_train_batches
+    set_trainer(args.accelerator, args.devices, int(limit) if limit > 1 else limit)
 
     result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     table = markdown(result)
-    write_outputs(args.out, "compare", result, table)
+    stem = "compare" if result["config"].get("data", "digits") == "digits" else "compare_fashion_mnist"
+    write_outputs(args.out, stem, result, table)
     pngs = plot(result, args.out)
     print(table)
-    log(f"wrote {args.out / 'compare.json'}, {args.out / 'compare.md'}, {', '.join(pngs)}")
-    refresh_readme(args.readme, README_START, README_END, readme_summary(result))
+    log(f"wrote {args.out / (stem + '.json')}, {args.out / (stem + '.md')}, {', '.join(pngs)}")
+    start, end = (README_START, README_END) if stem == "compare" else (README_FASHION_START, README_FASHION_END)
+    refresh_readme(args.readme, start, end, readme_summary(result))
     return result
 
 

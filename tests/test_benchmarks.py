@@ -133,3 +133,21 @@ def test_latency_leaves_training_modes_alone():
     result = latency_ms({"a": net}, (1, 8, 8), batch_sizes=(1, 2), rounds=2, budget_s=0.001)
     assert set(result["a"]) == {"1", "2"} and all(v > 0 for v in result["a"].values())
     assert all(m.training for m in net.modules())
+
+
+@pytest.mark.slow
+def test_compare_smoke_on_fashion_mnist_reads_the_real_files(tmp_path, fashion_mnist_dir):
+    """``--data fashion-mnist`` end to end on a few real batches (CI has Debian's files)."""
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- benchmark-compare-fashion-mnist:start -->\n<!-- benchmark-compare-fashion-mnist:end -->\nb\n")
+    _run("benchmark_compare.py", tmp_path, 300, "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"),
+         "--readme", str(readme))
+    result = json.loads((tmp_path / "compare_fashion_mnist.json").read_text())
+    config = result["config"]
+    assert config["data"] == "fashion-mnist" and config["input_shape"] == [1, 28, 28] and config["peers"] == []
+    assert [r["method"] for r in result["runs"]] == ["l1"] and result["runs"][0]["ok"]
+    assert abs(result["runs"][0]["flops_reduction"] - 0.5) <= 0.02
+    for name in ("compare_fashion_mnist.md", "compare_fashion_mnist_accuracy.png", "compare_fashion_mnist_widths.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "Fashion-MNIST, CIFAR-style ResNet-8" in (tmp_path / "compare_fashion_mnist.md").read_text()
+    assert "| l1 |" in readme.read_text()
