@@ -1,14 +1,27 @@
-"""Linear filter ensembles: regression, masking, planted channels, budget, seeding, a full fit."""
+"""Linear filter ensembles: regression, masking, planted channels, budget, seeding, batched evaluation."""
 
 from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from nets import MLP, ConcatNet, ResidualNet
 from torch import nn
 
+from lightning_prune.collection.feeding import HeldoutEvaluation
 from lightning_prune.criteria import ScoringContext, get_criterion
-from lightning_prune.criteria.filter_ensembles import channel_masking, ridge_coefficients
+from lightning_prune.criteria.filter_ensembles import (
+    MAX_PASS_ELEMENTS,
+    MAX_PASS_SAMPLES,
+    channel_masking,
+    per_sample_loss,
+    ridge_coefficients,
+)
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import build_dependency_graph, discover_groups
 
@@ -257,16 +270,6 @@ def test_masking_a_channels_first_layer_norm():
 
 
 # ---------------------------------------------------------------------------------------------- batched evaluation
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import warnings  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-from nets import MLP, ConcatNet, ResidualNet  # noqa: E402
-
-from lightning_prune.collection.feeding import HeldoutEvaluation  # noqa: E402
-from lightning_prune.criteria.filter_ensembles import MAX_PASS_ELEMENTS, MAX_PASS_SAMPLES, per_sample_loss  # noqa: E402
-
 _TRAINER = SimpleNamespace(world_size=1, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
 
 
@@ -431,6 +434,5 @@ def test_batched_masking_refuses_a_batch_that_is_not_whole_blocks():
     masks = [torch.ones(3, g.size) for g in groups]
     with channel_masking(groups, model, graph, masks), torch.no_grad(), pytest.raises(ValueError, match="stacked blocks"):
         model(torch.randn(4, 1, 8, 8))
-    with pytest.raises(ValueError, match="same number of rows"):
-        with channel_masking(groups, model, graph, [torch.ones(2 + i, g.size) for i, g in enumerate(groups)]):
-            pass
+    with pytest.raises(ValueError, match="same number of rows"), channel_masking(groups, model, graph, [torch.ones(2 + i, g.size) for i, g in enumerate(groups)]):
+        pass
