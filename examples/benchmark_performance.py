@@ -17,8 +17,16 @@
    included) and the peak is kept; ``ActivationCollector.nbytes()`` (the library's own accounting) is
    reported beside it. This is the collector's device memory; the process RSS is not used (the CPU
    allocator caches freed blocks, so RSS deltas mostly measure the allocator).
+4. Prune-step time vs one training epoch, every registered criterion at its default settings on the
+   digits benchmark model (one step to -50% MACs at the start of a fit, the step's own seconds from
+   its record: scoring, allocation and surgery; the activation criteria's collection is not in it,
+   since during training it rides on the epoch's forward passes), against the median training epoch
+   of the same model (epochs after the first of a dense fit); median over ``--repeats``, criteria
+   interleaved. ``filter_ensembles`` twice: ``masks_per_pass=1`` (one mask per forward pass, as before
+   batching) and the default (masks stacked along the batch).
 
     python examples/benchmark_performance.py [--targets 0.3 0.5 0.7 0.9] [--repeats 5] [--out examples/results]
+    python examples/benchmark_performance.py --sections prune_step --repeats 3   # one section only
     python examples/benchmark_performance.py --smoke --out /tmp/smoke      # CI
 
 Writes ``performance.json`` and ``performance.md`` under ``--out`` and prints the tables.
@@ -40,6 +48,7 @@ from torch import nn
 
 from _bench import (
     add_common_arguments,
+    criteria_names,
     latency_ms,
     log,
     machine,
@@ -50,7 +59,7 @@ from _bench import (
     setup_threads,
     write_outputs,
 )
-from lightning_prune import Target, count_cost, get_criterion
+from lightning_prune import StructuredPruningCallback, Target, count_cost, get_criterion
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import ChannelPruner
@@ -58,6 +67,9 @@ from lightning_prune.models import SmallResNet, resnet56
 
 COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition"]
 NUM_CLASSES = 10
+SECTIONS = ("overhead", "latency", "memory", "prune_step")
+#: the unbatched filter ensembles next to the default, in the prune-step section
+FE_UNBATCHED = "filter_ensembles (masks_per_pass=1)"
 
 
 # ---------------------------------------------------------------------------------------------- 1. overhead
@@ -262,66 +274,151 @@ def collection_memory(criterion: str, repeat: int, seed: int) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- 4. prune step
+class EpochTimer(L.Callback):
+    """Wall seconds of every training epoch (start to end of the epoch's hooks)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def training_epoch_seconds(epochs: int, seed: int) -> list[float]:
+    """Seconds of each epoch after the first of a dense fit of the digits benchmark model."""
+    L.seed_everything(seed, verbose=False)
+    timer = EpochTimer()
+    make_trainer(epochs, [timer]).fit(make_model(epochs), DigitsDataModule(seed=seed))
+    return timer.seconds[1:]
+
+
+def prune_step_seconds(criterion: str, kwargs: dict[str, Any] | None, seed: int) -> float:
+    """The seconds of one pruning step (-50% MACs, at the start of a one-epoch fit), from its record."""
+    L.seed_everything(seed, verbose=False)
+    pruning = StructuredPruningCallback(
+        criterion, target_flops_reduction=0.5, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs
+    )
+    make_trainer(1, [pruning]).fit(make_model(1), DigitsDataModule(seed=seed))
+    return pruning.history[0].seconds
+
+
+def prune_step_vs_epoch(criteria: list[str], repeats: int, seed: int, smoke: bool) -> dict[str, Any]:
+    """Step seconds of every criterion (default settings; progress bars off) against one training epoch."""
+    runs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in criteria:
+        kwargs: dict[str, Any] = {"progress": False} if name == "filter_ensembles" else {}
+        if name == "filter_ensembles" and smoke:
+            kwargs["max_evaluations"] = 16
+        if name == "filter_ensembles":
+            runs[FE_UNBATCHED] = (name, {**kwargs, "masks_per_pass": 1})
+        runs[name] = (name, kwargs)
+    steps: dict[str, list[float]] = {label: [] for label in runs}
+    epochs: list[float] = []
+    prune_step_seconds("l1", None, seed)  # warm-up
+    for _ in range(repeats):
+        epochs += training_epoch_seconds(2 if smoke else 4, seed)
+        for label, (name, kwargs) in runs.items():
+            steps[label].append(prune_step_seconds(name, kwargs or None, seed))
+    epoch = statistics.median(epochs)
+    rows = {}
+    for label, samples in steps.items():
+        step = statistics.median(samples)
+        rows[label] = {"criterion": runs[label][0], "kwargs": runs[label][1], "step_seconds": step, "ratio": step / epoch, "samples": samples}
+        log(f"prune step {label}: {step:.3f} s, x{step / epoch:.2f} of an epoch ({epoch:.3f} s)")
+    result = {"epoch_seconds": epoch, "epoch_samples": epochs, "repeats": repeats, "target_flops_reduction": 0.5, "rows": rows}
+    if FE_UNBATCHED in rows:
+        result["filter_ensembles_speedup"] = rows[FE_UNBATCHED]["step_seconds"] / rows["filter_ensembles"]["step_seconds"]
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- report
 README_START = "<!-- benchmark-performance:start -->"
 README_END = "<!-- benchmark-performance:end -->"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    steps, fit, criteria = result["step_overhead"], result["fit_overhead"], result["config"]["criteria"]
-    med = fit["median_seconds"]
+    criteria = result["config"]["criteria"]
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}. "
         f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
-        "",
-        "| collection overhead | " + " | ".join(criteria) + " |",
-        "|---|" + "---|" * len(criteria),
-        "| per training step, every step collecting (ms without -> with) | "
-        + " | ".join(
-            f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
-            f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x)"
-            for c in criteria
-        )
-        + " |",
-        f"| whole fit ({fit['epochs']} epochs), every step collecting vs no callback ({med['none']:.2f} s) | "
-        + " | ".join(f"{med[c]:.2f} s (median **{fit['ratio'][c]:.3f}x**, min {fit['min_ratio'][c]:.3f}x)" for c in criteria)
-        + " |",
-        "",
-        "Inference latency, pruned (l1) vs dense, ms per forward (median of interleaved rounds), next to the MAC ratio:",
-        "",
-        "| model | MACs removed | MACs (x dense) | params (x dense) | batch 1: ms (x dense) | batch 64: ms (x dense) |",
-        "|---|---|---|---|---|---|",
     ]
-    for name, entry in result["latency"].items():
-        d = entry["dense"]
-        lines.append(
-            f"| {name} {tuple(entry['input_shape'])} | dense | {d['macs'] / 1e6:.2f}M | {d['params'] / 1e3:.1f}k "
-            f"| {d['latency_ms']['1']:.3f} | {d['latency_ms']['64']:.2f} |"
-        )
-        for row in entry["rows"]:
-            if not row["ok"]:
-                lines.append(f"| {name} | target {row['target']:.0%} **failed**: {row['error']} | | | | |")
-                continue
-            lines.append(
-                f"| {name} | {1 - row['macs_ratio']:.1%} (target {row['target']:.0%}) | {row['macs_ratio']:.2f}x | {row['params_ratio']:.2f}x "
-                f"| {row['latency_ms']['1']:.3f} ({row['latency_ratio']['1']:.2f}x) | {row['latency_ms']['64']:.2f} ({row['latency_ratio']['64']:.2f}x) |"
+    if "step_overhead" in result:
+        steps, fit = result["step_overhead"], result["fit_overhead"]
+        med = fit["median_seconds"]
+        lines += [
+            "",
+            "| collection overhead | " + " | ".join(criteria) + " |",
+            "|---|" + "---|" * len(criteria),
+            "| per training step, every step collecting (ms without -> with) | "
+            + " | ".join(
+                f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
+                f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x)"
+                for c in criteria
             )
-    lines += [
-        "",
-        "Memory the collector holds during one epoch of collection (peak after any training batch; tensors reachable "
-        "from the collector, each storage once; the library's own `nbytes()` in brackets):",
-        "",
-        "| criterion | statistics | 1x data | 4x data | 4x / 1x |",
-        "|---|---|---|---|---|",
-    ]
-    for crit, mem in result["collection_memory"].items():
-        one, four = mem["1x"], mem["4x"]
-        lines.append(
-            f"| {crit} | {', '.join(one['statistics'])} | {one['peak_bytes'] / 2**20:.2f} MiB [{one['peak_nbytes_reported'] / 2**20:.2f}], "
-            f"{one['samples']:,} samples | {four['peak_bytes'] / 2**20:.2f} MiB [{four['peak_nbytes_reported'] / 2**20:.2f}], "
-            f"{four['samples']:,} samples | {four['peak_bytes'] / one['peak_bytes']:.2f}x |"
-        )
+            + " |",
+            f"| whole fit ({fit['epochs']} epochs), every step collecting vs no callback ({med['none']:.2f} s) | "
+            + " | ".join(f"{med[c]:.2f} s (median **{fit['ratio'][c]:.3f}x**, min {fit['min_ratio'][c]:.3f}x)" for c in criteria)
+            + " |",
+        ]
+    if "latency" in result:
+        lines += [
+            "",
+            "Inference latency, pruned (l1) vs dense, ms per forward (median of interleaved rounds), next to the MAC ratio:",
+            "",
+            "| model | MACs removed | MACs (x dense) | params (x dense) | batch 1: ms (x dense) | batch 64: ms (x dense) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, entry in result["latency"].items():
+            d = entry["dense"]
+            lines.append(
+                f"| {name} {tuple(entry['input_shape'])} | dense | {d['macs'] / 1e6:.2f}M | {d['params'] / 1e3:.1f}k "
+                f"| {d['latency_ms']['1']:.3f} | {d['latency_ms']['64']:.2f} |"
+            )
+            for row in entry["rows"]:
+                if not row["ok"]:
+                    lines.append(f"| {name} | target {row['target']:.0%} **failed**: {row['error']} | | | | |")
+                    continue
+                lines.append(
+                    f"| {name} | {1 - row['macs_ratio']:.1%} (target {row['target']:.0%}) | {row['macs_ratio']:.2f}x | {row['params_ratio']:.2f}x "
+                    f"| {row['latency_ms']['1']:.3f} ({row['latency_ratio']['1']:.2f}x) | {row['latency_ms']['64']:.2f} ({row['latency_ratio']['64']:.2f}x) |"
+                )
+    if "collection_memory" in result:
+        lines += [
+            "",
+            "Memory the collector holds during one epoch of collection (peak after any training batch; tensors reachable "
+            "from the collector, each storage once; the library's own `nbytes()` in brackets):",
+            "",
+            "| criterion | statistics | 1x data | 4x data | 4x / 1x |",
+            "|---|---|---|---|---|",
+        ]
+        for crit, mem in result["collection_memory"].items():
+            one, four = mem["1x"], mem["4x"]
+            lines.append(
+                f"| {crit} | {', '.join(one['statistics'])} | {one['peak_bytes'] / 2**20:.2f} MiB [{one['peak_nbytes_reported'] / 2**20:.2f}], "
+                f"{one['samples']:,} samples | {four['peak_bytes'] / 2**20:.2f} MiB [{four['peak_nbytes_reported'] / 2**20:.2f}], "
+                f"{four['samples']:,} samples | {four['peak_bytes'] / one['peak_bytes']:.2f}x |"
+            )
+    if "prune_step" in result:
+        step = result["prune_step"]
+        lines += [
+            "",
+            f"Prune-step time vs one training epoch ({step['epoch_seconds']:.3f} s, median) of the digits benchmark model, "
+            f"every criterion at its default settings, one step to -{step['target_flops_reduction']:.0%} MACs "
+            f"(median of {step['repeats']}):",
+            "",
+            "| criterion | step seconds | epoch seconds | step / epoch |",
+            "|---|---|---|---|",
+        ]
+        for label, row in step["rows"].items():
+            lines.append(f"| {label} | {row['step_seconds']:.3f} | {step['epoch_seconds']:.3f} | **{row['ratio']:.2f}x** |")
+        if "filter_ensembles_speedup" in step:
+            lines += ["", f"`filter_ensembles`, masks stacked along the batch vs one mask per pass: {step['filter_ensembles_speedup']:.1f}x faster."]
     return "\n".join(lines)
 
 
@@ -335,41 +432,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, "one criterion, one target, one repeat, one epoch")
     parser.add_argument("--readme", type=Path, default=None, help="also put the tables between the README's markers")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.criteria, args.targets = args.criteria[:1], [0.5]
         args.repeats, args.overhead_epochs, args.latency_rounds = 1, 1, 2
     args.criteria = [get_criterion(c).name or c for c in args.criteria]
+    args.step_criteria = ["l1", "filter_ensembles"] if args.smoke else criteria_names()
     args.out = output_dir(args)
     setup_threads(args.threads)
     started = time.perf_counter()
+    sections = set(args.sections)
 
     result: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine(),
-        "step_overhead": {},
     }
-    for crit in args.criteria:
-        result["step_overhead"][crit] = step_overhead(crit, 4 * args.repeats, args.seed, 5 if args.smoke else 30)
-        log(f"step overhead {crit}: x{result['step_overhead'][crit]['ratio']:.3f}")
-    result["fit_overhead"] = fit_overhead(args.criteria, args.overhead_epochs, args.repeats, args.seed)
-    log("fit overhead: " + ", ".join(f"{c} x{r:.3f}" for c, r in result["fit_overhead"]["ratio"].items()))
-    torch.manual_seed(args.seed)
-    result["latency"] = {
-        "digits SmallResNet": pruned_latency("digits", SmallResNet(widths=(32, 64, 128), blocks_per_stage=1), (1, 8, 8), args.targets, args.latency_rounds),
-        "CIFAR ResNet-56": resnet56_latency(args.targets, args.latency_rounds),
-    }
-    result["collection_memory"] = {}
-    for crit in args.criteria:
-        result["collection_memory"][crit] = {f"{r}x": collection_memory(crit, r, args.seed) for r in (1, 4)}
-        mem = result["collection_memory"][crit]
-        log(f"collection memory {crit}: {mem['1x']['peak_bytes'] / 2**20:.2f} MiB at 1x, {mem['4x']['peak_bytes'] / 2**20:.2f} MiB at 4x")
+    if "overhead" in sections:
+        result["step_overhead"] = {}
+        for crit in args.criteria:
+            result["step_overhead"][crit] = step_overhead(crit, 4 * args.repeats, args.seed, 5 if args.smoke else 30)
+            log(f"step overhead {crit}: x{result['step_overhead'][crit]['ratio']:.3f}")
+        result["fit_overhead"] = fit_overhead(args.criteria, args.overhead_epochs, args.repeats, args.seed)
+        log("fit overhead: " + ", ".join(f"{c} x{r:.3f}" for c, r in result["fit_overhead"]["ratio"].items()))
+    if "latency" in sections:
+        torch.manual_seed(args.seed)
+        result["latency"] = {
+            "digits SmallResNet": pruned_latency("digits", SmallResNet(widths=(32, 64, 128), blocks_per_stage=1), (1, 8, 8), args.targets, args.latency_rounds),
+            "CIFAR ResNet-56": resnet56_latency(args.targets, args.latency_rounds),
+        }
+    if "memory" in sections:
+        result["collection_memory"] = {}
+        for crit in args.criteria:
+            result["collection_memory"][crit] = {f"{r}x": collection_memory(crit, r, args.seed) for r in (1, 4)}
+            mem = result["collection_memory"][crit]
+            log(f"collection memory {crit}: {mem['1x']['peak_bytes'] / 2**20:.2f} MiB at 1x, {mem['4x']['peak_bytes'] / 2**20:.2f} MiB at 4x")
+    if "prune_step" in sections:
+        result["prune_step"] = prune_step_vs_epoch(args.step_criteria, args.repeats, args.seed, args.smoke)
     result["wall_seconds"] = time.perf_counter() - started
     table = markdown(result)
     write_outputs(args.out, "performance", result, table)
     print(table)
     log(f"wrote {args.out / 'performance.json'}, {args.out / 'performance.md'}")
-    refresh_readme(args.readme, README_START, README_END, table + "\n")
+    if sections == set(SECTIONS):
+        refresh_readme(args.readme, README_START, README_END, table + "\n")
+    elif args.readme is not None:
+        log(f"{args.readme}: left untouched (--readme needs every section)")
     return result
 
 

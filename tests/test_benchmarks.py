@@ -118,8 +118,14 @@ def test_performance_smoke(performance):
     for entry in memory.values():
         assert entry["peak_bytes"] > 0 and entry["peak_nbytes_reported"] > 0
         assert entry["peak_bytes"] >= entry["final_bytes"]
+    step = result["prune_step"]  # prune-step time vs one epoch, filter ensembles batched and not
+    assert set(step["rows"]) == {"l1", "filter_ensembles", "filter_ensembles (masks_per_pass=1)"}
+    assert step["epoch_seconds"] > 0 and all(r["step_seconds"] > 0 for r in step["rows"].values())
+    assert all(r["ratio"] == pytest.approx(r["step_seconds"] / step["epoch_seconds"]) for r in step["rows"].values())
+    assert step["rows"]["filter_ensembles (masks_per_pass=1)"]["kwargs"]["masks_per_pass"] == 1
     table = (out / "performance.md").read_text()
     assert "collection overhead" in table and "4x / 1x" in table and "digits SmallResNet" in table
+    assert "Prune-step time vs one training epoch" in table and "| filter_ensembles (masks_per_pass=1) |" in table
     assert (out / "README.md").read_text() == f"a\n<!-- benchmark-performance:start -->\n{table}<!-- benchmark-performance:end -->\nb\n"
 
 

@@ -1,14 +1,27 @@
-"""Linear filter ensembles: regression, masking, planted channels, budget, seeding, a full fit."""
+"""Linear filter ensembles: regression, masking, planted channels, budget, seeding, batched evaluation."""
 
 from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from nets import MLP, ConcatNet, ResidualNet
 from torch import nn
 
+from lightning_prune.collection.feeding import HeldoutEvaluation
 from lightning_prune.criteria import ScoringContext, get_criterion
-from lightning_prune.criteria.filter_ensembles import channel_masking, ridge_coefficients
+from lightning_prune.criteria.filter_ensembles import (
+    MAX_PASS_ELEMENTS,
+    MAX_PASS_SAMPLES,
+    channel_masking,
+    per_sample_loss,
+    ridge_coefficients,
+)
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import build_dependency_graph, discover_groups
 
@@ -254,3 +267,172 @@ def test_masking_a_channels_first_layer_norm():
         expected = model[1](model[0](x))
     expected[:, 2] = 0
     torch.testing.assert_close(seen["x"], expected)
+
+
+# ---------------------------------------------------------------------------------------------- batched evaluation
+_TRAINER = SimpleNamespace(world_size=1, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+
+
+def _heldout(model, batches):
+    """The callback's held-out evaluation on ``batches``, without a Trainer (one process, full precision)."""
+    return HeldoutEvaluation(_TRAINER, model, batches, lambda out: out)
+
+
+def _batched_case(name):
+    """(model, held-out batches): BatchNorm + residual sums, concatenation, BN after a concatenation, linear layers."""
+    gen = torch.Generator().manual_seed(7)
+    if name == "mlp":
+        model = MLP()
+        shape = (model.in_features,)
+    elif name == "dense_concat":
+        torch.manual_seed(0)
+        model = _DenseConcat()
+        with torch.no_grad():
+            model.norm.running_mean.uniform_(-0.2, 0.2)
+            model.norm.running_var.uniform_(0.5, 1.5)
+            model.norm.bias.uniform_(0.5, 1.0)
+        shape = (1, 6, 6)
+    else:
+        model = {"residual": ResidualNet, "concat": ConcatNet}[name]()
+        shape = (1, 8, 8)
+    classes = 3 if name == "dense_concat" else 10
+    batches = [(torch.randn(b, *shape, generator=gen), torch.randint(0, classes, (b,), generator=gen)) for b in (8, 5)]
+    return model.eval(), batches
+
+
+def _groups(model, batches):
+    graph = build_dependency_graph(model, batches[0][0][:2])
+    return graph, discover_groups(model, graph)
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "dense_concat", "mlp"])
+def test_batched_masks_give_the_losses_of_one_mask_at_a_time(name):
+    model, batches = _batched_case(name)
+    graph, groups = _groups(model, batches)
+    sizes = [g.size for g in groups]
+    masks = get_criterion("filter_ensembles", max_evaluations=12).sample_masks(sizes, torch.Generator().manual_seed(0))
+    evaluation = _heldout(model, batches)
+    single = []
+    for mask in masks:  # the reference: one mask, one pass, the mean-reduced loss per batch
+        with channel_masking(groups, model, graph, list(torch.split(mask, sizes))):
+            single.append(evaluation(nn.functional.cross_entropy))
+    single = torch.tensor(single, dtype=torch.float64)
+    assert single.std() > 1e-3  # the masks matter: the comparison is not trivially equal
+    for per_pass in (12, 5):  # all masks in one pass, and uneven chunks
+        batched = []
+        for start in range(0, 12, per_pass):
+            chunk = masks[start : start + per_pass]
+            with channel_masking(groups, model, graph, list(torch.split(chunk, sizes, dim=1))):
+                batched.append(evaluation.evaluate_batched(per_sample_loss(nn.functional.cross_entropy), len(chunk)))
+        torch.testing.assert_close(torch.cat(batched).double(), single, rtol=1e-5, atol=1e-7)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def _context(model, batches, seed, forward=None):
+    graph, groups = _groups(model, batches)
+    forward = forward or _heldout(model, batches)
+    ctx = ScoringContext(model=model, example_inputs=batches[0][0][:2], graph=graph,
+                         generator=torch.Generator().manual_seed(seed), forward=forward)
+    return groups, ctx
+
+
+@pytest.mark.parametrize("fit", ["joint", "per_layer"])
+def test_batched_scores_match_unbatched_and_repeat_exactly(fit):
+    model, batches = _batched_case("residual")
+    make = lambda per_pass: get_criterion("filter_ensembles", max_evaluations=40, fit=fit, masks_per_pass=per_pass, progress=False)  # noqa: E731
+    runs = {}
+    for key, per_pass in (("one", 1), ("auto", None), ("auto again", None), ("seven", 7)):
+        criterion = make(per_pass)
+        groups, ctx = _context(model, batches, seed=3)
+        runs[key] = (criterion.score(groups, ctx), criterion.evaluations, criterion.passes)
+    assert runs["one"][1:] == (40, 40)
+    assert runs["auto"][1:] == (40, 1)  # 40 masks x 8 samples fit in one pass
+    assert runs["seven"][1:] == (40, math.ceil(40 / 7))  # the budget holds with a last, shorter pass
+    assert all(torch.equal(p, q) for p, q in zip(runs["auto"][0], runs["auto again"][0]))
+    scale = max(float(s.abs().max()) for s in runs["one"][0])
+    for key in ("auto", "seven"):
+        for p, q in zip(runs[key][0], runs["one"][0]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-5 * scale)
+    groups, ctx = _context(model, batches, seed=4)
+    other = make(None).score(groups, ctx)
+    assert not all(torch.allclose(p, q) for p, q in zip(other, runs["auto"][0]))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_masks_per_pass_is_validated(bad):
+    with pytest.raises(ValueError, match="masks_per_pass"):
+        get_criterion("filter_ensembles", masks_per_pass=bad)
+
+
+def test_masks_per_pass_rule():
+    criterion = get_criterion("filter_ensembles")
+    forward = SimpleNamespace(evaluate_batched=lambda *a: None, batch_samples=64, sample_elements=64)
+    assert criterion.pass_size(forward) == MAX_PASS_SAMPLES // 64 == 16
+    forward.batch_samples, forward.sample_elements = 2, 4
+    assert criterion.pass_size(forward) == 256  # never above the budget
+    forward.batch_samples, forward.sample_elements = 32, 3 * 224 * 224
+    assert criterion.pass_size(forward) == max(1, MAX_PASS_ELEMENTS // (32 * 3 * 224 * 224)) == 3
+    forward.batch_samples = 4096
+    assert criterion.pass_size(forward) == 1
+    assert get_criterion("filter_ensembles", masks_per_pass=300).pass_size(forward) == 256
+    assert get_criterion("filter_ensembles", masks_per_pass=5).pass_size(forward) == 5
+    assert get_criterion("filter_ensembles", masks_per_pass=5).pass_size(lambda loss_fn: 0.0) == 1  # a plain callable
+
+
+def test_a_loss_that_does_not_split_per_sample_falls_back_to_one_mask_per_pass():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    model, batches = _batched_case("residual")
+    evaluation = _heldout(model, batches)
+    batched_calls = []
+    user_loss = lambda out, y: nn.functional.cross_entropy(out, y) + 0.0  # noqa: E731
+
+    class Spy:
+        """The held-out evaluation, its batched calls recorded."""
+
+        batch_samples, sample_elements = evaluation.batch_samples, evaluation.sample_elements
+
+        def __call__(self, loss_fn):
+            return evaluation(loss_fn)
+
+        def evaluate_batched(self, per_sample_loss_fn, repeats):
+            batched_calls.append(repeats)
+            return evaluation.evaluate_batched(per_sample_loss_fn, repeats)
+
+    for loss_fn in (user_loss, MulticlassAccuracy(num_classes=10)):
+        with pytest.warns(UserWarning, match="does not split per sample"):
+            criterion = get_criterion("filter_ensembles", max_evaluations=10, loss_fn=loss_fn, masks_per_pass=4, progress=False)
+        groups, ctx = _context(model, batches, seed=0, forward=Spy())
+        criterion.score(groups, ctx)
+        assert (criterion.evaluations, criterion.passes) == (10, 10) and not batched_calls
+    # the fallback gives what the batched default gives, for the same loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fallback = get_criterion("filter_ensembles", max_evaluations=10, loss_fn=user_loss, progress=False)
+    default = get_criterion("filter_ensembles", max_evaluations=10, progress=False)
+    groups, ctx = _context(model, batches, seed=0, forward=Spy())
+    batched = default.score(groups, ctx)
+    assert default.passes == 1 and len(batched_calls) == 1
+    groups, ctx = _context(model, batches, seed=0, forward=Spy())
+    for p, q in zip(fallback.score(groups, ctx), batched):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_cross_entropy_keeps_the_mean_over_valid_labels():
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 4, generator=gen), torch.tensor([0, 3, -100, 1, -100, 2])
+    losses = per_sample_loss(nn.functional.cross_entropy)(logits.repeat(3, 1), labels.repeat(3))
+    torch.testing.assert_close(losses.view(3, 6).mean(1), nn.functional.cross_entropy(logits, labels).expand(3))
+    soft = torch.softmax(torch.randn(6, 4, generator=gen), 1)
+    torch.testing.assert_close(per_sample_loss(nn.functional.cross_entropy)(logits, soft).mean(), nn.functional.cross_entropy(logits, soft))
+    assert per_sample_loss(lambda o, y: nn.functional.cross_entropy(o, y)) is None
+
+
+def test_batched_masking_refuses_a_batch_that_is_not_whole_blocks():
+    model, batches = _batched_case("residual")
+    graph, groups = _groups(model, batches)
+    masks = [torch.ones(3, g.size) for g in groups]
+    with channel_masking(groups, model, graph, masks), torch.no_grad(), pytest.raises(ValueError, match="stacked blocks"):
+        model(torch.randn(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="same number of rows"), channel_masking(groups, model, graph, [torch.ones(2 + i, g.size) for i, g in enumerate(groups)]):
+        pass

@@ -15,14 +15,16 @@ RECORDED = json.loads(REFERENCE.read_text())
 #: Forwards made inside the callback's hooks over the whole fit (2 steps), and torch-pruning traces.
 #: Per structure one analysis (a trace, one profiling forward, one trial surgery); per step one
 #: profiling forward after the surgery; once per fit the class count for activation criteria. The
-#: recorded file keeps the counts before the refactor (18/3 and 28/5; 146/3 for filter_ensembles).
+#: recorded file keeps the counts before the refactor (18/3 and 28/5; 146/3 for filter_ensembles, which
+#: evaluated one mask per pass).
 WEIGHT_ONLY = {"forwards": 3 + 1 + (3 + 1), "traces": 2}
 ACTIVATIONS = {"forwards": 3 + 1 + 1 + (3 + 1), "traces": 2}
 EXPECTED_COUNTS = {
     **{c: WEIGHT_ONLY for c in ("l1", "l2", "fpgm", "random")},
     **{c: ACTIVATIONS for c in ("pls_vip", "pca_gm", "di", "id")},
-    # 32 masked evaluations of 2 held-out batches per step on top of the weight-only count
-    "filter_ensembles": {"forwards": WEIGHT_ONLY["forwards"] + 2 * 32 * 2, "traces": 2},
+    # 32 masked evaluations per step, 4 masks stacked per pass (masks_per_pass=None: 1024 samples per
+    # pass over held-out batches of 256), over 2 held-out batches, on top of the weight-only count
+    "filter_ensembles": {"forwards": WEIGHT_ONLY["forwards"] + 2 * (32 // 4) * 2, "traces": 2},
 }
 
 

@@ -17,10 +17,11 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune._batch import detach
-from lightning_prune._model import call_model, eval_forward, evaluating
+from lightning_prune._model import batch_size_of, call_model, eval_forward, evaluating
+from lightning_prune._tree import leaves, tree_map
 from lightning_prune.collection.collector import ActivationCollector
 
-__all__ = ["BatchFeeder", "first_loader"]
+__all__ = ["BatchFeeder", "HeldoutEvaluation", "first_loader"]
 
 #: Length of the dedicated collection pass of a start-of-training step, when collect_batches is None.
 START_PASS_BATCHES = 32
@@ -33,6 +34,86 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, (list, tuple)):
         return loaders[0]
     return loaders
+
+
+class HeldoutEvaluation:
+    """The model's loss on the held-out batches, what ``ScoringContext.forward`` holds for a criterion
+    with forward passes. Eval mode, no gradient, the precision plugin's forward context; under DDP
+    each call reduces once (the mean over ranks), so every rank gets the same values.
+
+    * ``evaluation(loss_fn) -> float``: ``loss_fn(predictions, labels)`` (a scalar per batch)
+      averaged over the batches; one forward pass per batch.
+    * ``evaluation.evaluate_batched(per_sample_loss_fn, repeats) -> tensor (repeats,)``: each batch
+      repeated ``repeats`` times along dim 0 (every tensor of the inputs, and the labels) in one
+      forward pass, for forward hooks that treat each block of the repeated batch differently (one
+      channel mask per block, ``filter_ensembles``). ``per_sample_loss_fn(predictions, labels)``
+      returns unreduced losses with the repeated batch as first dimension (e.g.
+      ``cross_entropy(..., reduction="none")``); entry ``r`` is block ``r``'s mean, averaged over the
+      batches: with identical blocks, the value ``evaluation(loss_fn)`` gives for the mean-reduced loss.
+      Exact when the model treats samples independently in eval mode (BatchNorm then uses its
+      running statistics); a model whose eval output depends on the rest of the batch would differ.
+
+    Attributes:
+        batches: the held-out ``(inputs, labels)`` pairs.
+        batch_samples: samples in the largest held-out batch (the maximum over ranks).
+        sample_elements: input elements (every tensor) per sample (the maximum over ranks), for sizing
+            batched passes.
+    """
+
+    def __init__(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batches: list[tuple[Any, Any]],
+        predictions: Callable[[Any], Any],
+    ) -> None:
+        self.trainer = trainer
+        self.pl_module = pl_module
+        self.batches = batches
+        self.predictions = predictions
+        samples = max(batch_size_of(inputs) for inputs, _ in batches)
+        elements = max(
+            sum(leaf[0].numel() for leaf in leaves(inputs) if isinstance(leaf, torch.Tensor) and leaf.dim())
+            for inputs, _ in batches
+        )
+        if trainer.world_size > 1:  # pass sizes derived from these must agree on every rank
+            sizes = trainer.strategy.reduce(torch.tensor([samples, elements], device=pl_module.device), reduce_op="max")
+            samples, elements = (int(v) for v in sizes.tolist())
+        self.batch_samples = samples
+        self.sample_elements = elements
+
+    def _reduce(self, value: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
+            value = self.trainer.strategy.reduce(value, reduce_op="mean")
+        return value
+
+    def __call__(self, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> float:
+        with evaluating(self.pl_module):
+            losses = []
+            for inputs, labels in self.batches:
+                with self.trainer.precision_plugin.forward_context():
+                    losses.append(loss_fn(self.predictions(call_model(self.pl_module, inputs)), labels).float())
+            return float(self._reduce(torch.stack(losses).mean()))  # one sync per evaluation, none per training step
+
+    def evaluate_batched(self, per_sample_loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], repeats: int) -> torch.Tensor:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+
+        def repeated(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat(repeats, *[1] * (tensor.dim() - 1)) if tensor.dim() and repeats > 1 else tensor
+
+        with evaluating(self.pl_module):
+            per_batch = []
+            for inputs, labels in self.batches:
+                with self.trainer.precision_plugin.forward_context():
+                    outputs = self.predictions(call_model(self.pl_module, tree_map(repeated, inputs)))
+                    losses = per_sample_loss_fn(outputs, None if labels is None else repeated(labels))
+                samples = repeats * batch_size_of(inputs)
+                if not isinstance(losses, torch.Tensor) or losses.dim() == 0 or losses.shape[0] != samples:
+                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                    raise ValueError(f"per_sample_loss_fn must return one loss per sample ({samples} first), got {shape}")
+                per_batch.append(losses.float().reshape(repeats, -1).mean(1))
+            return self._reduce(torch.stack(per_batch).mean(0)).cpu()  # one sync per call
 
 
 class BatchFeeder:
@@ -140,28 +221,17 @@ class BatchFeeder:
             return []
         return batches
 
-    def evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Callable[..., Any]], float]:
-        """``evaluate(loss_fn) -> float``: the mean loss of the model on the held-out batches (validation
-        batches, else the cached training batches), the same value on every rank."""
+    def evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HeldoutEvaluation:
+        """The held-out evaluation of ``pl_module`` (validation batches, else the cached training
+        batches): callable as ``evaluate(loss_fn) -> float``, batched by ``evaluate_batched``; the
+        same values on every rank."""
         batches = self.validation_batches(trainer) or list(self._cached)
         if not batches:
             raise ValueError(
                 f"criterion '{self.criterion_name}' needs held-out batches but there is no validation loader and "
                 "no training batch was cached before the step"
             )
-
-        def evaluate(loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> float:
-            with evaluating(pl_module):
-                losses = []
-                for inputs, labels in batches:
-                    with trainer.precision_plugin.forward_context():
-                        losses.append(loss_fn(self.predictions(call_model(pl_module, inputs)), labels).float())
-                loss = torch.stack(losses).mean()
-                if trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
-                    loss = trainer.strategy.reduce(loss, reduce_op="mean")
-                return float(loss)  # one sync per evaluation, none per training step
-
-        return evaluate
+        return HeldoutEvaluation(trainer, pl_module, batches, self.predictions)
 
     def collection_pass(
         self,

@@ -10,28 +10,42 @@ masked at once, so every evaluation informs every channel; the fit is ``"joint"`
 over all channels) or ``"per_layer"`` (one regression per group on the same outcomes). Scores are
 in loss units in both cases, hence comparable across layers (global allocation allowed).
 
-Budget: at most ``max_evaluations`` masked evaluations per step, each ``num_batches`` forward
-passes, shown with a progress bar. Masks come from the step's seeded generator: the same seed
-gives the same pruning. The paper leaves ``p_keep``, ``S`` and joint vs per-layer open; the
-defaults here (0.75, 256, joint, ridge ``alpha=1``) are our choice, all parameters.
+Budget: at most ``max_evaluations`` masked evaluations per step, each a pass over ``num_batches``
+held-out batches, shown with a progress bar. Several masks share one forward pass
+(``masks_per_pass``): the held-out batch is repeated once per mask and each copy masked by its own
+mask, so a step costs ``max_evaluations / masks_per_pass`` passes of larger batches. Masks come from
+the step's seeded generator: the same seed gives the same pruning. The paper leaves ``p_keep``, ``S``
+and joint vs per-layer open; the defaults here (0.75, 256, joint, ridge ``alpha=1``) are our choice,
+all parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
+from lightning_prune.engine.graph import ChannelGroup
 
-if TYPE_CHECKING:
-    from lightning_prune.engine.graph import ChannelGroup
+__all__ = [
+    "MAX_PASS_ELEMENTS",
+    "MAX_PASS_SAMPLES",
+    "LinearFilterEnsembles",
+    "channel_masking",
+    "per_sample_loss",
+    "ridge_coefficients",
+]
 
-__all__ = ["LinearFilterEnsembles", "channel_masking", "ridge_coefficients"]
+#: ``masks_per_pass=None``: at most this many samples (masks x held-out batch) in one forward pass ...
+MAX_PASS_SAMPLES = 1024
+#: ... and at most this many input elements (e.g. 2**24 floats: 64 MiB of float32 input).
+MAX_PASS_ELEMENTS = 2**24
 
 
 def ridge_coefficients(masks: torch.Tensor, outcomes: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -78,20 +92,49 @@ def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tupl
 def channel_masking(
     groups: Sequence[ChannelGroup], model: nn.Module, graph: Any, masks: Sequence[torch.Tensor]
 ) -> Iterator[None]:
-    """Zero, while inside, the channels whose ``masks[g][root_channel]`` is 0 (forward hooks)."""
+    """Zero, while inside, the channels whose ``masks[g][root_channel]`` is 0 (forward hooks).
+
+    A 1-D mask (``group.size``) applies to every sample. 2-D masks ``(M, group.size)`` (the same
+    ``M`` for every group given 2-D) mask a batch stacked from ``M`` blocks: block ``r`` of the
+    batch (samples ``r * B`` to ``(r + 1) * B - 1`` of an ``M * B`` batch) gets row ``r``, the
+    output viewed as ``(M, B, C, ...)`` and multiplied by the rows broadcast as ``(M, 1, C, 1, ...)``.
+    Batch-first outputs are assumed; a batch not divisible by ``M`` is a ``ValueError``.
+    """
+    rows = {int(m.shape[0]) for m in masks if m.dim() == 2}
+    if len(rows) > 1 or any(m.dim() not in (1, 2) for m in masks):
+        raise ValueError(f"masks must be 1-D, or 2-D with the same number of rows, got shapes {[tuple(m.shape) for m in masks]}")
     handles = []
     for group, mask in zip(groups, masks):
+        batched = mask.dim() == 2
         for module, idxs, roots, width in _mask_points(group, model, graph):
-            module_mask = torch.ones(width)
-            module_mask[idxs] = mask.float()[roots]
+            if batched:
+                module_mask = torch.ones(mask.shape[0], width)
+                module_mask[:, idxs] = mask.float()[:, roots]
+            else:
+                module_mask = torch.ones(width)
+                module_mask[idxs] = mask.float()[roots]
             dim = 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
+            on_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-            def hook(_m, _inputs, output, module_mask=module_mask, dim=dim):
-                if output.shape[dim] != module_mask.numel():  # e.g. ConvNeXt's LayerNorm2d: channels first
+            def hook(_m, _inputs, output, module_mask=module_mask, dim=dim, batched=batched, on_device=on_device):
+                width = module_mask.shape[-1]
+                if output.shape[dim] != width:  # e.g. ConvNeXt's LayerNorm2d: channels first
                     dim = 1 if dim == -1 else -1
-                shape = [1] * output.dim()
-                shape[dim] = -1
-                return output * module_mask.to(output.device, output.dtype).view(shape)
+                key = (output.device, output.dtype)
+                if key not in on_device:
+                    on_device[key] = module_mask.to(output.device, output.dtype)
+                factor = on_device[key]
+                if not batched:
+                    shape = [1] * output.dim()
+                    shape[dim] = -1
+                    return output * factor.view(shape)
+                blocks = factor.shape[0]
+                if output.shape[0] % blocks:
+                    raise ValueError(f"a batch of {output.shape[0]} samples is not {blocks} stacked blocks")
+                stacked = output.reshape(blocks, output.shape[0] // blocks, *output.shape[1:])
+                shape = [1] * stacked.dim()
+                shape[0], shape[dim % output.dim() + 1] = blocks, width
+                return (stacked * factor.view(shape)).reshape(output.shape)
 
             handles.append(module.register_forward_hook(hook))
     try:
@@ -99,6 +142,24 @@ def channel_masking(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _per_sample_cross_entropy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Unreduced cross-entropy whose per-block mean is ``cross_entropy``'s (mean) value on the block:
+    with class indices, samples at ``ignore_index`` (-100) count zero and the others are scaled by
+    ``all / valid`` (the same ratio in every block of a repeated batch)."""
+    losses = nn.functional.cross_entropy(outputs, labels, reduction="none")
+    if labels.is_floating_point():  # class probabilities: every sample counts
+        return losses
+    valid = labels != -100
+    return losses * (valid.numel() / valid.sum())
+
+
+def per_sample_loss(loss_fn: Any) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+    """The unreduced form of ``loss_fn`` that batched evaluation needs, or None when there is none:
+    ``nn.functional.cross_entropy`` (the default) is split per sample; any other callable and every
+    torchmetrics ``Metric`` cannot be, and are evaluated one mask per pass."""
+    return _per_sample_cross_entropy if loss_fn is nn.functional.cross_entropy else None
 
 
 def _as_loss(measure: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -136,7 +197,18 @@ class LinearFilterEnsembles(Criterion):
             (lower is better; default cross-entropy), or a torchmetrics ``Metric`` (e.g.
             ``MulticlassAccuracy``), negated when higher is better, so that importance is always
             the damage a channel's removal does.
-        progress: show a progress bar over the evaluations.
+        progress: show a progress bar over the evaluations (one tick per mask).
+        masks_per_pass: masks evaluated per forward pass, stacked along the batch (the held-out
+            batch repeated once per mask, each copy masked by its own mask). ``None`` (default):
+            as many as fit ``MAX_PASS_SAMPLES`` (1024) samples and ``MAX_PASS_ELEMENTS`` (2**24)
+            input elements per pass, i.e. ``min(max_evaluations, 1024 // B, 2**24 // (B * E))``
+            for held-out batches of ``B`` samples of ``E`` input elements, at least 1. ``1``: one
+            mask per pass with ``loss_fn`` as given (the unbatched path). Batching needs a loss
+            that splits per sample: the default cross-entropy does; any other ``loss_fn`` (a user
+            callable, a torchmetrics ``Metric``), and a ``context.forward`` without
+            ``evaluate_batched``, fall back to one mask per pass. Stacking is exact when the model
+            treats samples independently in eval mode (BatchNorm uses its running statistics); a
+            model whose eval output depends on the rest of the batch would score differently.
     """
 
     requirements = Requirements(forward_passes=True, labels=True)
@@ -152,6 +224,7 @@ class LinearFilterEnsembles(Criterion):
         num_batches: int = 4,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | Any | None = None,
         progress: bool = True,
+        masks_per_pass: int | None = None,
     ) -> None:
         if not 0.0 < p_keep < 1.0:
             raise ValueError(f"p_keep must be in (0, 1), got {p_keep!r}")
@@ -163,6 +236,10 @@ class LinearFilterEnsembles(Criterion):
             raise ValueError(f"fit must be 'joint' or 'per_layer', got {fit!r}")
         if num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches!r}")
+        if masks_per_pass is not None and (
+            isinstance(masks_per_pass, bool) or not isinstance(masks_per_pass, int) or masks_per_pass < 1
+        ):
+            raise ValueError(f"masks_per_pass must be a positive int or None, got {masks_per_pass!r}")
         self.p_keep = float(p_keep)
         self.max_evaluations = int(max_evaluations)
         self.alpha = float(alpha)
@@ -170,7 +247,15 @@ class LinearFilterEnsembles(Criterion):
         self.num_batches = int(num_batches)
         self.loss_fn = _as_loss(loss_fn) if loss_fn is not None else nn.functional.cross_entropy
         self.progress = progress
+        self.masks_per_pass = masks_per_pass
+        if masks_per_pass not in (None, 1) and per_sample_loss(self.loss_fn) is None:
+            warnings.warn(
+                f"filter_ensembles: loss_fn {loss_fn!r} does not split per sample; masks_per_pass={masks_per_pass} is "
+                "ignored and every mask is evaluated in a pass of its own",
+                stacklevel=2,
+            )
         self.evaluations = 0  #: masked evaluations run at the last step (never above the budget)
+        self.passes = 0  #: evaluation calls (each one pass over the held-out batches) at the last step
 
     @property
     def heldout_batches(self) -> int:
@@ -181,20 +266,42 @@ class LinearFilterEnsembles(Criterion):
         total = sum(sizes)
         return (torch.rand(self.max_evaluations, total, generator=generator) < self.p_keep).float()
 
+    def pass_size(self, forward: Any) -> int:
+        """Masks per evaluation call for ``context.forward``: 1 (one mask per pass) when the loss does not
+        split per sample or ``forward`` has no ``evaluate_batched``; else ``masks_per_pass``, or the
+        automatic rule (see the class doc), never above ``max_evaluations``."""
+        if per_sample_loss(self.loss_fn) is None or not callable(getattr(forward, "evaluate_batched", None)):
+            return 1
+        if self.masks_per_pass is not None:
+            return min(self.masks_per_pass, self.max_evaluations)
+        samples = max(1, int(forward.batch_samples))
+        elements = max(1, samples * int(forward.sample_elements))
+        return max(1, min(self.max_evaluations, MAX_PASS_SAMPLES // samples, MAX_PASS_ELEMENTS // elements))
+
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         if context.forward is None:
             raise ValueError("filter_ensembles needs held-out batches; use it through StructuredPruningCallback")
         sizes = [g.size for g in groups]
         masks = self.sample_masks(sizes, context.generator)
         outcomes = torch.empty(masks.shape[0], dtype=torch.float64)
+        per_pass = self.pass_size(context.forward)
+        per_sample = per_sample_loss(self.loss_fn)
         from tqdm.auto import tqdm
 
-        self.evaluations = 0
-        for s in tqdm(range(masks.shape[0]), desc="lightning-prune: filter ensembles", disable=not self.progress, leave=False):
-            per_group = list(torch.split(masks[s], sizes))
-            with channel_masking(groups, context.model, context.graph, per_group):
-                outcomes[s] = float(context.forward(self.loss_fn))
-            self.evaluations += 1
+        self.evaluations = self.passes = 0
+        with tqdm(total=masks.shape[0], desc="lightning-prune: filter ensembles", disable=not self.progress, leave=False) as bar:
+            for start in range(0, masks.shape[0], per_pass):
+                chunk = masks[start : start + per_pass]
+                if per_pass == 1:  # one mask, the loss as given
+                    with channel_masking(groups, context.model, context.graph, list(torch.split(chunk[0], sizes))):
+                        outcomes[start] = float(context.forward(self.loss_fn))
+                else:  # len(chunk) masks stacked along the repeated batch
+                    with channel_masking(groups, context.model, context.graph, list(torch.split(chunk, sizes, dim=1))):
+                        losses = context.forward.evaluate_batched(per_sample, len(chunk))
+                    outcomes[start : start + len(chunk)] = losses.double()
+                self.evaluations += len(chunk)
+                self.passes += 1
+                bar.update(len(chunk))
         if self.fit == "joint":
             coefficients = list(torch.split(ridge_coefficients(masks, outcomes, self.alpha), sizes))
         else:

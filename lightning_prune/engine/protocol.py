@@ -79,7 +79,12 @@ class ScoringContext:
         step: index of the pruning step (0 for the first).
         activations: collected statistics, when the criterion requires them.
         labels: labels of the collected samples, when required.
-        forward: runs the model on held-out batches, when ``forward_passes`` is required.
+        forward: runs the model on held-out batches, when ``forward_passes`` is required: a callable
+            ``forward(loss_fn) -> float`` (the mean loss over the batches, the same on every rank). The
+            callback passes a :class:`~lightning_prune.collection.feeding.HeldoutEvaluation`, which also
+            has ``evaluate_batched(per_sample_loss_fn, repeats)`` (each batch repeated ``repeats``
+            times in one pass, one mean loss per block) and the held-out sizes; a plain callable is
+            enough for criteria that only call it.
         extras: free-form data for user criteria.
     """
 
