@@ -95,7 +95,9 @@ class HeldoutEvaluation:
                     losses.append(loss_fn(self.predictions(call_model(self.pl_module, inputs)), labels).float())
             return float(self._reduce(torch.stack(losses).mean()))  # one sync per evaluation, none per training step
 
-    def evaluate_batched(self, per_sample_loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], repeats: int) -> torch.Tensor:
+    def evaluate_batched(
+        self, per_sample_loss_fn: Callable[[Any, torch.Tensor | None], torch.Tensor], repeats: int
+    ) -> torch.Tensor:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats!r}")
 
