@@ -227,3 +227,28 @@ def test_resume_with_ema_ends_like_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(ref_ema._average_model.state_dict().items(), ema._average_model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_step_restores_model_optimizer_and_companions():
+    import copy
+
+    from lightning_prune import ChannelPruner, PruningError, Target, get_criterion
+
+    torch.manual_seed(0)
+    net = SmallResNet(widths=(8, 16), blocks_per_stage=1)
+    good = copy.deepcopy(net)
+    bad = SmallResNet(widths=(8,), blocks_per_stage=1)  # not a copy: its cut fails after good's
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (net, good)]
+    params = [list(m.parameters()) for m in (net, good)]
+    groups = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(PruningError, match="companions left unchanged"):
+        ChannelPruner(get_criterion("l1")).step(net, X, Target("flops", 0.5), optimizers=[opt], companions=[good, bad])
+    for module, saved, objects in zip((net, good), before, params):
+        assert all(a is b for a, b in zip(module.parameters(), objects))
+        assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+    # and with the good companion alone the copy follows the model
+    ChannelPruner(get_criterion("l1")).step(net, X, Target("flops", 0.5), optimizers=[opt], companions=[good])
+    assert {n: p.shape for n, p in good.named_parameters()} == {n: p.shape for n, p in net.named_parameters()}
+    assert all(torch.equal(a, b) for a, b in zip(good.state_dict().values(), net.state_dict().values()))
