@@ -22,7 +22,8 @@ from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
 from lightning_prune._trainer import broadcast_plan, check_strategy, rewrap_distributed, uncompiled
-from lightning_prune.checkpoint import STATE_VERSION, install_resume_guard
+from lightning_prune.averaging import averaged_copies, check_averaging
+from lightning_prune.checkpoint import STATE_MARKER, STATE_VERSION, install_resume_guard
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.collection.feeding import BatchFeeder
 from lightning_prune.criteria import Criterion, get_criterion
@@ -61,10 +62,22 @@ class StructuredPruningCallback(Callback):
 
         StructuredPruningCallback("l1", target_flops_reduction=0.5, prune_on_train_start=True)
 
+    Several stages in one fit: give ``criterion`` one entry per step (``criterion=["pca_gm", "fpgm"]``
+    with two steps), or use several callbacks in one Trainer, each with its own ``name``; resume and
+    :func:`~lightning_prune.load_pruned` replay every callback's steps in the order they ran.
+
+    Weight averaging (``StochasticWeightAveraging``, ``WeightAveraging`` / ``EMAWeightAveraging``, and
+    ``torch.optim.swa_utils.AveragedModel`` objects the LightningModule holds) is supported: each
+    averaged copy gets the same cut as the model (:mod:`lightning_prune.averaging`), so the average
+    goes on over the kept channels.
+
     Args:
         criterion: a registered name (``lightning_prune.available_criteria()``: ``"l1"``,
             ``"l2"``, ``"fpgm"``, ``"random"``, ...) or a :class:`~lightning_prune.criteria.Criterion`
             instance. Default ``"l1"``. Unknown names raise ``ValueError`` listing the valid ones.
+            A sequence (exactly one entry per step, the start-of-training step included) gives step
+            ``i`` the criterion ``criterion[i]``; its activation collection and held-out batches
+            follow that step's criterion. Another length raises ``ValueError``.
         target_flops_reduction: fraction of the dense model's MACs to remove, in (0, 1).
         target_params_reduction: fraction of the dense model's parameters to remove, in (0, 1).
         channel_ratio: fraction of the prunable channels to remove, in (0, 1).
@@ -115,9 +128,14 @@ class StructuredPruningCallback(Callback):
             collection pass (default 32 batches).
         max_samples: samples kept for per-sample statistics (a uniform reservoir over the window).
             Default 2048. Memory does not grow with the data set or the number of epochs.
-        criterion_kwargs: keyword arguments for a criterion given by name.
+        criterion_kwargs: keyword arguments for a criterion given by name (for each of them, when
+            ``criterion`` lists several names).
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
         verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
+        name: distinguishes this callback's state in checkpoints (it goes into ``state_key``) from
+            the other pruning callbacks of the same Trainer. Default None: the key is
+            ``"StructuredPruningCallback"``, so two unnamed callbacks collide (Lightning refuses
+            them when the Trainer is built; ``setup`` refuses any other collision).
 
     Attributes:
         history: one :class:`~lightning_prune.reporting.PruningRecord` per completed step.
@@ -132,7 +150,7 @@ class StructuredPruningCallback(Callback):
 
     def __init__(
         self,
-        criterion: str | Criterion = "l1",
+        criterion: str | Criterion | Sequence[str | Criterion] = "l1",
         *,
         target_flops_reduction: float | None = None,
         target_params_reduction: float | None = None,
@@ -153,9 +171,12 @@ class StructuredPruningCallback(Callback):
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        self.criterion = get_criterion(criterion, **dict(criterion_kwargs or {}))
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+        self.name = name
         self.target = target_from_arguments(
             {
                 "target_flops_reduction": target_flops_reduction,
@@ -171,24 +192,40 @@ class StructuredPruningCallback(Callback):
         self.step_targets = cumulative_targets(self.target.value, self.num_steps, schedule)
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be a callable (output -> tensor) or None, got {output_transform!r}")
-        self.feeder = BatchFeeder(
-            self.criterion.name or type(self.criterion).__name__,
-            needs_labels=self.criterion.requirements.labels,
-            heldout_batches=self.criterion.heldout_batches,
-            input_fn=input_fn or default_input_fn,
-            label_fn=label_fn or default_label_fn,
-            output_transform=output_transform,
-        )
-        # One pruner for the whole fit: allocation, max_layer_ratio, round_to and ignored_layers are
-        # validated there, once.
-        self.pruner = ChannelPruner(
-            self.criterion,
-            allocation=allocation or self.criterion.default_allocation,
-            max_layer_ratio=max_layer_ratio,
-            round_to=round_to,
-            ignored_layers=ignored_layers,
-            output_transform=None if output_transform is None else self.feeder.traceable,
-        )
+        # One criterion, feeder and pruner per distinct criterion, for the whole fit: allocation,
+        # max_layer_ratio, round_to and ignored_layers are validated there, once.
+        specs = self._parse_criteria(criterion, self.num_steps)
+        self._slot_of_step: list[int] = []
+        slots: dict[Any, int] = {}
+        self._criteria: list[Criterion] = []
+        self._feeders: list[BatchFeeder] = []
+        self._pruners: list[ChannelPruner] = []
+        for spec in specs:
+            key = ("name", spec) if isinstance(spec, str) else ("instance", id(spec))
+            if key not in slots:
+                slots[key] = len(self._criteria)
+                chosen = get_criterion(spec, **dict(criterion_kwargs or {}))
+                feeder = BatchFeeder(
+                    chosen.name or type(chosen).__name__,
+                    needs_labels=chosen.requirements.labels,
+                    heldout_batches=chosen.heldout_batches,
+                    input_fn=input_fn or default_input_fn,
+                    label_fn=label_fn or default_label_fn,
+                    output_transform=output_transform,
+                )
+                self._criteria.append(chosen)
+                self._feeders.append(feeder)
+                self._pruners.append(
+                    ChannelPruner(
+                        chosen,
+                        allocation=allocation or chosen.default_allocation,
+                        max_layer_ratio=max_layer_ratio,
+                        round_to=round_to,
+                        ignored_layers=ignored_layers,
+                        output_transform=None if output_transform is None else self._feeders[0].traceable,
+                    )
+                )
+            self._slot_of_step.append(slots[key])
         self.example_inputs = example_inputs
         self.output_transform = output_transform
         if collect_batches is not None and (
@@ -213,6 +250,47 @@ class StructuredPruningCallback(Callback):
         self._prepared = False
 
     # ------------------------------------------------------------------ arguments
+    @staticmethod
+    def _parse_criteria(criterion: Any, num_steps: int) -> list[Any]:
+        if isinstance(criterion, (str, Criterion)) or not isinstance(criterion, Sequence):
+            return [criterion] * max(1, num_steps)
+        specs = list(criterion)
+        if len(specs) != num_steps:
+            raise ValueError(
+                f"criterion lists {len(specs)} criteria for {num_steps} pruning step(s): give exactly one per step "
+                "(the start-of-training step included, then one per entry of epochs), or a single criterion for all"
+            )
+        return specs
+
+    @property
+    def state_key(self) -> str:
+        """``"StructuredPruningCallback"``, with the ``name`` when one is given."""
+        return self._generate_state_key(name=self.name) if self.name is not None else super().state_key
+
+    def _current_step(self) -> int:
+        """The step that runs next (the last one once all are done)."""
+        return min(self.steps_done, len(self._slot_of_step) - 1)
+
+    @property
+    def criteria(self) -> list[Criterion]:
+        """The criterion of every step, in order."""
+        return [self._criteria[slot] for slot in self._slot_of_step]
+
+    @property
+    def criterion(self) -> Criterion:
+        """The criterion of the step that runs next."""
+        return self._criteria[self._slot_of_step[self._current_step()]]
+
+    @property
+    def pruner(self) -> ChannelPruner:
+        """The pruner of the step that runs next (one :class:`ChannelPruner` per distinct criterion)."""
+        return self._pruners[self._slot_of_step[self._current_step()]]
+
+    @property
+    def feeder(self) -> BatchFeeder:
+        """The batch feeder of the step that runs next (collection and held-out batches of its criterion)."""
+        return self._feeders[self._slot_of_step[self._current_step()]]
+
     @property
     def allocation(self) -> Allocation:
         return self.pruner.allocation
@@ -274,15 +352,32 @@ class StructuredPruningCallback(Callback):
                 f"that can end is {max_epochs - 1}"
             )
         check_strategy(trainer)
-        install_resume_guard(pl_module, lambda: self._example, None if self.output_transform is None else self.feeder.traceable)
+        self._check_state_keys(trainer)
+        install_resume_guard(
+            pl_module,
+            lambda: self._example,
+            None if self.output_transform is None else self._feeders[0].traceable,
+            companions=lambda: averaged_copies(trainer, pl_module),
+        )
         if next(pl_module.parameters(), None) is not None:
+            check_averaging(trainer, pl_module)
             with uncompiled(pl_module):
                 self._prepare(trainer, pl_module)
+
+    def _check_state_keys(self, trainer: pl.Trainer) -> None:
+        same = [cb for cb in _pruning_callbacks(trainer) if cb.state_key == self.state_key]
+        if len(same) > 1:
+            raise ValueError(
+                f"{len(same)} pruning callbacks in this Trainer share the state key {self.state_key!r}, so their "
+                "checkpointed steps would overwrite each other: give each a distinct name= (e.g. name='stage1', "
+                "name='stage2')"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._prepared:  # model built in configure_model: analyse it now
             with uncompiled(pl_module):
                 self._prepare(trainer, pl_module)
+        check_averaging(trainer, pl_module, optimizers=True)  # every callback's copy exists by now
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prune_on_train_start and self.steps_done == 0:
@@ -330,7 +425,8 @@ class StructuredPruningCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_collector()
-        self.feeder.clear()
+        for feeder in self._feeders:
+            feeder.clear()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.verbose and self.history and self.dense_cost is not None:
@@ -340,7 +436,9 @@ class StructuredPruningCallback(Callback):
         """Plain data (loads with ``torch.load(weights_only=True)``): the steps done with their surgery,
         the dense reference and the example inputs (to replay the surgery on a fresh model)."""
         return {
+            STATE_MARKER: True,  # how checkpoint.py recognises our state, whatever the state key
             "version": STATE_VERSION,
+            "name": self.name,
             "history": [r.to_dict() for r in self.history],
             "example_inputs": to_device(self._example, torch.device("cpu")) if self._example is not None else None,
             "dense": None if self.dense_cost is None else {"macs": self.dense_cost.macs, "params": self.dense_cost.params},
@@ -373,7 +471,7 @@ class StructuredPruningCallback(Callback):
         self._prepared = True
         example = self.example_inputs if self.example_inputs is not None else self.feeder.example_from(trainer)
         self._example = slice_batch(example, _EXAMPLE_SAMPLES) if self.example_inputs is None else example
-        self.pruner.resolve_ignored(pl_module)  # a bad name is reported as such, not as a tracing error
+        self._pruners[0].resolve_ignored(pl_module)  # a bad name is reported as such, not as a tracing error
         try:
             analysis = self._current_analysis(trainer, pl_module)
         except Exception as error:
@@ -398,7 +496,7 @@ class StructuredPruningCallback(Callback):
                 f"the target ({self.target.describe()}) is unreachable: with max_layer_ratio={self.max_layer_ratio}, "
                 f"round_to={self.round_to} and {len(self.ignored_layers)} ignored layer(s) at most {reachable:.1%} can be removed"
             )
-        if self.needs_activations:  # the class count, once: output layers are never pruned
+        if any(c.requirements.collects_activations for c in self._criteria):  # the class count, once
             self._num_classes = self.feeder.output_width(pl_module, self._inputs(trainer, pl_module))
 
     def _new_collector(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCollector:
@@ -437,12 +535,15 @@ class StructuredPruningCallback(Callback):
                 self._step(trainer, pl_module, epoch, context)
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused
-            self.feeder.clear()
+            for feeder in self._feeders:
+                feeder.clear()
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
         assert self.dense_cost is not None
         index = self.steps_done
         target = Target(self.target.kind, self.step_targets[index])
+        criterion = self.criterion
+        order = _steps_done_in(trainer)
         result = self.pruner.step(
             pl_module,
             self._inputs(trainer, pl_module),
@@ -455,6 +556,7 @@ class StructuredPruningCallback(Callback):
             step_index=index,
             plan_hook=broadcast_plan(trainer),
             analysis=self._analysis,
+            companions=averaged_copies(trainer, pl_module),
         )
         self._analysis = None  # the structure changed: the next window analyses it afresh
         rewrap_distributed(trainer, pl_module)
@@ -462,10 +564,21 @@ class StructuredPruningCallback(Callback):
             result,
             step=index,
             epoch=epoch,
-            criterion=self.criterion.name or type(self.criterion).__name__,
+            criterion=criterion.name or type(criterion).__name__,
             target=target,
             dense=self.dense_cost,
             samples=context["activations"].samples_seen if "activations" in context else None,
+            order=order,
         )
         self.history.append(record)
         log_step(trainer, record, self.num_steps, self.verbose)
+
+
+def _pruning_callbacks(trainer: pl.Trainer) -> list[StructuredPruningCallback]:
+    callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
+    return [cb for cb in callbacks if isinstance(cb, StructuredPruningCallback)]
+
+
+def _steps_done_in(trainer: pl.Trainer) -> int:
+    """Pruning steps done by every pruning callback of the trainer: the next step's ``order``."""
+    return sum(len(cb.history) for cb in _pruning_callbacks(trainer))

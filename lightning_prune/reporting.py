@@ -41,6 +41,9 @@ class PruningRecord:
         corrections: per group root, how the criterion corrected the remaining weights (e.g.
             ``"interpolation absorbed by 2 consumer(s)"`` or ``"selection only: ..."``); empty when
             the criterion does not correct weights.
+        order: the step's position among every pruning step done on the model, all callbacks of the
+            trainer together (0 = first): resume and ``load_pruned`` replay steps in this order. None in
+            records written before it existed (their ``step`` is the order then).
     """
 
     step: int
@@ -59,6 +62,7 @@ class PruningRecord:
     corrections: dict[str, str] = field(default_factory=dict)
     surgery: list[list[Any]] = field(default_factory=list)
     samples: int | None = None
+    order: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,7 @@ def record_step(
     target: Target,
     dense: Cost,
     samples: int | None = None,
+    order: int | None = None,
 ) -> PruningRecord:
     """The record of one completed step (reductions relative to ``dense``)."""
     flops_reduction, params_reduction = result.after.reduction_from(dense)
@@ -97,6 +102,7 @@ def record_step(
         corrections=result.corrections,
         surgery=result.surgery,
         samples=samples,
+        order=order,
     )
 
 

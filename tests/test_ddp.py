@@ -35,3 +35,28 @@ def test_two_process_ddp_prunes_identically_and_keeps_training(tmp_path, criteri
     assert all(r["optimizer_is_model"] for r in ranks)  # optimizers point at the pruned parameters
     # the statistics came from both ranks: 2 ranks x 3 window batches x 16 samples
     assert ranks[0]["samples"] == ranks[1]["samples"] == 2 * 3 * 16
+
+
+RESUME_SCRIPT = Path(__file__).parent / "scripts" / "ddp_resume_fit.py"
+
+
+def test_two_process_ddp_interrupted_after_a_prune_and_resumed_ends_like_the_uninterrupted_run(tmp_path):
+    out, ckpt_dir = tmp_path / "rank", tmp_path / "ckpt"
+
+    def run(mode):
+        done = subprocess.run([sys.executable, str(RESUME_SCRIPT), str(out), mode, str(ckpt_dir)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(Path(f"{out}.{mode}.{r}.json").read_text()) for r in (0, 1)]
+
+    full = run("full")
+    first = run("first")
+    assert (ckpt_dir / "last.ckpt").is_file() and first[0]["epochs"] == [0]  # interrupted after the first prune
+    resumed = run("resume")
+    for ranks in (full, resumed):
+        assert [r["rank"] for r in ranks] == [0, 1]
+        assert ranks[0]["epochs"] == ranks[1]["epochs"] == [0, 1]
+        assert ranks[0]["digest"] == ranks[1]["digest"]  # identical parameters on both ranks
+        assert all(r["optimizer_is_model"] for r in ranks)
+    assert resumed[0]["widths"] == full[0]["widths"]
+    assert resumed[0]["digest"] == full[0]["digest"]  # and equal to the uninterrupted 2-rank run

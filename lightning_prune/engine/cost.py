@@ -8,7 +8,9 @@ output positions (input positions for transposed convolutions) per sample. The p
 tokens (packed or separate weights) and the output projection over the query tokens (it is applied
 functionally, so its ``nn.Linear`` hook never fires); the attention products themselves (``QK^T``,
 ``AV``) are not counted, as in most pruning papers' tables. Bias additions,
-normalisation and activations are not MACs. Parameters are all ``nn.Parameter`` entries.
+normalisation and activations are not MACs. Parameters are all ``nn.Parameter`` entries, except
+those of ``torch.optim.swa_utils.AveragedModel`` submodules (an averaged copy is not part of the
+model that runs; see :mod:`~lightning_prune.engine.companions`).
 
 Because both counts are sums of ``numel`` of parameters, the cost of any candidate pruning plan
 follows exactly from the parameter slices each channel group owns: :class:`CostModel` evaluates a
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_prune._model import batch_size_of, call_model, eval_forward, output_signature
+from lightning_prune.engine.companions import own_parameters
 from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = ["Cost", "CostModel", "batch_size_of", "call_model", "cost_from_positions", "count_cost", "profile"]
@@ -117,7 +120,7 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[torch.Tensor,
 def cost_from_positions(model: nn.Module, positions: Mapping[torch.Tensor, float]) -> Cost:
     """MACs and parameters of ``model`` from the layer positions of :func:`profile`."""
     macs = sum(p * w.numel() for w, p in positions.items())
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in own_parameters(model))
     return Cost(macs=int(round(macs)), params=int(params))
 
 
@@ -144,7 +147,7 @@ class CostModel:
         positions: Mapping[torch.Tensor, float] | None = None,
     ) -> None:
         self._positions = dict(positions) if positions is not None else layer_positions(model, example_inputs)
-        params = list(dict.fromkeys(model.parameters()))
+        params = list(own_parameters(model))
         self._index = {p: i for i, p in enumerate(params)}
         self._shapes = [tuple(p.shape) for p in params]
         self._numel = [p.numel() for p in params]

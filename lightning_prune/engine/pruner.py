@@ -36,6 +36,14 @@ from torch import nn
 
 from lightning_prune._model import preserved_training_modes
 from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, max_reduction, plan_pruning
+from lightning_prune.engine.companions import (
+    Companion,
+    as_companions,
+    averaged_submodules,
+    capture_companion_inputs,
+    check_companion_shapes,
+    cut_companion,
+)
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
@@ -252,6 +260,7 @@ class ChannelPruner:
         step_index: int = 0,
         plan_hook: Callable[[Plan], Plan] | None = None,
         analysis: Analysis | None = None,
+        companions: Sequence[nn.Module | Companion] = (),
     ) -> StepResult:
         """Prune ``model`` in place until it meets ``target`` (cumulative, relative to ``dense``).
 
@@ -270,15 +279,30 @@ class ChannelPruner:
             analysis: an analysis of ``model`` made earlier (e.g. the one the activation requests came
                 from); used when the model's structure has not changed since, else the model is
                 analysed afresh.
+            companions: modules structurally identical to ``model`` (averaged copies: SWA's deep copy,
+                an ``AveragedModel``'s ``module``), or :class:`~lightning_prune.engine.companions.Companion`
+                objects for copies of a submodule; they get the same cut (the step's surgery replayed on
+                them: kept channels selected, buffers included, no weight correction) inside the atomic
+                section. ``AveragedModel`` submodules of ``model`` are companions without being listed.
+                Their parameters never enter ``optimizers``.
 
         Raises:
-            PruningError: anything failed; model and optimizers are unchanged.
+            PruningError: anything failed; model, optimizers and companions are unchanged.
         """
         started = time.perf_counter()
         snapshot = ModuleSnapshot(model)
         params_before = list(model.parameters())
         try:
+            extra = as_companions(companions)
+        except TypeError as error:
+            raise PruningError(str(error)) from error
+        snapshots = [ModuleSnapshot(c.module) for c in extra]
+        try:
             with torch.inference_mode(False):
+                inner = averaged_submodules(model)
+                followers = inner + extra
+                self._check_optimizers_exclude(optimizers, followers)
+                follower_inputs = capture_companion_inputs(model, example_inputs, followers) if followers else []
                 if analysis is None or not analysis.describes(model):
                     analysis = self.analyse(model, example_inputs)
                 if not analysis.groups:
@@ -315,12 +339,17 @@ class ChannelPruner:
                 corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = analysis.graph.pruning_history()
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
+                for follower, inputs in zip(followers, follower_inputs):
+                    cut_companion(follower, inputs, surgery, output_transform=self.output_transform)
+                    check_companion_shapes(model, follower)
                 remaps = [prepare_optimizer_remap(opt, changes) for opt in optimizers]
         except Exception as error:
             snapshot.restore()
+            for saved in snapshots:
+                saved.restore()
             if isinstance(error, PruningError):
                 raise
-            raise PruningError(f"pruning step failed, model and optimizers left unchanged: {error}") from error
+            raise PruningError(f"pruning step failed, model, optimizers and companions left unchanged: {error}") from error
         for remap in remaps:
             remap.commit()
         return StepResult(
@@ -334,6 +363,18 @@ class ChannelPruner:
             corrections=corrections,
             surgery=surgery,
         )
+
+    @staticmethod
+    def _check_optimizers_exclude(optimizers: Sequence[torch.optim.Optimizer], followers: Sequence[Companion]) -> None:
+        """An averaged copy's parameters in the model's optimizer would be trained, and left behind by
+        the remap: refuse."""
+        held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        for follower in followers:
+            if any(id(p) in held for p in follower.module.parameters()):
+                raise PruningError(
+                    f"an optimizer holds parameters of {follower.describe()}: an averaged copy must not be trained; "
+                    "build the optimizer from the model's own parameters (e.g. self.net.parameters())"
+                )
 
     @staticmethod
     def _check(
