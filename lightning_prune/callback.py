@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
+from lightning_prune._progress import trainer_progress
 from lightning_prune._trainer import broadcast_plan, check_strategy, rewrap_distributed, uncompiled
 from lightning_prune.averaging import averaged_copies, check_averaging
 from lightning_prune.checkpoint import STATE_MARKER, STATE_VERSION, install_resume_guard
@@ -384,9 +385,7 @@ class StructuredPruningCallback(Callback):
             if self.needs_activations:
                 with uncompiled(pl_module):
                     self._collector = collector = self._new_collector(trainer, pl_module)
-                    self.feeder.collection_pass(
-                        trainer, pl_module, collector, self.collect_batches, self.verbose and trainer.is_global_zero
-                    )
+                    self.feeder.collection_pass(trainer, pl_module, collector, self.collect_batches, trainer_progress(trainer))
             if self.needs_forward_passes and not self.feeder.validation_batches(trainer):
                 self.feeder.cache_from_train_loader(trainer)
             self._prune(trainer, pl_module, epoch=-1)
@@ -532,6 +531,7 @@ class StructuredPruningCallback(Callback):
             with uncompiled(pl_module):
                 if self.needs_forward_passes:
                     context["forward"] = self.feeder.evaluation(trainer, pl_module)
+                context["progress"] = trainer_progress(trainer)
                 self._step(trainer, pl_module, epoch, context)
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused

@@ -20,6 +20,7 @@ from lightning_prune._batch import detach
 from lightning_prune._model import batch_size_of, call_model, eval_forward, evaluating
 from lightning_prune._tree import leaves, tree_map
 from lightning_prune.collection.collector import ActivationCollector
+from lightning_prune.engine.protocol import Progress
 
 __all__ = ["BatchFeeder", "HeldoutEvaluation", "first_loader"]
 
@@ -241,18 +242,15 @@ class BatchFeeder:
         pl_module: pl.LightningModule,
         collector: ActivationCollector,
         batches: int | None,
-        show: bool,
+        progress: Progress,
     ) -> None:
         """A dedicated pass (eval mode, no gradient) of ``collector`` over ``batches`` training batches
-        (default 32), before the first step; a progress bar when ``show``."""
-        from tqdm.auto import tqdm
-
+        (default 32), before the first step, reporting to ``progress``."""
         loader = first_loader(trainer.train_dataloader)
         wanted = batches or START_PASS_BATCHES
         total = min(wanted, len(loader)) if hasattr(loader, "__len__") else wanted
         collector.attach()
-        with evaluating(pl_module):
-            progress = tqdm(total=total, desc="lightning-prune: collecting activations", disable=not show, leave=False)
+        with evaluating(pl_module), progress(total, "lightning-prune: collecting activations") as advance:
             for index, batch in enumerate(loader):
                 if index >= total:
                     break
@@ -261,6 +259,5 @@ class BatchFeeder:
                 with trainer.precision_plugin.forward_context():
                     call_model(pl_module, self.input_fn(batch))
                 collector.end_batch()
-                progress.update()
-            progress.close()
+                advance(1)
         collector.detach()

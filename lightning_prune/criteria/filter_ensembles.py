@@ -32,6 +32,7 @@ from torch import nn
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
 from lightning_prune.engine.graph import ChannelGroup
+from lightning_prune.engine.protocol import Progress, no_progress, tqdm_progress
 
 __all__ = [
     "MAX_PASS_ELEMENTS",
@@ -197,7 +198,8 @@ class LinearFilterEnsembles(Criterion):
             (lower is better; default cross-entropy), or a torchmetrics ``Metric`` (e.g.
             ``MulticlassAccuracy``), negated when higher is better, so that importance is always
             the damage a channel's removal does.
-        progress: show a progress bar over the evaluations (one tick per mask).
+        progress: show progress over the evaluations (one tick per mask): the Trainer's kind of bar
+            inside a fit (none with ``enable_progress_bar=False``), tqdm outside one. Default True.
         masks_per_pass: masks evaluated per forward pass, stacked along the batch (the held-out
             batch repeated once per mask, each copy masked by its own mask). ``None`` (default):
             as many as fit ``MAX_PASS_SAMPLES`` (1024) samples and ``MAX_PASS_ELEMENTS`` (2**24)
@@ -261,6 +263,13 @@ class LinearFilterEnsembles(Criterion):
     def heldout_batches(self) -> int:
         return self.num_batches
 
+    def _progress(self, context: ScoringContext) -> Progress:
+        """The context's progress (the Trainer's, through the callback), tqdm without one; none when
+        ``progress=False``."""
+        if not self.progress:
+            return no_progress
+        return context.progress or tqdm_progress
+
     def sample_masks(self, sizes: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """``(max_evaluations, sum(sizes))`` i.i.d. Bernoulli(``p_keep``) masks from ``generator``."""
         total = sum(sizes)
@@ -286,10 +295,8 @@ class LinearFilterEnsembles(Criterion):
         outcomes = torch.empty(masks.shape[0], dtype=torch.float64)
         per_pass = self.pass_size(context.forward)
         per_sample = per_sample_loss(self.loss_fn)
-        from tqdm.auto import tqdm
-
         self.evaluations = self.passes = 0
-        with tqdm(total=masks.shape[0], desc="lightning-prune: filter ensembles", disable=not self.progress, leave=False) as bar:
+        with self._progress(context)(masks.shape[0], "lightning-prune: filter ensembles") as advance:
             for start in range(0, masks.shape[0], per_pass):
                 chunk = masks[start : start + per_pass]
                 if per_pass == 1:  # one mask, the loss as given
@@ -301,7 +308,7 @@ class LinearFilterEnsembles(Criterion):
                     outcomes[start : start + len(chunk)] = losses.double()
                 self.evaluations += len(chunk)
                 self.passes += 1
-                bar.update(len(chunk))
+                advance(len(chunk))
         if self.fit == "joint":
             coefficients = list(torch.split(ridge_coefficients(masks, outcomes, self.alpha), sizes))
         else:

@@ -31,7 +31,9 @@ Example, a criterion that keeps the channels whose filters have the largest mean
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,7 +45,30 @@ from lightning_prune.engine.allocation import Allocation
 from lightning_prune.engine.graph import ChannelGroup
 from lightning_prune.engine.tp_adapter import TracedGraph
 
-__all__ = ["Criterion", "GroupCriterion", "Requirements", "ScoringContext"]
+__all__ = ["Criterion", "GroupCriterion", "Progress", "Requirements", "ScoringContext", "no_progress", "tqdm_progress"]
+
+#: ``progress(total, description)``: a context manager that yields ``update(advance=1)``; how long
+#: scoring work reports progress (the callback passes one that follows the Trainer's progress bar).
+Progress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+
+
+def _ignore(advance: int = 1) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def no_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A :data:`Progress` that shows nothing."""
+    yield _ignore
+
+
+@contextlib.contextmanager
+def tqdm_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A :data:`Progress` drawn by tqdm (outside a Trainer)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=description, leave=False) as bar:
+        yield bar.update
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,7 @@ class ScoringContext:
             has ``evaluate_batched(per_sample_loss_fn, repeats)`` (each batch repeated ``repeats``
             times in one pass, one mean loss per block) and the held-out sizes; a plain callable is
             enough for criteria that only call it.
+        progress: how long work shows progress (None: the criterion decides, e.g. its own tqdm bar).
         extras: free-form data for user criteria.
     """
 
@@ -96,6 +122,7 @@ class ScoringContext:
     activations: ActivationStore | None = None
     labels: torch.Tensor | None = None
     forward: Callable[..., float] | None = None
+    progress: Progress | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
