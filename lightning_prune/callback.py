@@ -265,6 +265,9 @@ class StructuredPruningCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        transform = None if self.output_transform is None else self.feeder.traceable
+        # every stage: validate/test/predict(ckpt_path=...) restore the pruned structure before the weights load
+        install_resume_guard(pl_module, lambda: self._example, transform)
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs
@@ -274,7 +277,6 @@ class StructuredPruningCallback(Callback):
                 f"that can end is {max_epochs - 1}"
             )
         check_strategy(trainer)
-        install_resume_guard(pl_module, lambda: self._example, None if self.output_transform is None else self.feeder.traceable)
         if next(pl_module.parameters(), None) is not None:
             with uncompiled(pl_module):
                 self._prepare(trainer, pl_module)
