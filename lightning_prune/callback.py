@@ -21,7 +21,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
-from lightning_prune._trainer import broadcast_plan, check_strategy, rewrap_distributed, uncompiled
+from lightning_prune._trainer import (
+    broadcast_plan,
+    check_strategy,
+    evaluation_metrics,
+    float_metrics,
+    rewrap_distributed,
+    uncompiled,
+    validate_in_fit,
+)
 from lightning_prune.checkpoint import STATE_VERSION, install_resume_guard
 from lightning_prune.collection import ActivationCollector
 from lightning_prune.collection.feeding import BatchFeeder
@@ -117,6 +125,19 @@ class StructuredPruningCallback(Callback):
             Default 2048. Memory does not grow with the data set or the number of epochs.
         criterion_kwargs: keyword arguments for a criterion given by name.
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
+        validate_after_prune: when the fit has validation, run one validation epoch right after each
+            pruning step at an epoch's end, inside this callback's ``on_train_epoch_end``, so that
+            ``trainer.callback_metrics`` and the loggers hold the pruned model's scores before
+            ``ModelCheckpoint`` and ``EarlyStopping`` run their epoch-end logic. Every monitored
+            value a checkpoint carries then describes the weights in that file, and
+            ``EarlyStopping`` / ``ckpt_path="best"`` never use the dense model's score for the pruned
+            weights. Cost: one validation epoch per pruning step (the start-of-training step needs
+            none: nothing was validated yet). The global random state is restored after the pass, so
+            training is the same with or without it. Default True. False restores the old
+            behaviour, which is wrong at every pruning epoch: with the default ``ModelCheckpoint``
+            settings the file written at that epoch's end holds the pruned weights under the dense
+            model's validation score, which ``best_model_path``, ``save_top_k``, ``ckpt_path="best"``
+            and ``EarlyStopping`` then use.
         verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
 
     Attributes:
@@ -152,6 +173,7 @@ class StructuredPruningCallback(Callback):
         max_samples: int = 2048,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
+        validate_after_prune: bool = True,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -200,6 +222,9 @@ class StructuredPruningCallback(Callback):
             raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
         self.max_samples = max_samples
         self.seed = int(seed)
+        if not isinstance(validate_after_prune, bool):
+            raise TypeError(f"validate_after_prune must be True or False, got {validate_after_prune!r}")
+        self.validate_after_prune = validate_after_prune
         self.verbose = verbose
 
         self.history: list[PruningRecord] = []
@@ -211,6 +236,7 @@ class StructuredPruningCallback(Callback):
         self._collector: ActivationCollector | None = None
         self._window_start: int | None = None
         self._prepared = False
+        self._validating: PruningRecord | None = None  #: the step whose post-step validation is running
 
     # ------------------------------------------------------------------ arguments
     @property
@@ -330,6 +356,12 @@ class StructuredPruningCallback(Callback):
             self._prune(trainer, pl_module, epoch=epoch)
         self._window_start = None
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs before ModelCheckpoint's (Lightning puts checkpoint callbacks last), so a checkpoint saved
+        # at the end of the post-step validation already holds the step's metrics_after
+        if self._validating is not None:
+            self._validating.metrics_after = evaluation_metrics(trainer)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_collector()
         self.feeder.clear()
@@ -432,6 +464,7 @@ class StructuredPruningCallback(Callback):
             store = self._collector.store()
             self._collector.detach()  # the step's own forward passes (tracing, costs) are not data
             context = {"activations": store, "labels": store.labels}
+        metrics_before = float_metrics(trainer.callback_metrics)
         try:
             with uncompiled(pl_module):
                 if self.needs_forward_passes:
@@ -440,6 +473,14 @@ class StructuredPruningCallback(Callback):
         finally:
             self._drop_collector()  # statistics are indexed by the old channels: never reused
             self.feeder.clear()
+        record = self.history[-1]
+        record.metrics_before = metrics_before
+        if epoch >= 0 and self.validate_after_prune and trainer.enable_validation:
+            self._validating = record
+            try:
+                validate_in_fit(trainer)
+            finally:
+                self._validating = None
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
         assert self.dense_cost is not None

@@ -41,6 +41,13 @@ class PruningRecord:
         corrections: per group root, how the criterion corrected the remaining weights (e.g.
             ``"interpolation absorbed by 2 consumer(s)"`` or ``"selection only: ..."``); empty when
             the criterion does not correct weights.
+        metrics_before: ``trainer.callback_metrics`` just before the step, as floats: the
+            validation scores there (if any) are the *unpruned* model's, the training ones are the
+            epoch's.
+        metrics_after: the metrics the post-step validation produced (``validate_after_prune``), as
+            floats: the pruned model's scores, before any fine-tuning. None when no validation ran
+            after the step (start of training, ``validate_after_prune=False``, a fit without
+            validation). Records written before these fields existed load with ``{}`` / None.
     """
 
     step: int
@@ -59,12 +66,15 @@ class PruningRecord:
     corrections: dict[str, str] = field(default_factory=dict)
     surgery: list[list[Any]] = field(default_factory=list)
     samples: int | None = None
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
+        """The record of :meth:`to_dict`; fields added since a record was written take their defaults."""
         return cls(**data)
 
 
