@@ -6,7 +6,7 @@ on with the same optimizer, schedule, checkpoints and loggers.
 """
 
 from lightning_prune.callback import StructuredPruningCallback
-from lightning_prune.checkpoint import load_pruned, restore_pruned_structure
+from lightning_prune.checkpoint import load_pruned, restore_pruned_structure, restores_pruned_checkpoints
 from lightning_prune.criteria import (
     Criterion,
     GroupCriterion,
@@ -41,4 +41,5 @@ __all__ = [
     "load_pruned",
     "register_criterion",
     "restore_pruned_structure",
+    "restores_pruned_checkpoints",
 ]

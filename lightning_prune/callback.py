@@ -22,7 +22,15 @@ from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
 from lightning_prune._progress import trainer_progress
-from lightning_prune._trainer import broadcast_plan, check_strategy, rewrap_distributed, uncompiled
+from lightning_prune._trainer import (
+    broadcast_plan,
+    check_strategy,
+    evaluation_metrics,
+    float_metrics,
+    rewrap_distributed,
+    uncompiled,
+    validate_in_fit,
+)
 from lightning_prune.averaging import averaged_copies, check_averaging
 from lightning_prune.checkpoint import STATE_MARKER, STATE_VERSION, install_resume_guard
 from lightning_prune.collection import ActivationCollector
@@ -132,6 +140,19 @@ class StructuredPruningCallback(Callback):
         criterion_kwargs: keyword arguments for a criterion given by name (for each of them, when
             ``criterion`` lists several names).
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
+        validate_after_prune: when the fit has validation, run one validation epoch right after each
+            pruning step at an epoch's end, inside this callback's ``on_train_epoch_end``, so that
+            ``trainer.callback_metrics`` and the loggers hold the pruned model's scores before
+            ``ModelCheckpoint`` and ``EarlyStopping`` run their epoch-end logic. Every monitored
+            value a checkpoint carries then describes the weights in that file, and
+            ``EarlyStopping`` / ``ckpt_path="best"`` never use the dense model's score for the pruned
+            weights. Cost: one validation epoch per pruning step (the start-of-training step needs
+            none: nothing was validated yet). The global random state is restored after the pass, so
+            training is the same with or without it. Default True. False restores the old
+            behaviour, which is wrong at every pruning epoch: with the default ``ModelCheckpoint``
+            settings the file written at that epoch's end holds the pruned weights under the dense
+            model's validation score, which ``best_model_path``, ``save_top_k``, ``ckpt_path="best"``
+            and ``EarlyStopping`` then use.
         verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
         name: distinguishes this callback's state in checkpoints (it goes into ``state_key``) from
             the other pruning callbacks of the same Trainer. Default None: the key is
@@ -171,6 +192,7 @@ class StructuredPruningCallback(Callback):
         max_samples: int = 2048,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
+        validate_after_prune: bool = True,
         verbose: bool = True,
         name: str | None = None,
     ) -> None:
@@ -238,6 +260,9 @@ class StructuredPruningCallback(Callback):
             raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
         self.max_samples = max_samples
         self.seed = int(seed)
+        if not isinstance(validate_after_prune, bool):
+            raise TypeError(f"validate_after_prune must be True or False, got {validate_after_prune!r}")
+        self.validate_after_prune = validate_after_prune
         self.verbose = verbose
 
         self.history: list[PruningRecord] = []
@@ -249,6 +274,7 @@ class StructuredPruningCallback(Callback):
         self._collector: ActivationCollector | None = None
         self._window_start: int | None = None
         self._prepared = False
+        self._validating: PruningRecord | None = None  #: the step whose post-step validation is running
 
     # ------------------------------------------------------------------ arguments
     @staticmethod
@@ -344,6 +370,13 @@ class StructuredPruningCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # every stage: validate/test/predict(ckpt_path=...) restore the pruned structure before the weights load
+        install_resume_guard(
+            pl_module,
+            lambda: self._example,
+            None if self.output_transform is None else self._feeders[0].traceable,
+            companions=lambda: averaged_copies(trainer, pl_module),
+        )
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs
@@ -354,12 +387,6 @@ class StructuredPruningCallback(Callback):
             )
         check_strategy(trainer)
         self._check_state_keys(trainer)
-        install_resume_guard(
-            pl_module,
-            lambda: self._example,
-            None if self.output_transform is None else self._feeders[0].traceable,
-            companions=lambda: averaged_copies(trainer, pl_module),
-        )
         if next(pl_module.parameters(), None) is not None:
             check_averaging(trainer, pl_module)
             with uncompiled(pl_module):
@@ -421,6 +448,12 @@ class StructuredPruningCallback(Callback):
         if self._pending(epoch):
             self._prune(trainer, pl_module, epoch=epoch)
         self._window_start = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs before ModelCheckpoint's (Lightning puts checkpoint callbacks last), so a checkpoint saved
+        # at the end of the post-step validation already holds the step's metrics_after
+        if self._validating is not None:
+            self._validating.metrics_after = evaluation_metrics(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_collector()
@@ -527,6 +560,7 @@ class StructuredPruningCallback(Callback):
             store = self._collector.store()
             self._collector.detach()  # the step's own forward passes (tracing, costs) are not data
             context = {"activations": store, "labels": store.labels}
+        metrics_before = float_metrics(trainer.callback_metrics)
         try:
             with uncompiled(pl_module):
                 if self.needs_forward_passes:
@@ -537,6 +571,14 @@ class StructuredPruningCallback(Callback):
             self._drop_collector()  # statistics are indexed by the old channels: never reused
             for feeder in self._feeders:
                 feeder.clear()
+        record = self.history[-1]
+        record.metrics_before = metrics_before
+        if epoch >= 0 and self.validate_after_prune and trainer.enable_validation:
+            self._validating = record
+            try:
+                validate_in_fit(trainer)
+            finally:
+                self._validating = None
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, context: dict[str, Any]) -> None:
         assert self.dense_cost is not None

@@ -9,7 +9,11 @@ pruned structure exactly; then the weights load.
 * Resuming ``trainer.fit(model, ckpt_path=...)`` with a fresh dense model: the callback does this
   by itself, before the weights load (:func:`install_resume_guard` wraps the module's
   ``on_load_checkpoint``).
-* Inference: :func:`load_pruned` is the counterpart of ``LightningModule.load_from_checkpoint``.
+* ``trainer.validate/test/predict(model, ckpt_path=...)`` with the callback in the Trainer: the
+  same guard, installed in ``setup`` for every stage.
+* Inference: :func:`load_pruned` is the counterpart of ``LightningModule.load_from_checkpoint``;
+  a class decorated with :func:`restores_pruned_checkpoints` makes ``load_from_checkpoint`` itself
+  work (``lightning_prune.models.ImageClassifier`` is).
 * A plain ``nn.Module``: :func:`restore_pruned_structure`.
 
 A record that does not fit the model (another architecture, a missing layer) raises a
@@ -18,9 +22,10 @@ A record that does not fit the model (another architecture, a missing layer) rai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import nn
@@ -45,10 +50,14 @@ __all__ = [
     "STATE_VERSION",
     "callback_state",
     "callback_states",
+    "check_state_dict_fits",
     "install_resume_guard",
     "load_pruned",
     "replay_surgery",
+    "restore_checkpoint_structure",
     "restore_pruned_structure",
+    "restores_pruned_checkpoints",
+    "steps_present",
 ]
 
 CALLBACK_STATE_KEY = "StructuredPruningCallback"
@@ -234,6 +243,89 @@ def load_pruned(module_class: type[_M], ckpt_path: str | Path, *args: Any, map_l
     return model.eval()
 
 
+def steps_present(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> int | None:
+    """How many of ``history``'s steps ``module`` already has: the last record whose widths it has
+    (0 when it has none of them, i.e. presumably dense); None when it is narrower than the
+    checkpoint's final structure in some layer (pruned further, or another lineage): it cannot grow
+    those channels back."""
+    widths = layer_widths(module)
+    for done in range(len(history), 0, -1):
+        if all(widths.get(n) == w for n, w in history[done - 1]["widths"].items()):
+            return done
+    if history and any(n in widths and widths[n] < w for n, w in history[-1]["widths"].items()):
+        return None
+    return 0
+
+
+def restore_checkpoint_structure(
+    module: nn.Module,
+    checkpoint: Mapping[str, Any],
+    example_inputs: Callable[[], Any] | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+    companions: Sequence[nn.Module | Companion] = (),
+) -> int:
+    """Give ``module`` the pruned structure a Lightning ``checkpoint`` records, if it lacks it.
+
+    The steps ``module`` already has (matched by their recorded widths) are not replayed; the others
+    are, in order. Returns the number of steps replayed (0: nothing to do, e.g. a dense checkpoint or
+    a module that already has the structure).
+
+    Raises:
+        ValueError: the record does not fit the module (naming the layer; the module is left as it
+            was), or the module is narrower than the checkpoint in some layer (already pruned
+            further): build a fresh module with :func:`load_pruned`.
+    """
+    state = callback_state(checkpoint)
+    history = list(state.get("history", [])) if state else []
+    if not state or not history:
+        return 0
+    done = steps_present(module, history)
+    if done is None:
+        raise ValueError(
+            f"this checkpoint holds a model after {len(history)} pruning step(s), but {type(module).__name__} has "
+            "fewer channels in some layer (it was pruned further, or differently): channels cannot be added back in "
+            "place. Build a fresh module from the checkpoint with lightning_prune.load_pruned(ModuleClass, ckpt_path, "
+            "...) (or on a freshly built dense module, lightning_prune.restore_pruned_structure)"
+        )
+    if done == len(history):
+        return 0
+    inputs = state.get("example_inputs")
+    if inputs is None and example_inputs is not None:
+        inputs = example_inputs()
+    if inputs is None:
+        raise ValueError("the checkpoint's pruning record holds no example inputs to trace the model with")
+    steps, _ = _steps_and_inputs({"history": history[done:]})
+    replay_surgery(module, to_device(inputs, _device_of(module)), steps, output_transform, companions)
+    saved = history[-1]["widths"]
+    differing = [n for n, w in saved.items() if layer_widths(module).get(n) != w]
+    if differing:
+        raise ValueError(
+            f"after replaying the checkpoint's {len(history)} pruning step(s), layer '{differing[0]}' has "
+            f"{layer_widths(module).get(differing[0])} channels, the checkpoint {saved[differing[0]]}"
+        )
+    return len(history) - done
+
+
+def check_state_dict_fits(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming :func:`load_pruned` when a checkpoint that went through pruning
+    (it holds the callback's state) has weights of other shapes than ``module``'s: the raw
+    ``load_state_dict`` error ("size mismatch") says nothing about pruning. Checkpoints without the
+    callback's state are left to Lightning."""
+    if callback_state(checkpoint) is None:
+        return
+    weights = checkpoint.get("state_dict", {})
+    own = module.state_dict()
+    for key, value in weights.items():
+        mine = own.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) and value.shape != mine.shape:
+            raise ValueError(
+                f"the checkpoint's '{key}' has shape {tuple(value.shape)}, {type(module).__name__}'s "
+                f"{tuple(mine.shape)}: the checkpoint holds a pruned structure this module does not have. Load it "
+                "with lightning_prune.load_pruned(ModuleClass, ckpt_path, ...), decorate the class with "
+                "@lightning_prune.restores_pruned_checkpoints, or keep StructuredPruningCallback in the Trainer"
+            )
+
+
 def install_resume_guard(
     module: Any,
     example_inputs: Callable[[], Any],
@@ -243,11 +335,13 @@ def install_resume_guard(
     """Restore a checkpoint's pruned structure on ``module`` before its weights load (idempotent).
 
     Lightning loads the weights before any callback hook runs, so this wraps the module's
-    ``on_load_checkpoint`` (called just before the weights load): if the checkpoint records
-    pruning steps the model does not have yet (a freshly built dense model), they are replayed:
+    ``on_load_checkpoint`` (called just before the weights load, in ``fit``, ``validate``, ``test``
+    and ``predict`` with ``ckpt_path``): if the checkpoint records pruning steps the model does not
+    have yet (a freshly built dense model), they are replayed (:func:`restore_checkpoint_structure`):
     the steps of every lightning-prune callback of the checkpoint, once, in the order they ran (the
     first callback's ``setup`` installs the guard; the others find it installed). A record that does
-    not fit raises ``ValueError`` naming the layer, model untouched.
+    not fit raises ``ValueError`` naming the layer, model untouched; weights that still do not fit
+    afterwards raise ``ValueError`` naming :func:`load_pruned`.
 
     Args:
         module: the LightningModule being fitted.
@@ -261,26 +355,70 @@ def install_resume_guard(
         return
 
     def restore_then_load(checkpoint: dict[str, Any]) -> Any:
-        state = callback_state(checkpoint)
-        history = state.get("history", []) if state else []
-        if state and history:
-            saved = history[-1]["widths"]
-            if any(layer_widths(module).get(n) != w for n, w in saved.items()):
-                inputs = state.get("example_inputs")
-                inputs = to_device(inputs if inputs is not None else example_inputs(), _device_of(module))
-                restore_pruned_structure(
-                    module, state, inputs, output_transform, list(companions()) if companions is not None else ()
-                )
-                differing = [n for n, w in saved.items() if layer_widths(module).get(n) != w]
-                if differing:
-                    raise ValueError(
-                        f"after replaying the checkpoint's {len(history)} pruning step(s), layer '{differing[0]}' has "
-                        f"{layer_widths(module).get(differing[0])} channels, the checkpoint {saved[differing[0]]}"
-                    )
-        return original(checkpoint)
+        restore_checkpoint_structure(
+            module, checkpoint, example_inputs, output_transform, list(companions()) if companions is not None else ()
+        )
+        result = original(checkpoint)
+        check_state_dict_fits(module, checkpoint)
+        return result
 
     restore_then_load._lightning_prune_guard = True  # type: ignore[attr-defined]  # marks the wrapper
     module.on_load_checkpoint = restore_then_load  # an instance attribute: Lightning looks it up with getattr
+
+
+_C = TypeVar("_C", bound=type)
+
+
+@overload
+def restores_pruned_checkpoints(cls: _C, /) -> _C: ...
+
+
+@overload
+def restores_pruned_checkpoints(
+    cls: None = None, /, *, output_transform: Callable[[Any], Any] | None = None
+) -> Callable[[_C], _C]: ...
+
+
+def restores_pruned_checkpoints(
+    cls: _C | None = None, /, *, output_transform: Callable[[Any], Any] | None = None
+) -> _C | Callable[[_C], _C]:
+    """Class decorator: ``load_from_checkpoint`` (and any ``ckpt_path`` load) of a pruned checkpoint
+    works on the decorated LightningModule class, without the callback.
+
+    ``LightningModule.load_from_checkpoint`` builds the module (dense), calls its
+    ``on_load_checkpoint(checkpoint)`` and then loads the weights; no callback runs. The decorator
+    wraps the class's ``on_load_checkpoint`` so that it first replays the checkpoint's recorded
+    surgery (:func:`restore_checkpoint_structure`), then calls the original hook. Dense checkpoints
+    load as before. Subclasses inherit it (unless they override ``on_load_checkpoint`` without
+    calling ``super()``)::
+
+        @restores_pruned_checkpoints
+        class MyModule(L.LightningModule): ...
+
+        model = MyModule.load_from_checkpoint("epoch=3.ckpt")     # pruned structure, pruned weights
+
+    ``lightning_prune.models.ImageClassifier`` is decorated. ``output_transform`` (keyword form
+    ``@restores_pruned_checkpoints(output_transform=...)``) is the callback's, for models whose
+    output torch-pruning cannot trace as is.
+    """
+
+    def decorate(klass: _C) -> _C:
+        original = klass.on_load_checkpoint  # type: ignore[attr-defined]
+        if getattr(original, "_lightning_prune_restores", False):
+            return klass
+
+        @functools.wraps(original)
+        def on_load_checkpoint(self: Any, checkpoint: dict[str, Any]) -> Any:
+            restore_checkpoint_structure(self, checkpoint, None, output_transform)
+            result = original(self, checkpoint)
+            check_state_dict_fits(self, checkpoint)
+            return result
+
+        on_load_checkpoint._lightning_prune_restores = True  # type: ignore[attr-defined]  # marks the wrapper
+        klass.on_load_checkpoint = on_load_checkpoint  # type: ignore[attr-defined]
+        return klass
+
+    return decorate if cls is None else decorate(cls)
 
 
 def _device_of(module: nn.Module) -> torch.device:

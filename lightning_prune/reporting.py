@@ -44,6 +44,13 @@ class PruningRecord:
         order: the step's position among every pruning step done on the model, all callbacks of the
             trainer together (0 = first): resume and ``load_pruned`` replay steps in this order. None in
             records written before it existed (their ``step`` is the order then).
+        metrics_before: ``trainer.callback_metrics`` just before the step, as floats: the
+            validation scores there (if any) are the *unpruned* model's, the training ones are the
+            epoch's.
+        metrics_after: the metrics the post-step validation produced (``validate_after_prune``), as
+            floats: the pruned model's scores, before any fine-tuning. None when no validation ran
+            after the step (start of training, ``validate_after_prune=False``, a fit without
+            validation). Records written before these fields existed load with ``{}`` / None.
     """
 
     step: int
@@ -63,12 +70,15 @@ class PruningRecord:
     surgery: list[list[Any]] = field(default_factory=list)
     samples: int | None = None
     order: int | None = None
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
+        """The record of :meth:`to_dict`; fields added since a record was written take their defaults."""
         return cls(**data)
 
 

@@ -20,12 +20,14 @@ number of epochs. Hooks exist only between :meth:`attach` and :meth:`detach`. Th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_prune._tree import leaves
 from lightning_prune.collection.accumulators import (
     Accumulator,
     AccumulatorContext,
@@ -125,6 +127,22 @@ class ActivationStore:
     def class_moments(self, request: ActivationRequest | str) -> ClassMoments:
         """Streamed class counts, class sums, feature sum and ``X^T X`` of the pooled values."""
         return self.get("class_moments", request)
+
+    def named_tensors(self) -> Iterator[tuple[ActivationRequest, str, torch.Tensor]]:
+        """Every floating-point tensor of every statistic, as ``(request, field, tensor)`` (``field``:
+        the statistic's name, or ``"class_moments.scatter"`` etc. for a statistic of several
+        tensors), in collection order; labels excluded."""
+        for statistic, table in self._tables.items():
+            for request, value in table.items():
+                if isinstance(value, torch.Tensor):
+                    parts: list[tuple[str, Any]] = [(statistic, value)]
+                elif dataclasses.is_dataclass(value):
+                    parts = [(f"{statistic}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+                else:
+                    parts = [(statistic, leaf) for leaf in leaves(value)]
+                for name, tensor in parts:
+                    if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                        yield request, name, tensor
 
 
 class ActivationCollector:

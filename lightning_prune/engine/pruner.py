@@ -53,7 +53,7 @@ from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, appl
 from lightning_prune.engine.targets import Target, check_fraction
 from lightning_prune.engine.tp_adapter import TracedGraph
 
-__all__ = ["Analysis", "ChannelPruner", "PruningError", "StepResult", "layer_widths"]
+__all__ = ["Analysis", "ChannelPruner", "PruningError", "StepResult", "check_finite", "layer_widths"]
 
 
 class PruningError(RuntimeError):
@@ -112,6 +112,53 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 def _names(names: Sequence[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _layer_of(parameter_name: str) -> str:
+    return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
+
+
+def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is all finite, with one transfer to the host per device."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    if len({f.device for f in flags}) == 1:
+        return [bool(v) for v in torch.stack(flags).tolist()]
+    return [bool(f) for f in flags]
+
+
+def check_finite(groups: Sequence[ChannelGroup], context: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`PruningError` when a parameter of the groups' slices, or a collected activation
+    statistic (``context["activations"]``), holds NaN or inf: scores computed from them would be
+    meaningless. Names the first such parameter's layer (in group order) or the first statistic's
+    module (in collection order). One device-to-host transfer for the parameters, one for the
+    statistics."""
+    params: dict[int, tuple[str, torch.Tensor]] = {}
+    for group in groups:
+        for piece in group.slices:
+            params.setdefault(id(piece.param), (piece.name, piece.param))
+    named = list(params.values())
+    if named:
+        for (name, _p), ok in zip(named, _finite_flags([p for _, p in named])):
+            if not ok:
+                raise PruningError(
+                    f"non-finite weights (NaN or inf) in layer '{_layer_of(name)}' (parameter '{name}') before the "
+                    "pruning step: the training has diverged (lower the learning rate, clip gradients, check the "
+                    "data); nothing was pruned, model and optimizers left unchanged"
+                )
+    store = (context or {}).get("activations")
+    named_tensors = getattr(store, "named_tensors", None)
+    if named_tensors is None:
+        return
+    stats = list(named_tensors())
+    if stats:
+        for (request, field_name, _t), ok in zip(stats, _finite_flags([t for _r, _n, t in stats])):
+            if not ok:
+                raise PruningError(
+                    f"non-finite activations (NaN or inf) at module '{request.module}' ({request.site} "
+                    f"{field_name} statistic collected before the pruning step): the model produces inf/NaN there "
+                    "(diverged training, an overflow in reduced precision, or bad inputs); nothing was pruned, model "
+                    "and optimizers left unchanged"
+                )
 
 
 class ChannelPruner:
@@ -287,7 +334,10 @@ class ChannelPruner:
                 Their parameters never enter ``optimizers``.
 
         Raises:
-            PruningError: anything failed; model, optimizers and companions are unchanged.
+            PruningError: anything failed; model, optimizers and companions are unchanged. Among
+                others: a parameter of the analysed groups, or an activation statistic in
+                ``context["activations"]``, holds NaN or inf (the message names the first layer or
+                module; checked before scoring, see :func:`check_finite`).
         """
         started = time.perf_counter()
         snapshot = ModuleSnapshot(model)
@@ -308,6 +358,7 @@ class ChannelPruner:
                 if not analysis.groups:
                     reason = "".join(f"; '{k}': {v}" for k, v in analysis.refused.items())
                     raise PruningError(f"the model has no prunable channel group left{reason}")
+                check_finite(analysis.groups, context)
                 scoring = ScoringContext(
                     model=model,
                     example_inputs=example_inputs,

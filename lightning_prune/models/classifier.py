@@ -9,11 +9,18 @@ import torch
 import torchmetrics
 from torch import nn
 
+from lightning_prune.checkpoint import restores_pruned_checkpoints
+
 __all__ = ["ImageClassifier"]
 
 
+@restores_pruned_checkpoints
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier around any backbone, SGD with momentum and cosine LR.
+
+    Decorated with :func:`~lightning_prune.restores_pruned_checkpoints`: ``load_from_checkpoint``
+    of a pruned checkpoint rebuilds the pruned structure
+    (``ImageClassifier.load_from_checkpoint(path, net=SmallResNet(...))``).
 
     Args:
         net: the network (input -> logits).
