@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +29,7 @@ from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
 from lightning_prune.engine.allocation import Allocation
 from lightning_prune.engine.targets import target_from_arguments
+from lightning_prune.repair import StepRepair
 from lightning_prune.reporting import PruningRecord, log_step, record_step, summary_table
 from lightning_prune.schedules import SCHEDULES, Schedule, ScheduleName, cumulative_targets
 
@@ -115,6 +116,23 @@ class StructuredPruningCallback(Callback):
             collection pass (default 32 batches).
         max_samples: samples kept for per-sample statistics (a uniform reservoir over the window).
             Default 2048. Memory does not grow with the data set or the number of epochs.
+        correction: ``"least_squares"``: after the cut, every consumer of a pruned group (residual
+            streams and concatenations included) absorbs the ridge least-squares reconstruction of the
+            removed channels from the kept ones, ``T = (G_SS + lambda I)^-1 G_SR`` from the Gram of
+            the activation it reads (collected during the window, for weight-only criteria too);
+            ``"none"``: plain selection. Default None: the criterion's own (least squares for
+            ``"interpolative_decomposition"``, none otherwise). See :mod:`lightning_prune.engine.correction`.
+        correction_ridge: the correction's ridge, relative to the mean diagonal of each consumer's
+            Gram. Default None: the criterion's ``ridge`` if it has one, else 1e-6 (a numerical
+            safeguard that leaves exact reconstructions exact).
+        recalibrate_bn: after each step, inside its atomic section, re-estimate the running
+            statistics of every BatchNorm on ``recalibrate_batches`` training batches (no gradient,
+            no weight change, other modules in eval mode, exact averages over all rows, all ranks
+            combined). Default None: on when the model has BatchNorms.
+        recalibrate_batches: training batches drawn per step for the recalibration and the
+            agreement. Default 20.
+        measure_agreement: log ``prune/agreement``, the share of those batches' samples whose
+            predicted class is unchanged by the step (kept in the record). Default True.
         criterion_kwargs: keyword arguments for a criterion given by name.
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
         verbose: print one line per step and a summary table at the end of fit (rank 0). Default True.
@@ -150,6 +168,11 @@ class StructuredPruningCallback(Callback):
         label_fn: Callable[[Any], Any] | None = None,
         collect_batches: int | None = None,
         max_samples: int = 2048,
+        correction: Literal["none", "least_squares"] | None = None,
+        correction_ridge: float | None = None,
+        recalibrate_bn: bool | None = None,
+        recalibrate_batches: int = 20,
+        measure_agreement: bool = True,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         verbose: bool = True,
@@ -188,6 +211,12 @@ class StructuredPruningCallback(Callback):
             round_to=round_to,
             ignored_layers=ignored_layers,
             output_transform=None if output_transform is None else self.feeder.traceable,
+            correction=correction,
+            correction_ridge=correction_ridge,
+        )
+        self.repair = StepRepair(
+            self.pruner, self.feeder, recalibrate_bn=recalibrate_bn, recalibrate_batches=recalibrate_batches,
+            measure_agreement=measure_agreement,
         )
         self.example_inputs = example_inputs
         self.output_transform = output_transform
@@ -254,7 +283,7 @@ class StructuredPruningCallback(Callback):
 
     @property
     def needs_activations(self) -> bool:
-        return self.criterion.requirements.collects_activations
+        return self.criterion.requirements.collects_activations or self.repair.corrects
 
     @property
     def needs_forward_passes(self) -> bool:
@@ -403,9 +432,10 @@ class StructuredPruningCallback(Callback):
 
     def _new_collector(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCollector:
         analysis = self._current_analysis(trainer, pl_module)
+        own = self.criterion.activation_requests(analysis.groups) if self.criterion.requirements.collects_activations else []
         return ActivationCollector(
             pl_module,
-            self.criterion.activation_requests(analysis.groups),
+            [*own, *self.repair.requests(analysis.groups, pl_module, own)],
             max_samples=self.max_samples,
             seed=self.seed + self.steps_done,
             num_classes=self._num_classes,
@@ -443,6 +473,7 @@ class StructuredPruningCallback(Callback):
         assert self.dense_cost is not None
         index = self.steps_done
         target = Target(self.target.kind, self.step_targets[index])
+        extras = self.repair.prepare(trainer, pl_module)  # batches for BN recalibration and agreement
         result = self.pruner.step(
             pl_module,
             self._inputs(trainer, pl_module),
@@ -455,6 +486,7 @@ class StructuredPruningCallback(Callback):
             step_index=index,
             plan_hook=broadcast_plan(trainer),
             analysis=self._analysis,
+            recalibrate=extras.recalibrate,
         )
         self._analysis = None  # the structure changed: the next window analyses it afresh
         rewrap_distributed(trainer, pl_module)
@@ -467,5 +499,6 @@ class StructuredPruningCallback(Callback):
             dense=self.dense_cost,
             samples=context["activations"].samples_seen if "activations" in context else None,
         )
+        extras.finish(trainer, pl_module, record)
         self.history.append(record)
         log_step(trainer, record, self.num_steps, self.verbose)

@@ -107,6 +107,7 @@ from torch import nn  # noqa: E402
 
 from lightning_prune.criteria import GroupCriterion, get_criterion  # noqa: E402
 from lightning_prune.engine import ChannelPruner, PruningError, Target, build_dependency_graph, discover_groups  # noqa: E402
+from lightning_prune.engine.recalibration import recalibrate_batchnorm  # noqa: E402
 
 
 def _collect(model, requests, batches):
@@ -229,3 +230,182 @@ def test_a_weight_criterion_without_grams_cannot_correct_and_the_step_is_undone(
     with pytest.raises(PruningError, match="Grams"):
         ChannelPruner(get_criterion("l1"), correction="least_squares").step(model, x, Target("flops", 0.3))
     world.assert_unchanged(model, x)
+
+
+# ---------------------------------------------------------------------------------------------- BN recalibration
+def test_recalibrated_statistics_equal_an_independent_pass_over_the_same_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 5),
+    )
+    model.train()
+    model[8].eval()
+    old = {n: b for n, b in model.named_buffers()}
+    old_values = {n: b.clone() for n, b in old.items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [torch.randn(n, 2, 6, 6) + 1.0 for n in (5, 7, 4)]
+    seen = recalibrate_batchnorm(model, batches)
+    # by hand: BN1's inputs are conv1's outputs; BN2's inputs follow BN1 normalising with batch statistics
+    bn1_in, bn2_in = [], []
+    with torch.no_grad():
+        for x in batches:
+            h = model[0](x)
+            bn1_in.append(h)
+            mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+            h = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + model[1].eps)
+            h = torch.relu(h * model[1].weight[None, :, None, None] + model[1].bias[None, :, None, None])
+            bn2_in.append(model[4](h))  # dropout off
+    for bn, inputs in ((model[1], bn1_in), (model[5], bn2_in)):
+        rows = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in inputs]).double()
+        torch.testing.assert_close(bn.running_mean.double(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), rows.var(0, unbiased=True), rtol=1e-5, atol=1e-6)
+    assert seen == {"1": 16 * 36, "5": 16 * 36}
+    # nothing written in place: the old buffers are the old values; no parameter, mode or momentum changed
+    for n, b in old.items():
+        assert torch.equal(b, old_values[n]), n
+    assert model[1].running_mean is not old["1.running_mean"]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    assert model.training and model[3].training and not model[8].training and model[5].momentum == 0.3
+    assert model[1].track_running_stats and model[5].track_running_stats
+
+
+@pytest.mark.parametrize("where", ["after_recalibration", "during_recalibration"])
+def test_correction_and_recalibration_are_undone_by_a_fault_after_them(monkeypatch, where):
+    import lightning_prune.engine.pruner as pruner_module
+
+    model = ResidualNet(seed=0)
+    x = image_inputs()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_steps(model, optimizer, 1)
+    pruner = ChannelPruner(get_criterion("l1"), correction="least_squares")
+    store = _grams(model, pruner, torch.randn(32, 1, 8, 8))
+    world = World(model, optimizer, x)
+    ran = {}
+
+    def recalibrate(m):
+        ran["seen"] = recalibrate_batchnorm(m, [torch.randn(8, 1, 8, 8) for _ in range(3)])
+        if where == "during_recalibration":
+            raise RuntimeError("injected fault inside the recalibration")
+
+    def failing_remap(*args, **kwargs):
+        raise RuntimeError("injected fault after the recalibration")
+
+    monkeypatch.setattr(pruner_module, "prepare_optimizer_remap", failing_remap)
+    with pytest.raises(PruningError, match="injected fault"):
+        pruner.step(model, x, Target("flops", 0.4), optimizers=[optimizer], context={"activations": store},
+                    recalibrate=recalibrate)
+    assert ran["seen"]  # the recalibration really ran (and the correction before it)
+    world.assert_unchanged(model, x)
+
+
+# ---------------------------------------------------------------------------------------------- inside fit
+import lightning as L  # noqa: E402
+
+from lightning_prune import StructuredPruningCallback  # noqa: E402
+from lightning_prune.data import DigitsDataModule  # noqa: E402
+from lightning_prune.models import ImageClassifier, SmallResNet  # noqa: E402
+
+
+def _fit_trainer(callbacks, epochs, tmp_path=None, **kw):
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", callbacks=callbacks, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_train_batches=3, limit_val_batches=1,
+                     default_root_dir=tmp_path, **kw)
+
+
+def _classifier():
+    return ImageClassifier(SmallResNet(widths=(8, 16), blocks_per_stage=1), max_epochs=3)
+
+
+def test_a_weight_criterion_with_least_squares_collects_grams_corrects_recalibrates_and_reports():
+    L.seed_everything(0)
+    model = _classifier()
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.4, epochs=[0], verbose=False,
+                                   correction="least_squares", recalibrate_batches=3)
+    assert cb.needs_activations  # weight-only criterion, but the correction needs the consumers' Grams
+    trainer = _fit_trainer([cb], 1)
+    trainer.fit(model, DigitsDataModule())
+    record = cb.history[0]
+    assert record.corrections and all(v.startswith("interpolation absorbed") for v in record.corrections.values())
+    assert record.samples and record.recalibration_seconds > 0
+    assert record.agreement is not None and 0.0 <= record.agreement <= 1.0
+    assert float(trainer.callback_metrics["prune/agreement"]) == pytest.approx(record.agreement)
+    restored = type(record).from_dict(record.to_dict())
+    assert restored == record
+
+
+def test_defaults_recalibrate_a_bn_model_and_do_not_correct_a_weight_criterion():
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.4, epochs=[0], verbose=False)
+    assert cb.pruner.resolved_correction == "none" and not cb.needs_activations
+    assert StructuredPruningCallback("id", target_flops_reduction=0.4).pruner.resolved_correction == "least_squares"
+    assert StructuredPruningCallback("id", target_flops_reduction=0.4, correction="none").pruner.resolved_correction == "none"
+    L.seed_everything(0)
+    _fit_trainer([cb], 1).fit(_classifier(), DigitsDataModule())
+    assert cb.history[0].recalibration_seconds > 0 and not cb.history[0].corrections
+    with pytest.raises(ValueError, match="correction"):
+        StructuredPruningCallback("l1", target_flops_reduction=0.4, correction="lsq")
+    with pytest.raises(ValueError, match="recalibrate_batches"):
+        StructuredPruningCallback("l1", target_flops_reduction=0.4, recalibrate_batches=0)
+
+
+def test_a_fault_after_correction_and_recalibration_inside_fit_leaves_model_and_optimizer_as_they_were(monkeypatch):
+    import lightning_prune.engine.pruner as pruner_module
+
+    def failing_remap(*args, **kwargs):
+        raise RuntimeError("injected fault after recalibration")
+
+    monkeypatch.setattr(pruner_module, "prepare_optimizer_remap", failing_remap)
+    seen = {}
+
+    class Before(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen["state"] = {k: (v, v.detach().clone()) for k, v in pl_module.state_dict(keep_vars=True).items()}
+            opt = trainer.optimizers[0]
+            seen["opt"] = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]}
+
+    L.seed_everything(0)
+    model = _classifier()
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.4, epochs=[0], verbose=False,
+                                   correction="least_squares", recalibrate_bn=True, recalibrate_batches=2)
+    trainer = _fit_trainer([Before(), cb], 2)
+    with pytest.raises(PruningError, match="left unchanged"):
+        trainer.fit(model, DigitsDataModule())
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == seen["state"].keys()
+    for k, (ref, value) in seen["state"].items():
+        assert now[k] is ref and torch.equal(now[k], value), k  # BN buffers included: same objects, same values
+    opt = trainer.optimizers[0]
+    for g in opt.param_groups:
+        for p in g["params"]:
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, seen["opt"][id(p)][k])
+
+
+def test_an_interrupted_corrected_and_recalibrated_run_resumes_to_the_same_weights(tmp_path):
+    def run(callbacks, ckpt=None, model=None):
+        L.seed_everything(0)
+        model = model or _classifier()
+        cb = StructuredPruningCallback("l2", target_flops_reduction=0.5, epochs=[0, 2], verbose=False,
+                                       correction="least_squares", recalibrate_batches=2)
+        _fit_trainer([cb, *callbacks], 4, tmp_path).fit(model, DigitsDataModule(), ckpt_path=ckpt)
+        return model, cb
+
+    reference, ref_cb = run([])
+    assert all(r.recalibration_seconds > 0 and r.corrections for r in ref_cb.history)
+
+    class SaveThenCrash(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.save_checkpoint(tmp_path / f"epoch{trainer.current_epoch}.ckpt")
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("simulated crash after the first prune")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([SaveThenCrash()])
+    L.seed_everything(123)  # a different process state: the resume must not depend on it
+    resumed, cb = run([], ckpt=tmp_path / "epoch1.ckpt", model=_classifier())
+    assert [r.epoch for r in cb.history] == [0, 2]
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
