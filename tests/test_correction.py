@@ -409,3 +409,50 @@ def test_an_interrupted_corrected_and_recalibrated_run_resumes_to_the_same_weigh
     assert [r.epoch for r in cb.history] == [0, 2]
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------- widths from the residual
+def test_ordered_residuals_equal_the_reconstruction_error_of_every_prefix():
+    from lightning_prune.engine.correction import ordered_residuals
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 6))
+    g = z.T @ z
+    order = [4, 1, 5, 0, 3, 2]
+    res = ordered_residuals(g, order, 0.0)  # without ridge: exactly ||Z - Z_S T||^2 / ||Z||^2
+    assert res[0] == pytest.approx(1.0) and res[6] == 0.0
+    for k in range(1, 6):
+        assert res[k] == pytest.approx(reconstruction_residual(g, order[:k], 0.0), rel=1e-8, abs=1e-12)
+    ridge = 1e-3  # with one: the Schur form tr(G_RR) - tr(G_RS (G_SS + lambda I)^-1 G_SR), by NumPy
+    lam = ridge * np.trace(g) / 6
+    res = ordered_residuals(g, order, ridge)
+    for k in range(1, 6):
+        s_, r_ = order[:k], order[k:]
+        schur = np.trace(g[np.ix_(r_, r_)]) - np.trace(g[np.ix_(r_, s_)] @ np.linalg.solve(g[np.ix_(s_, s_)] + lam * np.eye(k), g[np.ix_(s_, r_)]))
+        assert res[k] == pytest.approx(schur / np.trace(g), rel=1e-8, abs=1e-12)
+
+
+def test_with_correction_a_weight_criterion_allocates_by_the_residual_per_mac():
+    from lightning_prune.engine.correction import width_losses_from_grams
+
+    model = ResidualNet(seed=0).eval()
+    x = torch.randn(64, 1, 8, 8)
+    pruner = ChannelPruner(get_criterion("l1"), correction="least_squares")
+    store = _grams(model, pruner, x)
+    groups = pruner.analyse(model, x[:2]).groups
+    scores = get_criterion("l1").score(groups, None)
+    losses = width_losses_from_grams(groups, scores, store, model, 1e-6)
+    for group, loss, score in zip(groups, losses, scores):
+        assert loss.shape == (group.positions + 1,) and loss[-1] == 0 and bool((loss[:-1] >= loss[1:]).all())
+        # keeping the top-k (by l1) leaves what the consumers' Grams say
+        order = torch.argsort(score, descending=True, stable=True).tolist()
+        k = group.size // 2
+        consumers = [r for r in pruner.correction_requests([group], model)]
+        expected = np.mean([reconstruction_residual(store.gram(r).gram.numpy(), order[:k], 1e-6) for r in consumers])
+        assert float(loss[k]) == pytest.approx(np.sqrt(expected), rel=1e-3)  # + lambda ||T_R||^2 in the loss
+    uniform = ChannelPruner(get_criterion("l1"), correction="least_squares", residual_widths=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    pruner.step(a, x[:2], Target("flops", 0.5), context={"activations": _grams(a, pruner, x)})
+    uniform.step(b, x[:2], Target("flops", 0.5), context={"activations": _grams(b, uniform, x)})
+    assert [m.weight.shape for m in a.modules() if isinstance(m, nn.Conv2d)] != [
+        m.weight.shape for m in b.modules() if isinstance(m, nn.Conv2d)]  # the residual chose other widths

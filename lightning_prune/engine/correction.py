@@ -47,9 +47,11 @@ __all__ = [
     "consumers_of",
     "correction_requests",
     "find_gram",
+    "ordered_residuals",
     "pivoted_cholesky",
     "reconstruction_residual",
     "ridge_interpolation",
+    "width_losses_from_grams",
 ]
 
 #: The values of ``correction``: ``"none"`` (plain selection) or ``"least_squares"``.
@@ -360,3 +362,72 @@ def apply_least_squares(
             change = changes[old]
             change.new.copy_(change.apply(corrected).to(change.new.dtype))
     return notes
+
+
+# ---------------------------------------------------------------------------------------------- widths
+def ordered_residuals(gram: Any, order: Sequence[int], ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """``residual[k]``: the relative error ``||Z - Z_S T||_F^2 / ||Z||_F^2`` left when the first ``k``
+    channels of ``order`` stay and the consumer absorbs ``T``, for every ``k`` (``C + 1`` entries).
+
+    Computed as ``(tr(G_RR) - tr(G_RS (G_SS + lambda I)^-1 G_SR)) / tr(G)``, the trace of the Schur
+    complement, from one Cholesky of ``G + lambda I`` in the given (not pivoted) order, O(C^3) for
+    all ``k`` at once. It is the minimum of the ridge objective ``||Z - Z_S T||_F^2 + lambda ||T_R||_F^2``
+    (relative): exactly the error without ridge, the error plus ``lambda ||T_R||_F^2`` with one.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    c = g.shape[0]
+    total = float(np.trace(g))
+    out = np.zeros(c + 1)
+    if total <= 0 or c == 0:
+        return out
+    perm = np.asarray(list(order), dtype=np.int64)
+    lam = _ridge(g, ridge)
+    a = g[np.ix_(perm, perm)] + lam * np.eye(c)
+    d = np.diag(a).copy()
+    r = np.zeros((c, c))
+    for k in range(c):
+        out[k] = max(float(d[k:].sum()) - lam * (c - k), 0.0) / total
+        if d[k] <= 0:
+            out[k + 1 :] = [max(float(d[j:].sum()) - lam * (c - j), 0.0) / total for j in range(k + 1, c + 1)]
+            break
+        r[k, k] = np.sqrt(d[k])
+        r[k, k + 1 :] = (a[k, k + 1 :] - r[:k, k] @ r[:k, k + 1 :]) / r[k, k]
+        d[k + 1 :] -= r[k, k + 1 :] ** 2
+    out[c] = 0.0
+    return out
+
+
+def width_losses_from_grams(
+    groups: Sequence[ChannelGroup],
+    scores: Sequence[torch.Tensor],
+    activations: Any,
+    model: nn.Module,
+    ridge: float = DEFAULT_RIDGE,
+) -> list[torch.Tensor]:
+    """Per group, the loss of keeping ``k`` positions (``positions + 1`` entries) when the criterion's
+    top-``k`` stay and the consumers absorb ``T``: the relative reconstruction error
+    ``sqrt(||Z - Z_S T||_F^2 / ||Z||_F^2)`` of each consumer's input (from its Gram), averaged over the
+    consumers that absorb ``T``. A group none of whose consumers can absorb ``T`` (no Gram collected) is
+    charged the fraction of its channels dropped. Non-increasing in ``k``, 0 at full width.
+    """
+    losses = []
+    for group, score in zip(groups, scores):
+        block = group.positions
+        position_score = score.detach().double().cpu().reshape(group.channel_groups, block).mean(0)
+        ranked = [int(p) for p in torch.argsort(position_score, descending=True, stable=True)]
+        order = [g * block + p for p in ranked for g in range(group.channel_groups)]
+        residuals: list[np.ndarray] = []
+        for consumer in consumers_of(group, model):
+            stat = None if consumer.request is None else find_gram(activations, consumer.request)
+            if stat is None or tuple(stat.gram.shape) != (group.size, group.size):
+                continue
+            gram = stat.gram.detach().double().cpu().numpy()
+            residuals.append(ordered_residuals(gram, order, ridge))
+        if residuals:
+            error = np.sqrt(np.clip(np.mean(residuals, axis=0), 0.0, None))
+        else:
+            error = 1.0 - np.arange(group.size + 1) / group.size
+        error = np.maximum.accumulate(error[::-1])[::-1]
+        kept = np.minimum(np.arange(block + 1) * group.channel_groups, group.size)
+        losses.append(torch.from_numpy(error[kept].copy()))
+    return losses

@@ -42,6 +42,7 @@ from lightning_prune.engine.correction import (
     GRAM_ROWS_PER_BATCH,
     apply_least_squares,
     correction_requests,
+    width_losses_from_grams,
 )
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
@@ -149,6 +150,10 @@ class ChannelPruner:
         correction_ridge: ridge of the correction, relative to the mean diagonal of each consumer's
             Gram; None (default): the criterion's ``ridge`` attribute if it has one, else
             :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6).
+        residual_widths: with the least-squares correction, choose widths by the reconstruction error
+            the correction leaves (per group and width, for the criterion's top channels, from the
+            consumers' Grams), smallest error per MAC saved first, instead of ``allocation``, for
+            criteria without width losses of their own. None (default): on whenever the correction is.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class ChannelPruner:
         probe: bool = True,
         correction: Correction | None = None,
         correction_ridge: float | None = None,
+        residual_widths: bool | None = None,
     ) -> None:
         if not isinstance(criterion, Criterion):
             raise TypeError(
@@ -185,6 +191,7 @@ class ChannelPruner:
         ):
             raise ValueError(f"correction_ridge must be a number >= 0 or None, got {correction_ridge!r}")
         self.correction = correction
+        self.residual_widths = residual_widths
         self.correction_ridge = None if correction_ridge is None else float(correction_ridge)
         self.criterion = criterion
         self.allocation = allocation
@@ -354,6 +361,10 @@ class ChannelPruner:
                 with preserved_training_modes(model):
                     scores = self.criterion.score(analysis.groups, scoring)
                     width_losses = self.criterion.width_losses(analysis.groups, scoring)
+                per_mac = self.criterion.width_losses_per_mac
+                if width_losses is None and self._uses_residual_widths(scoring):
+                    width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
+                    per_mac = True
                 plan = plan_pruning(
                     analysis.groups,
                     scores,
@@ -366,7 +377,7 @@ class ChannelPruner:
                     original_widths=original_widths,
                     normalize_scores=not self.criterion.comparable_across_layers,
                     width_losses=width_losses,
-                    losses_per_mac=self.criterion.width_losses_per_mac,
+                    losses_per_mac=per_mac,
                 )
                 if plan_hook is not None:
                     plan = plan_hook(plan)
@@ -399,6 +410,11 @@ class ChannelPruner:
             surgery=surgery,
             recalibration_seconds=recalibration_seconds,
         )
+
+    def _uses_residual_widths(self, scoring: ScoringContext) -> bool:
+        if self.resolved_correction != "least_squares" or scoring.activations is None:
+            return False
+        return self.residual_widths is not False
 
     def _correct(
         self,
