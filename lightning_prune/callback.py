@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,7 @@ from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
 from lightning_prune.engine.allocation import Allocation
 from lightning_prune.engine.targets import target_from_arguments
+from lightning_prune.repair import StepRepair
 from lightning_prune.reporting import PruningRecord, log_step, record_step, summary_table
 from lightning_prune.schedules import SCHEDULES, Schedule, ScheduleName, cumulative_targets
 
@@ -137,6 +138,26 @@ class StructuredPruningCallback(Callback):
             collection pass (default 32 batches).
         max_samples: samples kept for per-sample statistics (a uniform reservoir over the window).
             Default 2048. Memory does not grow with the data set or the number of epochs.
+        correction: ``"least_squares"``: after the cut, every consumer of a pruned group (residual
+            streams and concatenations included) absorbs the ridge least-squares reconstruction of the
+            removed channels from the kept ones, ``T = (G_SS + lambda I)^-1 G_SR`` from the Gram of
+            the activation it reads (collected during the window, for weight-only criteria too);
+            ``"none"``: plain selection. Default None: the criterion's own (least squares for
+            ``"interpolative_decomposition"``, none otherwise). See :mod:`lightning_prune.engine.correction`.
+            With the correction on and ``allocation`` not given, widths follow the reconstruction error
+            the correction leaves (per group and width, for the criterion's top channels), smallest
+            error per MAC saved first.
+        correction_ridge: the correction's ridge, relative to the mean diagonal of each consumer's
+            Gram. Default None: the criterion's ``ridge`` if it has one, else 1e-6 (a numerical
+            safeguard that leaves exact reconstructions exact).
+        recalibrate_bn: after each step, inside its atomic section, re-estimate the running
+            statistics of every BatchNorm on ``recalibrate_batches`` training batches (no gradient,
+            no weight change, other modules in eval mode, exact averages over all rows, all ranks
+            combined). Default None: on when the model has BatchNorms.
+        recalibrate_batches: training batches drawn per step for the recalibration and the
+            agreement. Default 20.
+        measure_agreement: log ``prune/agreement``, the share of those batches' samples whose
+            predicted class is unchanged by the step (kept in the record). Default True.
         criterion_kwargs: keyword arguments for a criterion given by name (for each of them, when
             ``criterion`` lists several names).
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
@@ -190,6 +211,11 @@ class StructuredPruningCallback(Callback):
         label_fn: Callable[[Any], Any] | None = None,
         collect_batches: int | None = None,
         max_samples: int = 2048,
+        correction: Literal["none", "least_squares"] | None = None,
+        correction_ridge: float | None = None,
+        recalibrate_bn: bool | None = None,
+        recalibrate_batches: int = 20,
+        measure_agreement: bool = True,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         validate_after_prune: bool = True,
@@ -223,6 +249,7 @@ class StructuredPruningCallback(Callback):
         self._criteria: list[Criterion] = []
         self._feeders: list[BatchFeeder] = []
         self._pruners: list[ChannelPruner] = []
+        self._repairs: list[StepRepair] = []  #: correction, BN recalibration and agreement, per criterion
         for spec in specs:
             key = ("name", spec) if isinstance(spec, str) else ("instance", id(spec))
             if key not in slots:
@@ -246,6 +273,15 @@ class StructuredPruningCallback(Callback):
                         round_to=round_to,
                         ignored_layers=ignored_layers,
                         output_transform=None if output_transform is None else self._feeders[0].traceable,
+                        correction=correction,
+                        correction_ridge=correction_ridge,
+                        residual_widths=None if allocation is None else False,  # an explicit allocation is honoured
+                    )
+                )
+                self._repairs.append(
+                    StepRepair(
+                        self._pruners[-1], feeder, recalibrate_bn=recalibrate_bn, recalibrate_batches=recalibrate_batches,
+                        measure_agreement=measure_agreement,
                     )
                 )
             self._slot_of_step.append(slots[key])
@@ -314,6 +350,11 @@ class StructuredPruningCallback(Callback):
         return self._pruners[self._slot_of_step[self._current_step()]]
 
     @property
+    def repair(self) -> StepRepair:
+        """Correction, BatchNorm recalibration and agreement of the step that runs next."""
+        return self._repairs[self._slot_of_step[self._current_step()]]
+
+    @property
     def feeder(self) -> BatchFeeder:
         """The batch feeder of the step that runs next (collection and held-out batches of its criterion)."""
         return self._feeders[self._slot_of_step[self._current_step()]]
@@ -359,7 +400,7 @@ class StructuredPruningCallback(Callback):
 
     @property
     def needs_activations(self) -> bool:
-        return self.criterion.requirements.collects_activations
+        return self.criterion.requirements.collects_activations or self.repair.corrects
 
     @property
     def needs_forward_passes(self) -> bool:
@@ -533,9 +574,10 @@ class StructuredPruningCallback(Callback):
 
     def _new_collector(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ActivationCollector:
         analysis = self._current_analysis(trainer, pl_module)
+        own = self.criterion.activation_requests(analysis.groups) if self.criterion.requirements.collects_activations else []
         return ActivationCollector(
             pl_module,
-            self.criterion.activation_requests(analysis.groups),
+            [*own, *self.repair.requests(analysis.groups, pl_module, own)],
             max_samples=self.max_samples,
             seed=self.seed + self.steps_done,
             num_classes=self._num_classes,
@@ -586,6 +628,7 @@ class StructuredPruningCallback(Callback):
         target = Target(self.target.kind, self.step_targets[index])
         criterion = self.criterion
         order = _steps_done_in(trainer)
+        extras = self.repair.prepare(trainer, pl_module)  # batches for BN recalibration and agreement
         result = self.pruner.step(
             pl_module,
             self._inputs(trainer, pl_module),
@@ -599,6 +642,7 @@ class StructuredPruningCallback(Callback):
             plan_hook=broadcast_plan(trainer),
             analysis=self._analysis,
             companions=averaged_copies(trainer, pl_module),
+            recalibrate=extras.recalibrate,
         )
         self._analysis = None  # the structure changed: the next window analyses it afresh
         rewrap_distributed(trainer, pl_module)
@@ -612,6 +656,7 @@ class StructuredPruningCallback(Callback):
             samples=context["activations"].samples_seen if "activations" in context else None,
             order=order,
         )
+        extras.finish(trainer, pl_module, record)
         self.history.append(record)
         log_step(trainer, record, self.num_steps, self.verbose)
 

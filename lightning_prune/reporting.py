@@ -51,6 +51,10 @@ class PruningRecord:
             floats: the pruned model's scores, before any fine-tuning. None when no validation ran
             after the step (start of training, ``validate_after_prune=False``, a fit without
             validation). Records written before these fields existed load with ``{}`` / None.
+        recalibration_seconds: wall time of the BatchNorm recalibration inside the step (0 when off).
+        agreement: share of the step's drawn training samples whose predicted class is the same
+            right after the step as before it (None when not measured or the model's predictions
+            are not ``(N, classes)``).
     """
 
     step: int
@@ -72,6 +76,8 @@ class PruningRecord:
     order: int | None = None
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] | None = None
+    recalibration_seconds: float = 0.0
+    agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,12 +119,13 @@ def record_step(
         surgery=result.surgery,
         samples=samples,
         order=order,
+        recalibration_seconds=result.recalibration_seconds,
     )
 
 
 def step_metrics(record: PruningRecord) -> dict[str, float]:
-    """What is logged after a step, under ``prune/...``."""
-    return {
+    """What is logged after a step, under ``prune/...`` (``prune/agreement`` when measured)."""
+    metrics = {
         "prune/macs": float(record.macs_after),
         "prune/params": float(record.params_after),
         "prune/flops_reduction": record.flops_reduction,
@@ -126,6 +133,11 @@ def step_metrics(record: PruningRecord) -> dict[str, float]:
         "prune/seconds": record.seconds,
         "prune/step": float(record.step + 1),
     }
+    if record.agreement is not None:
+        metrics["prune/agreement"] = float(record.agreement)
+    if record.recalibration_seconds:
+        metrics["prune/recalibration_seconds"] = float(record.recalibration_seconds)
+    return metrics
 
 
 def log_step(trainer: pl.Trainer, record: PruningRecord, num_steps: int, verbose: bool) -> None:
@@ -142,6 +154,7 @@ def log_step(trainer: pl.Trainer, record: PruningRecord, num_steps: int, verbose
             f"MACs {format_count(record.macs_before)} -> {format_count(record.macs_after)} "
             f"(-{record.flops_reduction:.1%} vs dense), params {format_count(record.params_after)} "
             f"(-{record.params_reduction:.1%}), {record.seconds:.2f}s"
+            + ("" if record.agreement is None else f", agreement {record.agreement:.1%}")
         )
     if record.macs_after == record.macs_before and record.step + 1 < num_steps:
         rank_zero_warn(f"pruning step {record.step + 1} removed nothing (the schedule's target was already met)")

@@ -79,9 +79,12 @@ def run(criterion: str) -> dict[str, Any]:
             counts.forwards += 1
 
     handle = net.register_forward_pre_hook(count_forward)
+    # The behaviour recorded before least-squares correction and BN recalibration existed: both off
+    # (and no agreement measurement, which adds forwards), except that "id" keeps its own correction.
     callback = _counting_callback(
         counts, criterion=criterion, target_flops_reduction=0.5, epochs=[0, 1], verbose=False,
-        criterion_kwargs=CRITERIA[criterion],
+        criterion_kwargs=CRITERIA[criterion], recalibrate_bn=False, measure_agreement=False,
+        correction=None if criterion == "id" else "none",
     )
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", callbacks=[callback], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)

@@ -15,7 +15,9 @@ The built-in statistics:
   all layers keep the same samples (aligned rows, with their labels);
 * :class:`CovarianceSums` (``"covariance"``): streamed channel sums and outer products over rows;
 * :class:`ClassMomentSums` (``"class_moments"``): streamed class counts, class sums and ``X^T X``;
-* :class:`RowReservoir` (``"rows"``): a uniform reservoir of activation rows.
+* :class:`RowReservoir` (``"rows"``): a uniform reservoir of activation rows;
+* :class:`GramSums` (``"gram"``): the streamed Gram matrix ``Z^T Z`` (with ``sum z`` and the row
+  count) of activation rows, O(C^2) memory, the statistic of least-squares weight correction.
 
 :data:`ACCUMULATORS` maps :attr:`ActivationRequest.statistic
 <lightning_prune.collection.requests.ActivationRequest>` to its class, and
@@ -56,6 +58,8 @@ __all__ = [
     "ClassMomentSums",
     "ClassMoments",
     "CovarianceSums",
+    "GramStatistic",
+    "GramSums",
     "PooledReservoir",
     "PooledSamples",
     "RowReservoir",
@@ -580,6 +584,75 @@ class ClassMomentSums(Accumulator):
             yield from self._state()
 
 
+@dataclass(frozen=True)
+class GramStatistic:
+    """What :meth:`GramSums.compute` returns (float64): ``gram = Z^T Z``, ``total = Z^T 1``, ``count`` rows."""
+
+    gram: torch.Tensor  #: (C, C) sum of z z^T over rows (uncentred)
+    total: torch.Tensor  #: (C,) sum of z over rows
+    count: int  #: rows folded in
+
+    def centred(self) -> torch.Tensor:
+        """``(Z - 1 mean^T)^T (Z - 1 mean^T)``: the Gram of the centred rows."""
+        n = max(1, self.count)
+        return self.gram - torch.outer(self.total, self.total) / n
+
+
+class GramSums(_RowSampling):
+    """The streamed Gram matrix ``Z^T Z`` of activation rows (every sample and position is a row),
+    with ``sum z`` and the row count, O(C^2) memory whatever the number of rows.
+
+    Per batch, up to ``request.rows_per_batch`` rows are sampled (:func:`sample_rows`, all of them
+    in order when the batch has fewer) and folded into float32 sums with one ``addmm_``, flushed into
+    float64 every 32 batches (as :class:`CovarianceSums`). ``channels`` and ``channel_index`` are
+    honoured (a flattened map viewed per channel, one branch's columns of a concatenation).
+
+    Args:
+        request: a ``"gram"`` request.
+        channel_dim: the channel dimension of the activation (default 1).
+        generator: draws the row subsample (see :class:`PooledReservoir`).
+    """
+
+    def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
+        self._init_sampling(request, channel_dim, generator)
+        self._sums: _Sums | None = None
+
+    @classmethod
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> GramSums:
+        (request,) = requests
+        return cls(request, context.channel_dims.get(request, 1), context.generator)
+
+    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        rows = self._rows(x)
+        if self._sums is None:
+            self._sums = _Sums(rows.shape[1], rows.device)
+        self._sums.add(rows)
+
+    def sync(self) -> None:
+        """All-reduce the Gram, the sum and the row count."""
+        if _world_size() > 1:
+            _all_reduce_sums(self._sums, list, f"gram of '{self.request.module}'")
+
+    def compute(self) -> GramStatistic:
+        """``Z^T Z``, ``Z^T 1`` (float64) and the row count over every row folded in."""
+        if self._sums is None:
+            raise RuntimeError(f"gram of '{self.request.module}': nothing accumulated")
+        self._sums.flush()
+        return GramStatistic(self._sums.outer.clone(), self._sums.total.clone(), int(self._sums.count))
+
+    @property
+    def empty(self) -> bool:
+        return self._sums is None
+
+    def rows_seen(self) -> dict[ActivationRequest, int]:
+        return {} if self._sums is None else {self.request: self._sums.count}
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self._sums is not None:
+            yield from self._sums.tensors()
+        yield from self._index_tensors()
+
+
 # ---------------------------------------------------------------------------------------------- rows
 class RowReservoir(_RowSampling):
     """A uniform reservoir of at most ``request.max_rows`` activation rows (sample x position).
@@ -663,6 +736,7 @@ ACCUMULATORS: dict[str, type[Accumulator]] = {
     "covariance": CovarianceSums,
     "class_moments": ClassMomentSums,
     "rows": RowReservoir,
+    "gram": GramSums,
 }
 
 

@@ -11,7 +11,8 @@ without any host synchronisation:
   their labels), so criteria that concatenate layers (PLS) see aligned rows;
 * ``"covariance"`` requests: streaming channel sums and outer products over rows;
 * ``"class_moments"`` requests: streaming class counts, class sums and ``X^T X``;
-* ``"rows"`` requests: a uniform reservoir of activation rows.
+* ``"rows"`` requests: a uniform reservoir of activation rows;
+* ``"gram"`` requests: the streamed Gram matrix ``Z^T Z`` of activation rows.
 
 Memory is bounded by ``max_samples`` and ``C^2`` per layer, whatever the data set size or the
 number of epochs. Hooks exist only between :meth:`attach` and :meth:`detach`. The result, an
@@ -32,6 +33,7 @@ from lightning_prune.collection.accumulators import (
     Accumulator,
     AccumulatorContext,
     ClassMoments,
+    GramStatistic,
     SharedGenerator,
     build_accumulators,
 )
@@ -123,6 +125,14 @@ class ActivationStore:
     def rows(self, request: ActivationRequest | str) -> torch.Tensor:
         """``(M, C)`` activation rows, a uniform sample of at most ``max_rows`` of all rows seen."""
         return self.get("rows", request)
+
+    def gram(self, request: ActivationRequest | str) -> GramStatistic:
+        """Streamed ``Z^T Z``, ``Z^T 1`` and row count of the activation rows."""
+        return self.get("gram", request)
+
+    def table(self, statistic: str) -> dict[ActivationRequest, Any]:
+        """Every collected value of ``statistic``, by request (a copy; empty when none)."""
+        return dict(self._tables.get(statistic, {}))
 
     def class_moments(self, request: ActivationRequest | str) -> ClassMoments:
         """Streamed class counts, class sums, feature sum and ``X^T X`` of the pooled values."""

@@ -8,7 +8,7 @@ from typing import Literal
 __all__ = ["ActivationRequest", "Pooling", "Site", "Statistic"]
 
 Site = Literal["output", "input"]
-Statistic = Literal["pooled", "covariance", "class_moments", "rows"]
+Statistic = Literal["pooled", "covariance", "class_moments", "rows", "gram"]
 Pooling = Literal["max", "avg"]
 
 
@@ -29,9 +29,11 @@ class ActivationRequest:
             ``"class_moments"``: streaming class counts, class sums, feature sum and ``X^T X`` of
             the pooled values (needs labels), O(K C + C^2) memory whatever the number of samples;
             ``"rows"``: activation rows (sample x position, one column per channel), a uniform
-            reservoir of at most ``max_rows`` of them (``rows_per_batch`` sampled per batch).
+            reservoir of at most ``max_rows`` of them (``rows_per_batch`` sampled per batch);
+            ``"gram"``: the streamed Gram matrix ``Z^T Z`` of activation rows (with ``sum z`` and the
+            row count), O(C^2) memory (``rows_per_batch`` sampled per batch).
         pooling: ``"max"`` or ``"avg"`` (for ``"pooled"``).
-        rows_per_batch: for ``"covariance"``: rows sampled uniformly per batch (bounds the cost of
+        rows_per_batch: for ``"covariance"``, ``"rows"`` and ``"gram"``: rows sampled uniformly per batch (bounds the cost of
             the per-batch product; all rows when the batch has fewer).
         channel_dim: the channel dimension of the activation; None (default) lets the collector
             decide: 1 for the output of a convolution, the last dimension otherwise.
@@ -40,7 +42,7 @@ class ActivationRequest:
         channels: when > 0, a 2-D activation of ``channels * r`` features (a flattened feature map,
             channel-major, as a linear layer after ``flatten`` reads it) is viewed as
             ``(N, channels, r)``: each channel's ``r`` positions become rows.
-        channel_index: for ``"rows"``: the entries along the channel dimension (the features of a
+        channel_index: for ``"rows"`` and ``"gram"``: the entries along the channel dimension (the features of a
             2-D activation) that belong to the observed channels, channel-major (channel ``j`` owns
             entries ``j * r`` to ``(j + 1) * r - 1``), e.g. one branch's slice of a concatenation
             that the module reads; empty (default): every entry.
@@ -69,5 +71,5 @@ class ActivationRequest:
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.rows_per_batch < 1:
             raise ValueError(f"rows_per_batch must be >= 1, got {self.rows_per_batch}")
-        if self.channel_index and self.statistic != "rows":
-            raise ValueError(f"channel_index is only supported with statistic='rows', got {self.statistic!r}")
+        if self.channel_index and self.statistic not in ("rows", "gram"):
+            raise ValueError(f"channel_index is only supported with statistic='rows' or 'gram', got {self.statistic!r}")

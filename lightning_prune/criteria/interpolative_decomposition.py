@@ -1,27 +1,28 @@
 """``"interpolative_decomposition"`` (``"id"``): Chee, Renz, Damle, De Sa, NeurIPS 2022.
 
-``docs/criteria.md`` section "Interpolative decomposition". ``Z`` is the activation the group's
-consumers read (after BN, ReLU and pooling), as rows ``(N*H*W) x C`` (a uniform reservoir of at
-most ``max_rows`` rows).
-A column-pivoted QR ``Z P = Q R`` orders the channels (first pivots are kept first). For the
-channels ``S`` that stay, the interpolation matrix ``T`` (``k x C``) with ``Z ~ Z[:, S] T`` is the
-least-squares solution ``T = Z[:, S]^+ Z``, which for ``S`` = the first ``k`` pivots is exactly
-ID's ``[I_k, R11^-1 R12] P^T``.
+``docs/criteria.md`` section "Interpolative decomposition". ``Z`` is the activation a consumer of
+the group reads (after BN, ReLU and pooling), as rows ``(N*H*W) x C``; what is collected is its
+streamed Gram matrix ``G = Z^T Z`` (statistic ``"gram"``, O(C^2) memory, every row of every batch
+up to ``rows_per_batch``), one per consumer.
 
-**Weight correction.** The producer keeps rows ``S`` (weights, bias, BN statistics: the
-surgery's selection), and every consumer absorbs ``T`` over its input-channel axis:
-``W_next <- W_next x_1 T`` (``W'[o, s] = sum_c T[s, c] W[o, c]``) for conv and linear consumers,
-``W_fc <- W_fc (T kron I_r)^T`` for a linear reading a flattened (channel-major) feature map, so the
-pruned network computes what the dense one did, as closely as the decomposition allows, before
-any fine-tuning. ``T`` cannot pass through a residual sum: a group with several producers
-(residual partners), or whose consumers read the channels through a concatenation or a grouped
-convolution, is pruned by selection only, and the step's record says so.
+**Selection.** A column-pivoted QR ``Z P = Q R`` orders the channels (first pivots kept first). Its
+pivots are those of the greedy pivoted Cholesky of ``G``
+(:func:`~lightning_prune.engine.correction.pivoted_cholesky`), so no rows need to be kept. When
+several consumers read the group (a residual stream read at several points, a layer read by a
+block and its shortcut), their Grams, each divided by its trace, are summed.
+
+**Weight correction** is the engine's least-squares correction
+(:mod:`lightning_prune.engine.correction`) with this selection: the producer keeps rows ``S``, and
+every consumer absorbs ``T`` with ``T[:, S] = I`` and ``T[:, R] = (G_SS + lambda I)^-1 G_SR`` from
+*its own* Gram, over its input-channel axis (``W_fc (T kron I_r)^T`` for a linear reading a
+flattened map). For ``S`` = a pivot prefix and ``lambda -> 0`` this is ID's ``[I_k, R11^-1 R12] P^T``.
+Residual groups are corrected too (every consumer of the stream reads it at its own point);
+grouped or unsupported consumers are left to selection and the step's record says so.
 
 **Widths.** Keeping ``k`` channels costs the relative error it leaves in the activation the
-consumers read: the decomposition's residual ``||R_22||_F / ||R||_F`` where the consumers absorb
-``T``, the norm of the dropped channels where the group is pruned by selection only (the paper
-prunes only the correctable, block-internal layers; this keeps residual groups from looking as
-cheap as correctable ones). The allocation removes, step by step, the width with the smallest
+consumers read: the decomposition's residual ``||R_22||_F / ||R||_F`` (the Schur complement of the
+pivoted Cholesky) where the consumers absorb ``T``, the norm of the dropped channels where the group
+is pruned by selection only. The allocation removes, step by step, the width with the smallest
 error per MAC saved until the target is met.
 """
 
@@ -37,9 +38,25 @@ from torch import nn
 from lightning_prune.collection.requests import ActivationRequest
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
-from lightning_prune.engine.graph import ChannelGroup, ParamSlice
+from lightning_prune.engine.correction import (
+    GRAM_ROWS_PER_BATCH,
+    apply_least_squares,
+    consumers_of,
+    find_gram,
+    pivoted_cholesky,
+    ridge_interpolation,
+)
+from lightning_prune.engine.graph import ChannelGroup
 
-__all__ = ["InterpolativeDecomposition", "interpolation_matrix", "pivoted_qr", "reconstruction_errors"]
+__all__ = [
+    "InterpolativeDecomposition",
+    "gram_reconstruction_errors",
+    "interpolation_matrix",
+    "pivoted_cholesky",
+    "pivoted_qr",
+    "reconstruction_errors",
+    "ridge_interpolation",
+]
 
 
 def pivoted_qr(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,95 +94,101 @@ def interpolation_matrix(z: np.ndarray, kept: Sequence[int]) -> np.ndarray:
     return t
 
 
-def _weight_slices(group: ChannelGroup, output: bool) -> list[ParamSlice]:
-    return [s for s in group.slices if s.is_output == output and s.param.dim() >= 2]
+def gram_reconstruction_errors(gram: np.ndarray, corrected: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(pivots, error)`` from a Gram ``G = Z^T Z`` alone: the pivoted-Cholesky order and
+    ``error[k]``, the relative Frobenius error when the first ``k`` pivots stay (``C + 1`` entries).
 
-
-def _channel_major(s: ParamSlice, channels: int) -> bool:
-    """The consumer reads the group's channels directly (r = 1) or as a channel-major flattened map."""
-    if not s.addressable or s.dep_channels % channels or list(s.idxs) != list(range(s.dep_channels)):
-        return False
-    r = s.dep_channels // channels
-    return list(s.root_idxs) == [i // r for i in range(s.dep_channels)]
-
-
-def _group_columns(s: ParamSlice) -> tuple[int, ...]:
-    """The consumer's input entries that carry the group's channels, channel-major; () when that is all
-    of them in order (or the slice does not index the input directly, as for a grouped convolution)."""
-    if not s.addressable:
-        return ()
-    order = sorted(range(len(s.idxs)), key=lambda i: s.root_idxs[i])  # stable: positions keep their order
-    columns = tuple(int(s.idxs[i]) for i in order)
-    return () if columns == tuple(range(s.dep_channels)) else columns
-
-
-def _absorb(weight: torch.Tensor, t: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
-    """``W x_dim (T kron I_r)``: contract ``T`` (``k x C``) with ``weight``'s input axis ``dim``.
-
-    A flattened input of ``C * r`` features (channel-major) is viewed as ``(C, r)`` first, which is
-    ``W_fc (T kron I_r)^T`` for conv -> flatten -> linear.
+    With correction it is the decomposition's residual ``sqrt(trace(Schur_k) / trace(G))``
+    (``= ||R[k:, k:]||_F / ||R||_F``); without, the norm of the dropped channels,
+    ``sqrt(sum_{dropped} G_cc / trace(G))``.
     """
-    moved = weight.movedim(dim, 0)
-    rest = moved.shape[1:]
-    per_channel = moved.reshape(channels, -1)  # (C, r * rest)
-    absorbed = t.to(per_channel.dtype) @ per_channel  # (k, r * rest)
-    return absorbed.reshape(t.shape[0] * (moved.shape[0] // channels), *rest).movedim(0, dim)
+    g = np.asarray(gram, dtype=np.float64)
+    pivots, _r, residual = pivoted_cholesky(g)
+    total = float(np.trace(g))
+    if total <= 0:
+        return pivots, np.zeros(g.shape[0] + 1)
+    if corrected:
+        sq = residual
+    else:
+        col = np.diag(g)[pivots]
+        sq = np.append(np.cumsum(col[::-1])[::-1], 0.0)
+    return pivots, np.sqrt(np.clip(sq, 0.0, None) / total)
 
 
 @register_criterion("interpolative_decomposition", "id")
 class InterpolativeDecomposition(Criterion):
-    """Keep the channels a pivoted QR of the consumed activation picks; consumers absorb the rest.
+    """Keep the channels a pivoted QR of the consumed activation picks (from its Gram); consumers absorb the rest.
 
     Args:
-        max_rows: activation rows kept per group (uniform reservoir). Default 4096.
-        rows_per_batch: rows sampled per training batch. Default 256.
+        max_rows: unused since the Gram statistic replaced the row reservoir (the Gram is O(C^2)
+            whatever the rows); accepted so that existing configurations still load.
+        rows_per_batch: rows sampled per training batch into each Gram. Default 4096.
+        ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram
+            (:data:`~lightning_prune.engine.correction.DEFAULT_RIDGE`); the callback's
+            ``correction_ridge`` overrides it.
     """
 
     requirements = Requirements(activations=True)
     width_losses_per_mac = True
+    default_correction = "least_squares"
 
-    def __init__(self, max_rows: int = 4096, rows_per_batch: int = 256) -> None:
+    def __init__(self, max_rows: int = 4096, rows_per_batch: int = GRAM_ROWS_PER_BATCH, ridge: float | None = None) -> None:
         if max_rows < 2 or rows_per_batch < 1:
             raise ValueError(f"max_rows must be >= 2 and rows_per_batch >= 1, got {max_rows}, {rows_per_batch}")
+        if ridge is not None and not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge!r}")
         self.max_rows = int(max_rows)
         self.rows_per_batch = int(rows_per_batch)
-        self._qr: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.ridge = ridge
+        self._order: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
 
-    # ------------------------------------------------------------------ which tensor
-    def _consumers(self, group: ChannelGroup) -> list[ParamSlice]:
-        return _weight_slices(group, output=False)
+    # ------------------------------------------------------------------ which tensors
+    def _root_request(self, group: ChannelGroup) -> ActivationRequest:
+        return ActivationRequest(group.root_name, statistic="gram", rows_per_batch=self.rows_per_batch)
 
-    def _request(self, group: ChannelGroup) -> ActivationRequest:
-        consumers = self._consumers(group)
-        if consumers:  # the activation the (first) consumer reads, a flattened map viewed per channel
-            first = consumers[0]
-            return ActivationRequest(
-                first.name.rsplit(".", 1)[0], site="input", statistic="rows", rows_per_batch=self.rows_per_batch,
-                max_rows=self.max_rows, channels=group.size, channel_index=_group_columns(first),
-            )
-        return ActivationRequest(group.root_name, statistic="rows", rows_per_batch=self.rows_per_batch, max_rows=self.max_rows)
+    def _requests(self, group: ChannelGroup, model: nn.Module | None) -> tuple[list[ActivationRequest], bool]:
+        """The Gram requests the selection reads (every absorbing consumer's input, else the root's
+        output) and whether every consumer absorbs ``T``."""
+        consumers = consumers_of(group, model, self.rows_per_batch)
+        requests = [c.request for c in consumers if c.request is not None]
+        corrected = bool(consumers) and all(c.request is not None for c in consumers)
+        return (requests or [self._root_request(group)]), corrected
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
-        return [self._request(g) for g in groups]
+        return list(dict.fromkeys(r for g in groups for r in self._requests(g, None)[0]))
 
-    def _rows(self, group: ChannelGroup, context: ScoringContext) -> np.ndarray:
+    def _gram(self, group: ChannelGroup, context: ScoringContext) -> tuple[np.ndarray, bool]:
+        """The selection's Gram: the consumers' Grams, each divided by its trace, summed."""
         if context.activations is None:
             raise ValueError("interpolative_decomposition needs collected activations; use it through StructuredPruningCallback")
-        z = context.activations.rows(self._request(group)).detach().double().cpu().numpy()
-        if z.shape[1] != group.size:
-            raise ValueError(
-                f"the activation read by the consumers of '{group.root_name}' has {z.shape[1]} channels, the group "
-                f"{group.size}: its consumers read it through a reshape; use another criterion for this model"
-            )
-        return z
+        requests, corrected = self._requests(group, context.model)
+        total = np.zeros((group.size, group.size))
+        found = False
+        for request in requests:
+            stat = find_gram(context.activations, request)
+            if stat is None:
+                continue
+            g = stat.gram.detach().double().cpu().numpy()
+            if g.shape != (group.size, group.size):
+                raise ValueError(
+                    f"the activation read by the consumers of '{group.root_name}' has {g.shape[0]} channels, the group "
+                    f"{group.size}: its consumers read it through a reshape; use another criterion for this model"
+                )
+            trace = float(np.trace(g))
+            total += g / trace if trace > 0 else g
+            found = True
+        if not found:
+            raise KeyError(f"no collected Gram for group '{group.root_name}' ({[r.module for r in requests]})")
+        return total, corrected
 
     # ------------------------------------------------------------------ scores and widths
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         scores = []
-        self._qr = {}
+        self._order = {}
         for group in groups:
-            r, pivots = pivoted_qr(self._rows(group, context))
-            self._qr[group.root_name] = (r, pivots)
+            g, corrected = self._gram(group, context)
+            pivots, error = gram_reconstruction_errors(g, corrected)
+            self._order[group.root_name] = (pivots, error, corrected)
             score = torch.empty(group.size, dtype=torch.float64)
             score[torch.from_numpy(pivots.astype(np.int64))] = torch.arange(group.size, 0, -1, dtype=torch.float64)
             scores.append(score)
@@ -174,30 +197,23 @@ class InterpolativeDecomposition(Criterion):
     def width_losses(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         losses = []
         for group in groups:
-            z = self._rows(group, context)
-            r, pivots = self._qr.get(group.root_name) or pivoted_qr(z)
-            corrected = self._selection_only_reason(group, context.model) is None
-            error = reconstruction_errors(z, r, pivots, corrected)
-            error = np.maximum.accumulate(error[::-1])[::-1]  # non-increasing in k (numerical safety)
+            cached = self._order.get(group.root_name)
+            if cached is None:
+                g, corrected = self._gram(group, context)
+                cached = (*gram_reconstruction_errors(g, corrected), corrected)
+            error = np.maximum.accumulate(cached[1][::-1])[::-1]  # non-increasing in k (numerical safety)
             kept = np.minimum(np.arange(group.positions + 1) * group.channel_groups, group.size)
             losses.append(torch.from_numpy(error[kept].copy()))
         return losses
 
     # ------------------------------------------------------------------ weight correction
     def _selection_only_reason(self, group: ChannelGroup, model: nn.Module) -> str | None:
-        producers = {s.name.rsplit(".", 1)[0] for s in _weight_slices(group, output=True)}
-        if len(producers) != 1:
-            return f"selection only: {len(producers)} producers summed (residual), T cannot pass the sum"
-        consumers = self._consumers(group)
+        """Why no consumer of ``group`` can absorb ``T`` (None: at least one can)."""
+        consumers = consumers_of(group, model, self.rows_per_batch)
         if not consumers:
             return "selection only: no consumer layer to absorb T"
-        modules = dict(model.named_modules())
-        for s in consumers:
-            module = modules.get(s.name.rsplit(".", 1)[0])
-            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or getattr(module, "groups", 1) != 1:
-                return f"selection only: consumer '{s.name}' is a grouped or unsupported layer"
-            if not _channel_major(s, group.size):
-                return f"selection only: consumer '{s.name}' reads the channels through a concatenation or a reshape"
+        if all(c.request is None for c in consumers):
+            return "selection only: " + "; ".join(c.reason or c.module for c in consumers)
         return None
 
     def correct(
@@ -207,27 +223,9 @@ class InterpolativeDecomposition(Criterion):
         changes: Mapping[Any, Any],
         context: ScoringContext,
     ) -> dict[str, str]:
-        notes = {}
-        for index, channels in removed.items():
-            group = groups[index]
-            if not channels:
-                continue
-            reason = self._selection_only_reason(group, context.model)
-            if reason:
-                notes[group.root_name] = reason
-                continue
-            kept = sorted(set(range(group.size)) - set(channels))
-            t = torch.from_numpy(interpolation_matrix(self._rows(group, context), kept))
-            consumers = self._consumers(group)
-            with torch.no_grad():
-                for s in consumers:
-                    change = changes[s.param]
-                    corrected = change.old.detach().double()
-                    for dim, keep in change.ops:
-                        if dim == s.dim:  # this group's input-channel cut: absorb T instead of selecting
-                            corrected = _absorb(corrected, t, dim, group.size)
-                        else:
-                            corrected = corrected.index_select(dim, keep)
-                    change.new.copy_(corrected.to(change.new.dtype))
-            notes[group.root_name] = f"interpolation absorbed by {len(consumers)} consumer(s)"
-        return notes
+        """The engine's least-squares correction (each consumer absorbs ``T`` from its own Gram)."""
+        from lightning_prune.engine.correction import DEFAULT_RIDGE
+
+        ridge = DEFAULT_RIDGE if self.ridge is None else self.ridge
+        return apply_least_squares(groups, removed, changes, context.activations, context.model, ridge)
+

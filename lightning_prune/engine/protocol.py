@@ -138,6 +138,9 @@ class Criterion(abc.ABC):
         default_allocation: the allocation used when the callback is given none.
         width_losses_per_mac: the allocation divides each width step's loss by the MACs it saves
             (cheapest loss per MAC first) instead of using the loss itself.
+        default_correction: the weight correction used when the pruner is given none:
+            ``"none"`` (default: the criterion's :meth:`correct`, a no-op unless overridden) or
+            ``"least_squares"`` (:mod:`lightning_prune.engine.correction`).
         heldout_batches: how many held-out batches ``context.forward`` evaluates (criteria with
             ``requirements.forward_passes``); the callback keeps that many.
     """
@@ -147,6 +150,7 @@ class Criterion(abc.ABC):
     comparable_across_layers: ClassVar[bool] = False
     default_allocation: ClassVar[Allocation] = "uniform"
     width_losses_per_mac: ClassVar[bool] = False
+    default_correction: ClassVar[str] = "none"
 
     @property
     def heldout_batches(self) -> int:

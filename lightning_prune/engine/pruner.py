@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -44,6 +44,14 @@ from lightning_prune.engine.companions import (
     check_companion_shapes,
     cut_companion,
 )
+from lightning_prune.engine.correction import (
+    CORRECTIONS,
+    DEFAULT_RIDGE,
+    GRAM_ROWS_PER_BATCH,
+    apply_least_squares,
+    correction_requests,
+    width_losses_from_grams,
+)
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
@@ -53,7 +61,10 @@ from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, appl
 from lightning_prune.engine.targets import Target, check_fraction
 from lightning_prune.engine.tp_adapter import TracedGraph
 
-__all__ = ["Analysis", "ChannelPruner", "PruningError", "StepResult", "check_finite", "layer_widths"]
+__all__ = ["Analysis", "ChannelPruner", "Correction", "PruningError", "StepResult", "check_finite", "layer_widths"]
+
+#: ``correction`` of :class:`ChannelPruner`: ``"none"`` (selection only) or ``"least_squares"``.
+Correction = Literal["none", "least_squares"]
 
 
 class PruningError(RuntimeError):
@@ -97,6 +108,7 @@ class StepResult:
     num_groups: int = 0
     corrections: dict[str, str] = field(default_factory=dict)  #: per group root: how its weights were corrected
     surgery: list[list[Any]] = field(default_factory=list)  #: history [layer, is_out, idxs]: replayable
+    recalibration_seconds: float = 0.0  #: wall time of the ``recalibrate`` call (BN statistics), inside the step
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -184,6 +196,19 @@ class ChannelPruner:
         probe: before planning, cut one channel of every group on trial and put it back; groups
             whose cut breaks the model (couplings torch-pruning's graph does not describe) are
             kept at full width with an :class:`UnprunableGroupWarning` naming their layers.
+        correction: ``"least_squares"``: after the surgery every consumer of a pruned group absorbs
+            the ridge least-squares reconstruction of the removed channels from the kept ones
+            (:mod:`lightning_prune.engine.correction`; needs the consumers' Grams in
+            ``context["activations"]``, see :meth:`correction_requests`); ``"none"``: plain selection;
+            None (default): the criterion's own (``criterion.default_correction``: least squares for
+            ``"interpolative_decomposition"``, else the criterion's :meth:`correct`, a no-op by default).
+        correction_ridge: ridge of the correction, relative to the mean diagonal of each consumer's
+            Gram; None (default): the criterion's ``ridge`` attribute if it has one, else
+            :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6).
+        residual_widths: with the least-squares correction, choose widths by the reconstruction error
+            the correction leaves (per group and width, for the criterion's top channels, from the
+            consumers' Grams), smallest error per MAC saved first, instead of ``allocation``, for
+            criteria without width losses of their own. None (default): on whenever the correction is.
     """
 
     def __init__(
@@ -198,6 +223,9 @@ class ChannelPruner:
         output_transform: Callable[[Any], Any] | None = None,
         customized_pruners: Mapping[Any, Any] | None = None,
         probe: bool = True,
+        correction: Correction | None = None,
+        correction_ridge: float | None = None,
+        residual_widths: bool | None = None,
     ) -> None:
         if not isinstance(criterion, Criterion):
             raise TypeError(
@@ -211,6 +239,15 @@ class ChannelPruner:
         for layer in ignored_layers:
             if not isinstance(layer, (str, nn.Module)):
                 raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
+        if correction is not None and correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)} or None, got {correction!r}")
+        if correction_ridge is not None and (
+            isinstance(correction_ridge, bool) or not isinstance(correction_ridge, (int, float)) or not correction_ridge >= 0
+        ):
+            raise ValueError(f"correction_ridge must be a number >= 0 or None, got {correction_ridge!r}")
+        self.correction = correction
+        self.residual_widths = residual_widths
+        self.correction_ridge = None if correction_ridge is None else float(correction_ridge)
         self.criterion = criterion
         self.allocation = allocation
         self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio)
@@ -220,6 +257,30 @@ class ChannelPruner:
         self.output_transform = output_transform
         self.customized_pruners = dict(customized_pruners or {})
         self.probe = probe
+
+    @property
+    def resolved_correction(self) -> Correction:
+        """``correction``, or the criterion's ``default_correction`` when it is None."""
+        if self.correction is not None:
+            return self.correction
+        own = getattr(self.criterion, "default_correction", "none")
+        return "least_squares" if own == "least_squares" else "none"
+
+    @property
+    def ridge(self) -> float:
+        """The correction's ridge (relative to the mean diagonal of each consumer's Gram)."""
+        if self.correction_ridge is not None:
+            return self.correction_ridge
+        own = getattr(self.criterion, "ridge", None)
+        return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else DEFAULT_RIDGE
+
+    def correction_requests(self, groups: Sequence[ChannelGroup], model: nn.Module) -> list[Any]:
+        """The ``"gram"`` requests the least-squares correction reads (one per consumer of every group);
+        empty when the correction is off."""
+        if self.resolved_correction != "least_squares":
+            return []
+        rows = getattr(self.criterion, "rows_per_batch", GRAM_ROWS_PER_BATCH)
+        return correction_requests(groups, model, rows if isinstance(rows, int) and rows > 0 else GRAM_ROWS_PER_BATCH)
 
     def resolve_ignored(self, model: nn.Module) -> list[nn.Module]:
         """``ignored_layers`` as modules of ``model``.
@@ -308,6 +369,7 @@ class ChannelPruner:
         plan_hook: Callable[[Plan], Plan] | None = None,
         analysis: Analysis | None = None,
         companions: Sequence[nn.Module | Companion] = (),
+        recalibrate: Callable[[nn.Module], Any] | None = None,
     ) -> StepResult:
         """Prune ``model`` in place until it meets ``target`` (cumulative, relative to ``dense``).
 
@@ -332,6 +394,10 @@ class ChannelPruner:
                 them: kept channels selected, buffers included, no weight correction) inside the atomic
                 section. ``AveragedModel`` submodules of ``model`` are companions without being listed.
                 Their parameters never enter ``optimizers``.
+            recalibrate: called with the model after the surgery, the correction and the checks,
+                inside the atomic section (e.g. re-estimating BatchNorm statistics,
+                :func:`~lightning_prune.engine.recalibration.recalibrate_batchnorm`); it must replace
+                buffers rather than write into them, so that a failure after it can be undone.
 
         Raises:
             PruningError: anything failed; model, optimizers and companions are unchanged. Among
@@ -370,6 +436,10 @@ class ChannelPruner:
                 with preserved_training_modes(model):
                     scores = self.criterion.score(analysis.groups, scoring)
                     width_losses = self.criterion.width_losses(analysis.groups, scoring)
+                per_mac = self.criterion.width_losses_per_mac
+                if width_losses is None and self._uses_residual_widths(scoring):
+                    width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
+                    per_mac = True
                 plan = plan_pruning(
                     analysis.groups,
                     scores,
@@ -382,17 +452,22 @@ class ChannelPruner:
                     original_widths=original_widths,
                     normalize_scores=not self.criterion.comparable_across_layers,
                     width_losses=width_losses,
-                    losses_per_mac=self.criterion.width_losses_per_mac,
+                    losses_per_mac=per_mac,
                 )
                 if plan_hook is not None:
                     plan = plan_hook(plan)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
-                corrections = self.criterion.correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
+                corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = analysis.graph.pruning_history()
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
                 for follower, inputs in zip(followers, follower_inputs):
                     cut_companion(follower, inputs, surgery, output_transform=self.output_transform)
                     check_companion_shapes(model, follower)
+                recalibration_seconds = 0.0
+                if recalibrate is not None:
+                    started_recalibration = time.perf_counter()
+                    recalibrate(model)
+                    recalibration_seconds = time.perf_counter() - started_recalibration
                 remaps = [prepare_optimizer_remap(opt, changes) for opt in optimizers]
         except Exception as error:
             snapshot.restore()
@@ -413,7 +488,32 @@ class ChannelPruner:
             num_groups=len(analysis.groups),
             corrections=corrections,
             surgery=surgery,
+            recalibration_seconds=recalibration_seconds,
         )
+
+    def _uses_residual_widths(self, scoring: ScoringContext) -> bool:
+        if self.resolved_correction != "least_squares" or scoring.activations is None:
+            return False
+        return self.residual_widths is not False
+
+    def _correct(
+        self,
+        groups: Sequence[ChannelGroup],
+        removed: Mapping[int, Sequence[int]],
+        changes: Mapping[nn.Parameter, ParameterChange],
+        scoring: ScoringContext,
+    ) -> dict[str, str]:
+        """The weight correction after the surgery (see ``correction``)."""
+        if self.resolved_correction == "least_squares":
+            if scoring.activations is None:
+                raise PruningError(
+                    "correction='least_squares' needs the Grams of the consumers' inputs: collect "
+                    "ChannelPruner.correction_requests(groups, model) and pass context={'activations': store}"
+                )
+            return apply_least_squares(groups, removed, changes, scoring.activations, model=scoring.model, ridge=self.ridge)
+        if self.correction is None:
+            return self.criterion.correct(groups, removed, changes, scoring)
+        return {}
 
     @staticmethod
     def _check_optimizers_exclude(optimizers: Sequence[torch.optim.Optimizer], followers: Sequence[Companion]) -> None:
