@@ -31,10 +31,20 @@ EXPECTED_COUNTS = {
 }
 
 
+#: Criteria whose decisions changed on purpose after the recording, with the change that did it. The
+#: interpolative decomposition now selects by the pivoted Cholesky of a streamed Gram and corrects
+#: residual streams and concatenations too (least-squares correction for every consumer), so its
+#: allocation no longer charges residual groups as selection-only cuts: its plan differs by design.
+#: Its behaviour is tested against references in tests/test_interpolative_decomposition.py and
+#: tests/test_correction.py; here only its analysis count is checked.
+CHANGED_ON_PURPOSE = {"id": "least-squares correction of residual groups (Gram statistic, pivoted Cholesky)"}
+
+
 @pytest.mark.parametrize("criterion", list(CRITERIA))
 def test_same_plan_and_weights_as_recorded_and_one_analysis_per_step(criterion):
     result = run(criterion)
     assert result["steps"] == 2
-    assert result["widths"] == RECORDED[criterion]["widths"]
-    assert result["weights_sha256"] == RECORDED[criterion]["weights_sha256"]
+    if criterion not in CHANGED_ON_PURPOSE:
+        assert result["widths"] == RECORDED[criterion]["widths"]
+        assert result["weights_sha256"] == RECORDED[criterion]["weights_sha256"]
     assert {k: result[k] for k in ("forwards", "traces")} == EXPECTED_COUNTS[criterion]
