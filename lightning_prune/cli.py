@@ -16,6 +16,8 @@ data module are chosen by ``class_path`` (any ``LightningModule`` / ``LightningD
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_prune.callback import StructuredPruningCallback
 
-__all__ = ["PruningCLI", "main"]
+__all__ = ["PruningCLI", "main", "merged_kwargs_arguments"]
 
 #: The argument group of the callback (``--pruning.criterion`` ...).
 PRUNING_KEY = "pruning"
@@ -52,6 +54,44 @@ class PruningCLI(LightningCLI):
         return next((c for c in trainer.callbacks if isinstance(c, StructuredPruningCallback)), None)
 
 
+_KWARGS_FLAG = f"--{PRUNING_KEY}.criterion_kwargs"
+
+
+def merged_kwargs_arguments(args: Sequence[str]) -> list[str]:
+    """``--pruning.criterion_kwargs={...}`` given as one mapping, rewritten key by key
+    (``--pruning.criterion_kwargs.<key>=<value>``) so that it updates the configuration's
+    ``criterion_kwargs`` instead of replacing them (jsonargparse replaces a whole mapping but merges
+    dotted keys). Anything that is not a mapping is left to the parser, which reports it."""
+    out: list[str] = []
+    items = list(args)
+    index = 0
+    while index < len(items):
+        arg = items[index]
+        value: str | None = None
+        if arg.startswith(_KWARGS_FLAG + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == _KWARGS_FLAG and index + 1 < len(items):
+            value = items[index + 1]
+            index += 1
+        parsed = _mapping(value) if value is not None else None
+        if parsed is None:
+            out.extend([arg] if value is None or arg != _KWARGS_FLAG else [arg, value])
+        else:
+            out.extend(f"{_KWARGS_FLAG}.{key}={json.dumps(item)}" for key, item in parsed.items())
+        index += 1
+    return out
+
+
+def _mapping(text: str) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return value if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) else None
+
+
 def main(args: Sequence[str] | dict[str, Any] | None = None, *, run: bool = True, return_cli: bool = False) -> PruningCLI | None:
     """Entry point of the ``lightning-prune`` command.
 
@@ -72,12 +112,14 @@ def main(args: Sequence[str] | dict[str, Any] | None = None, *, run: bool = True
         SystemExit: invalid arguments (jsonargparse prints what is wrong, exit code 2), or
             ``--help`` / ``--print_config`` (exit code 0).
     """
+    if args is None:
+        args = sys.argv[1:]
     cli = PruningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args if args is None or isinstance(args, dict) else list(args),
+        args=args if isinstance(args, dict) else merged_kwargs_arguments(args),
         run=run,
         auto_configure_optimizers=True,
     )

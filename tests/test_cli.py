@@ -471,3 +471,14 @@ def test_imagenet_class_count_and_missing_folders(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         ImageNetDataModule(str(missing)).prepare_data()
     assert str(missing / "val") in str(error.value) and "--data.fake true" in str(error.value)
+
+
+def test_a_criterion_kwargs_mapping_on_the_command_line_is_rewritten_key_by_key():
+    from lightning_prune.cli import merged_kwargs_arguments
+
+    flag = "--pruning.criterion_kwargs"
+    assert merged_kwargs_arguments([f'{flag}={{"max_rows": 100, "ridge": 0.5}}', "--x=1"]) == [
+        f"{flag}.max_rows=100", f"{flag}.ridge=0.5", "--x=1"
+    ]
+    assert merged_kwargs_arguments([flag, "{rows_per_batch: 8}"]) == [f"{flag}.rows_per_batch=8"]
+    assert merged_kwargs_arguments([f"{flag}=null", flag, "[1]"]) == [f"{flag}=null", flag, "[1]"]  # the parser decides
