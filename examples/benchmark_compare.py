@@ -40,6 +40,12 @@ interleaved with the dense one). The Markdown table gives mean ± std over seeds
     python examples/benchmark_compare.py --data fashion-mnist --targets 0.5 0.7 0.9 --accelerator gpu
     python examples/benchmark_compare.py --smoke --out /tmp/smoke     # CI: 1 seed, 1 target, 2 criteria
     python examples/benchmark_compare.py --smoke --data fashion-mnist  # CI: the same on a few real batches
+    python examples/benchmark_compare.py --repair-grid --no-peers --seeds 0 --targets 0.5 --finetune-epochs 1
+
+``--repair-grid`` runs every criterion with and without the least-squares correction
+(``correction="least_squares"`` / ``"none"``) and with and without BN recalibration
+(``recalibrate_bn``), as methods named ``"<criterion> [ls|plain, bn|nobn]"``; ``--no-peers`` leaves
+out torch-pruning and ``ModelPruning``.
 
 Writes ``compare.json``, ``compare.md``, ``compare_accuracy.png`` and ``compare_widths.png`` under ``--out``
 (``compare_fashion_mnist.*`` for Fashion-MNIST). ``--accelerator`` / ``--devices`` choose where every fit,
@@ -91,6 +97,21 @@ TP = "torch-pruning (l1, local)"
 MP = "ModelPruning (ln_structured)"
 PEERS = (TP, MP)
 SMOKE_CRITERIA = ["l1", "pls_vip"]
+#: ``--repair-grid`` variants: label -> callback arguments.
+REPAIR_GRID: dict[str, dict[str, Any]] = {
+    "plain, nobn": {"correction": "none", "recalibrate_bn": False},
+    "ls, nobn": {"correction": "least_squares", "recalibrate_bn": False},
+    "plain, bn": {"correction": "none", "recalibrate_bn": True},
+    "ls, bn": {"correction": "least_squares", "recalibrate_bn": True},
+}
+
+
+def variant_of(method: str) -> tuple[str, dict[str, Any]]:
+    """``"l1 [ls, bn]"`` -> ``("l1", {"correction": ..., "recalibrate_bn": ...})``; a plain name -> defaults."""
+    if method.endswith("]") and " [" in method:
+        name, label = method[:-1].split(" [", 1)
+        return name, dict(REPAIR_GRID[label])
+    return method, {}
 
 
 @dataclass(frozen=True)
@@ -207,11 +228,13 @@ def finetune(model: ImageClassifier, datamodule, callbacks: list, seed: int, epo
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def run_ours(name, dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
+def run_ours(method, dense, datamodule, example, dense_cost, dense_convs, target, seed, args) -> dict[str, Any]:
     model = finetune_copy(dense, args)
+    name, repair = variant_of(method)
     kwargs: dict[str, Any] | None = {"progress": False} if name == "filter_ensembles" else None
     pruning = StructuredPruningCallback(
-        name, target_flops_reduction=target, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs
+        name, target_flops_reduction=target, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs,
+        **repair,
     )
     probe = AccuracyAfterPrune(datamodule.test_dataloader(), args.test_batches)
     fit_seconds = finetune(model, datamodule, [pruning, probe], seed, args.finetune_epochs)
@@ -222,6 +245,8 @@ def run_ours(name, dense, datamodule, example, dense_cost, dense_convs, target, 
         "accuracy_after_prune": probe.value,
         "accuracy_after_finetune": accuracy(model, datamodule.test_dataloader(), args.test_batches),
         "prune_seconds": record.seconds,
+        "recalibration_seconds": record.recalibration_seconds,
+        "agreement": record.agreement,
         "fit_seconds": fit_seconds,
         "model": model,
     }
@@ -315,7 +340,8 @@ def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_conv
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     setup = data_setup(args)
-    methods = args.criteria + list(args.peers)
+    ours = [f"{c} [{label}]" for c in args.criteria for label in REPAIR_GRID] if args.repair_grid else list(args.criteria)
+    methods = ours + list(args.peers)
     widths_target = min(args.targets, key=lambda t: abs(t - 0.5))
     result: dict[str, Any] = {
         "config": {
@@ -329,8 +355,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dense_lr": args.dense_lr,
             "seeds": args.seeds,
             "targets": args.targets,
-            "criteria": args.criteria,
+            "criteria": ours,  # method names of lightning-prune runs (variants with --repair-grid)
             "peers": list(args.peers),
+            "repair_grid": args.repair_grid,
             "dense_epochs": args.dense_epochs,
             "finetune_epochs": args.finetune_epochs,
             "finetune_lr": args.finetune_lr,
@@ -666,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-layer-ratio", type=float, default=0.9)
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
+    parser.add_argument("--repair-grid", action="store_true", help="every criterion with/without correction and BN recalibration")
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
     parser.add_argument("--from-json", type=Path, default=None, help="no run: redo the tables, plots and README from a compare.json")

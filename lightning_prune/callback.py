@@ -144,9 +144,6 @@ class StructuredPruningCallback(Callback):
             the activation it reads (collected during the window, for weight-only criteria too);
             ``"none"``: plain selection. Default None: the criterion's own (least squares for
             ``"interpolative_decomposition"``, none otherwise). See :mod:`lightning_prune.engine.correction`.
-            With the correction on and ``allocation`` not given, widths follow the reconstruction error
-            the correction leaves (per group and width, for the criterion's top channels), smallest
-            error per MAC saved first.
         correction_ridge: the correction's ridge, relative to the mean diagonal of each consumer's
             Gram. Default None: the criterion's ``ridge`` if it has one, else 1e-6 (a numerical
             safeguard that leaves exact reconstructions exact).
@@ -275,7 +272,6 @@ class StructuredPruningCallback(Callback):
                         output_transform=None if output_transform is None else self._feeders[0].traceable,
                         correction=correction,
                         correction_ridge=correction_ridge,
-                        residual_widths=None if allocation is None else False,  # an explicit allocation is honoured
                     )
                 )
                 self._repairs.append(

@@ -437,7 +437,7 @@ def test_with_correction_a_weight_criterion_allocates_by_the_residual_per_mac():
 
     model = ResidualNet(seed=0).eval()
     x = torch.randn(64, 1, 8, 8)
-    pruner = ChannelPruner(get_criterion("l1"), correction="least_squares")
+    pruner = ChannelPruner(get_criterion("l1"), correction="least_squares", residual_widths=True)
     store = _grams(model, pruner, x)
     groups = pruner.analyse(model, x[:2]).groups
     scores = get_criterion("l1").score(groups, None)
@@ -450,7 +450,7 @@ def test_with_correction_a_weight_criterion_allocates_by_the_residual_per_mac():
         consumers = [r for r in pruner.correction_requests([group], model)]
         expected = np.mean([reconstruction_residual(store.gram(r).gram.numpy(), order[:k], 1e-6) for r in consumers])
         assert float(loss[k]) == pytest.approx(np.sqrt(expected), rel=1e-3)  # + lambda ||T_R||^2 in the loss
-    uniform = ChannelPruner(get_criterion("l1"), correction="least_squares", residual_widths=False)
+    uniform = ChannelPruner(get_criterion("l1"), correction="least_squares")  # default: the criterion's allocation
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     pruner.step(a, x[:2], Target("flops", 0.5), context={"activations": _grams(a, pruner, x)})
     uniform.step(b, x[:2], Target("flops", 0.5), context={"activations": _grams(b, uniform, x)})
