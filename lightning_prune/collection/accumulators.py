@@ -440,24 +440,18 @@ class _RowSampling(Accumulator):
         self._column_index: dict[torch.device, torch.Tensor] = {}
 
 
-class CovarianceSums(_RowSampling):
-    """Streaming channel covariance over rows (every sample and position is a row), O(C^2) memory.
+class _StreamedRows(_RowSampling):
+    """Rows sampled per batch folded into float32 sums (``sum x``, ``sum x x^T``, row count), flushed
+    into float64 every 32 batches, all-reduced under DDP; subclasses say what :meth:`compute` returns."""
 
-    Per batch, up to ``request.rows_per_batch`` rows are sampled (:func:`sample_rows`) and folded
-    into float32 sums (one ``addmm_``), flushed into float64 every 32 batches.
-
-    Args:
-        request: a ``"covariance"`` request.
-        channel_dim: the channel dimension of the activation (default 1).
-        generator: draws the row subsample (see :class:`PooledReservoir`).
-    """
+    label = "rows"  #: what error messages call the statistic
 
     def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
         self._init_sampling(request, channel_dim, generator)
         self._sums: _Sums | None = None
 
     @classmethod
-    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> CovarianceSums:
+    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> _StreamedRows:
         (request,) = requests
         return cls(request, context.channel_dims.get(request, 1), context.generator)
 
@@ -470,14 +464,13 @@ class CovarianceSums(_RowSampling):
     def sync(self) -> None:
         """All-reduce the sums and the row count."""
         if _world_size() > 1:
-            _all_reduce_sums(self._sums, list, f"covariance of '{self.request.module}'")
+            _all_reduce_sums(self._sums, list, f"{self.label} of '{self.request.module}'")
 
-    def compute(self) -> torch.Tensor:
-        """``(C, C)`` float64 population covariance over every row folded in."""
+    def _flushed(self) -> _Sums:
         if self._sums is None:
-            raise RuntimeError(f"covariance of '{self.request.module}': nothing accumulated")
+            raise RuntimeError(f"{self.label} of '{self.request.module}': nothing accumulated")
         self._sums.flush()
-        return covariance_from_sums(torch.tensor(float(self._sums.count)), self._sums.total, self._sums.outer)
+        return self._sums
 
     @property
     def empty(self) -> bool:
@@ -490,6 +483,26 @@ class CovarianceSums(_RowSampling):
         if self._sums is not None:
             yield from self._sums.tensors()
         yield from self._index_tensors()
+
+
+class CovarianceSums(_StreamedRows):
+    """Streaming channel covariance over rows (every sample and position is a row), O(C^2) memory.
+
+    Per batch, up to ``request.rows_per_batch`` rows are sampled (:func:`sample_rows`) and folded
+    into float32 sums (one ``addmm_``), flushed into float64 every 32 batches.
+
+    Args:
+        request: a ``"covariance"`` request.
+        channel_dim: the channel dimension of the activation (default 1).
+        generator: draws the row subsample (see :class:`PooledReservoir`).
+    """
+
+    label = "covariance"
+
+    def compute(self) -> torch.Tensor:
+        """``(C, C)`` float64 population covariance over every row folded in."""
+        sums = self._flushed()
+        return covariance_from_sums(torch.tensor(float(sums.count)), sums.total, sums.outer)
 
 
 @dataclass(frozen=True)
@@ -598,7 +611,7 @@ class GramStatistic:
         return self.gram - torch.outer(self.total, self.total) / n
 
 
-class GramSums(_RowSampling):
+class GramSums(_StreamedRows):
     """The streamed Gram matrix ``Z^T Z`` of activation rows (every sample and position is a row),
     with ``sum z`` and the row count, O(C^2) memory whatever the number of rows.
 
@@ -613,44 +626,12 @@ class GramSums(_RowSampling):
         generator: draws the row subsample (see :class:`PooledReservoir`).
     """
 
-    def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
-        self._init_sampling(request, channel_dim, generator)
-        self._sums: _Sums | None = None
-
-    @classmethod
-    def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> GramSums:
-        (request,) = requests
-        return cls(request, context.channel_dims.get(request, 1), context.generator)
-
-    def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        rows = self._rows(x)
-        if self._sums is None:
-            self._sums = _Sums(rows.shape[1], rows.device)
-        self._sums.add(rows)
-
-    def sync(self) -> None:
-        """All-reduce the Gram, the sum and the row count."""
-        if _world_size() > 1:
-            _all_reduce_sums(self._sums, list, f"gram of '{self.request.module}'")
+    label = "gram"
 
     def compute(self) -> GramStatistic:
         """``Z^T Z``, ``Z^T 1`` (float64) and the row count over every row folded in."""
-        if self._sums is None:
-            raise RuntimeError(f"gram of '{self.request.module}': nothing accumulated")
-        self._sums.flush()
-        return GramStatistic(self._sums.outer.clone(), self._sums.total.clone(), int(self._sums.count))
-
-    @property
-    def empty(self) -> bool:
-        return self._sums is None
-
-    def rows_seen(self) -> dict[ActivationRequest, int]:
-        return {} if self._sums is None else {self.request: self._sums.count}
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        if self._sums is not None:
-            yield from self._sums.tensors()
-        yield from self._index_tensors()
+        sums = self._flushed()
+        return GramStatistic(sums.outer.clone(), sums.total.clone(), int(sums.count))
 
 
 # ---------------------------------------------------------------------------------------------- rows
