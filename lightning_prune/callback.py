@@ -477,7 +477,7 @@ class StructuredPruningCallback(Callback):
     ) -> None:
         if self._collector is not None and self._collector.attached:
             self._collector.end_batch()
-        if self.needs_forward_passes and self._window_start is not None and batch_idx >= self._window_start:
+        if self._window_start is not None and batch_idx >= self._window_start and self.needs_forward_passes:
             self.feeder.cache(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from crash import SaveThenCrash
 
 from lightning_prune import StructuredPruningCallback
 from lightning_prune.data import DigitsDataModule
@@ -61,16 +62,8 @@ def test_interrupted_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_
 
     reference, _ = run([])
 
-    class SaveThenCrash(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            trainer.save_checkpoint(tmp_path / f"epoch{trainer.current_epoch}.ckpt")
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise RuntimeError("simulated crash after the first prune")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run([SaveThenCrash()])
+        run([SaveThenCrash(tmp_path)])
     L.seed_everything(123)  # a different process state: the resume must not depend on it
     resumed, cb = run([], ckpt=tmp_path / "epoch1.ckpt", model=_model())
     assert [r.epoch for r in cb.history] == [0, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from crash import SaveThenCrash
 from scipy.linalg import qr
 
 from lightning_prune.collection import ActivationCollector, ActivationRequest, GramSums, SharedGenerator
@@ -394,16 +395,8 @@ def test_an_interrupted_corrected_and_recalibrated_run_resumes_to_the_same_weigh
     reference, ref_cb = run([])
     assert all(r.recalibration_seconds > 0 and r.corrections for r in ref_cb.history)
 
-    class SaveThenCrash(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            trainer.save_checkpoint(tmp_path / f"epoch{trainer.current_epoch}.ckpt")
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise RuntimeError("simulated crash after the first prune")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run([SaveThenCrash()])
+        run([SaveThenCrash(tmp_path)])
     L.seed_everything(123)  # a different process state: the resume must not depend on it
     resumed, cb = run([], ckpt=tmp_path / "epoch1.ckpt", model=_classifier())
     assert [r.epoch for r in cb.history] == [0, 2]
