@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
+from lightning_prune._model import batch_size_of
 from lightning_prune._progress import trainer_progress
 from lightning_prune._trainer import (
     broadcast_plan,
@@ -38,6 +39,7 @@ from lightning_prune.collection.feeding import BatchFeeder
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
 from lightning_prune.engine.allocation import Allocation
+from lightning_prune.engine.latency import LatencyEstimator, ModelTimer
 from lightning_prune.engine.targets import target_from_arguments
 from lightning_prune.repair import StepRepair
 from lightning_prune.reporting import PruningRecord, log_step, record_step, summary_table
@@ -91,9 +93,17 @@ class StructuredPruningCallback(Callback):
         target_flops_reduction: fraction of the dense model's MACs to remove, in (0, 1).
         target_params_reduction: fraction of the dense model's parameters to remove, in (0, 1).
         channel_ratio: fraction of the prunable channels to remove, in (0, 1).
-            Exactly one of the three targets must be given (``ValueError`` otherwise). The final
-            model meets it within 2 percentage points (MACs and parameters of the whole model, see
-            :mod:`lightning_prune.engine.cost`).
+        target_latency_reduction: fraction of the dense model's *measured* latency to remove, in (0, 1)
+            (see :mod:`lightning_prune.engine.latency`): measured in eval mode on ``latency_device`` at
+            ``latency_batch_size`` (defaults: the model's device and the training batch size, the
+            model's dtype), or by ``latency_fn``. Widths are planned on per-layer latency tables
+            (measured once per layer shape, cached on disk), events ordered by importance per second
+            saved (``allocation`` defaults to ``"global"``); after the cut the model is timed and, if it
+            misses by more than ``latency_tolerance``, re-planned from the step's start with the target
+            moved by the miss (at most 3 times, inside the atomic step).
+            Exactly one of the four targets must be given (``ValueError`` otherwise). The final
+            model meets a MACs, parameters or channels target within 2 percentage points (MACs and
+            parameters of the whole model, see :mod:`lightning_prune.engine.cost`).
         epochs: epochs (0-based, as ``trainer.current_epoch``) at whose end a pruning step runs.
             Default: ``[0]``, one step after the first epoch (``[]`` when
             ``prune_on_train_start``). Must be sorted, unique, non-negative and below
@@ -114,7 +124,9 @@ class StructuredPruningCallback(Callback):
             The layer producing the model's output is never pruned, without being listed. An unknown
             name raises ``ValueError`` in ``setup``.
         round_to: kept widths are multiples of this (e.g. 8 for tensor cores). Default None.
-            Must be a positive integer.
+            Must be a positive integer or ``"auto"``: the multiple the latency tables show to be fast
+            on the latency device (for any target; found when the model is first analysed in
+            ``setup``, None when no multiple is faster).
         example_inputs: inputs for tracing the model; default: the first two samples of the
             first training batch (extracted with ``input_fn``).
         input_fn: maps a training batch to the model's input. Default: the batch itself if a
@@ -155,6 +167,23 @@ class StructuredPruningCallback(Callback):
             agreement. Default 20.
         measure_agreement: log ``prune/agreement``, the share of those batches' samples whose
             predicted class is unchanged by the step (kept in the record). Default True.
+        latency_fn: ``latency_fn(model, example_inputs) -> seconds`` measuring the whole model (e.g. an
+            onnxruntime session); ``example_inputs`` come at ``latency_batch_size`` on ``latency_device``.
+            Called once in ``setup`` to validate it: raising, or returning anything but a finite positive
+            number, is a ``ValueError`` naming ``latency_fn`` before training. Default None: timed forward
+            passes (warm-up, then the median of repeats).
+        latency_batch_size: batch size latency is measured at. Default None: the training batch size
+            (that of ``example_inputs`` when given). Not a positive integer: ``ValueError``.
+        latency_device: device latency (and the tables) are measured on, e.g. ``"cpu"`` while training
+            on a GPU. Default None: the model's device.
+        latency_tolerance: how far the measured latency reduction may miss ``target_latency_reduction``
+            (fraction of the dense latency) before the step re-plans. Default 0.02; outside [0, 1):
+            ``ValueError``.
+        latency_cache_dir: folder of the latency tables' cache. Default None:
+            ``$LIGHTNING_PRUNE_LATENCY_CACHE`` or ``~/.cache/lightning_prune/latency``.
+        measure_latency: measure latency (dense model in ``setup``, the model after each step; logged as
+            ``prune/latency_ms`` and ``prune/latency_ratio``) with a MACs, parameters or channels target.
+            Default None: only with ``target_latency_reduction`` or ``round_to="auto"``.
         criterion_kwargs: keyword arguments for a criterion given by name (for each of them, when
             ``criterion`` lists several names).
         seed: seeds the generator that sampling criteria (``"random"``) draw from. Default 0.
@@ -195,13 +224,14 @@ class StructuredPruningCallback(Callback):
         target_flops_reduction: float | None = None,
         target_params_reduction: float | None = None,
         channel_ratio: float | None = None,
+        target_latency_reduction: float | None = None,
         epochs: int | Sequence[int] | None = None,
         schedule: ScheduleName | Schedule = "linear",
         prune_on_train_start: bool = False,
         allocation: Allocation | None = None,
         max_layer_ratio: float = 0.9,
         ignored_layers: Sequence[str | nn.Module] = (),
-        round_to: int | None = None,
+        round_to: int | Literal["auto"] | None = None,
         example_inputs: Any = None,
         input_fn: Callable[[Any], Any] | None = None,
         output_transform: Callable[[Any], torch.Tensor] | None = None,
@@ -213,6 +243,12 @@ class StructuredPruningCallback(Callback):
         recalibrate_bn: bool | None = None,
         recalibrate_batches: int = 20,
         measure_agreement: bool = True,
+        latency_fn: ModelTimer | None = None,
+        latency_batch_size: int | None = None,
+        latency_device: str | torch.device | None = None,
+        latency_tolerance: float = 0.02,
+        latency_cache_dir: str | None = None,
+        measure_latency: bool | None = None,
         criterion_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         validate_after_prune: bool = True,
@@ -228,7 +264,20 @@ class StructuredPruningCallback(Callback):
                 "target_flops_reduction": target_flops_reduction,
                 "target_params_reduction": target_params_reduction,
                 "channel_ratio": channel_ratio,
+                "target_latency_reduction": target_latency_reduction,
             }
+        )
+        if measure_latency is not None and not isinstance(measure_latency, bool):
+            raise TypeError(f"measure_latency must be True, False or None, got {measure_latency!r}")
+        if latency_fn is not None and not callable(latency_fn):
+            raise TypeError(f"latency_fn must be a callable (model, example_inputs) -> seconds or None, got {latency_fn!r}")
+        timed = self.target.kind == "latency" or round_to == "auto" or bool(measure_latency)
+        self.latency: LatencyEstimator | None = (
+            LatencyEstimator(
+                latency_fn=latency_fn, batch_size=latency_batch_size, device=latency_device, cache_dir=latency_cache_dir
+            )
+            if timed
+            else None
         )
         self.epochs = self._parse_epochs(epochs, prune_on_train_start)
         self.prune_on_train_start = bool(prune_on_train_start)
@@ -265,13 +314,15 @@ class StructuredPruningCallback(Callback):
                 self._pruners.append(
                     ChannelPruner(
                         chosen,
-                        allocation=allocation or chosen.default_allocation,
+                        allocation=allocation or ("global" if self.target.kind == "latency" else chosen.default_allocation),
                         max_layer_ratio=max_layer_ratio,
                         round_to=round_to,
                         ignored_layers=ignored_layers,
                         output_transform=None if output_transform is None else self._feeders[0].traceable,
                         correction=correction,
                         correction_ridge=correction_ridge,
+                        latency=self.latency,
+                        latency_tolerance=latency_tolerance,
                     )
                 )
                 self._repairs.append(
@@ -365,7 +416,8 @@ class StructuredPruningCallback(Callback):
 
     @property
     def round_to(self) -> int | None:
-        return self.pruner.round_to
+        """The kept widths' multiple (``round_to="auto"`` resolved once the model was analysed)."""
+        return self.pruner.effective_round_to
 
     @property
     def ignored_layers(self) -> list[str | nn.Module]:
@@ -510,7 +562,9 @@ class StructuredPruningCallback(Callback):
             "name": self.name,
             "history": [r.to_dict() for r in self.history],
             "example_inputs": to_device(self._example, torch.device("cpu")) if self._example is not None else None,
-            "dense": None if self.dense_cost is None else {"macs": self.dense_cost.macs, "params": self.dense_cost.params},
+            "dense": None
+            if self.dense_cost is None
+            else {"macs": self.dense_cost.macs, "params": self.dense_cost.params, "latency": self.dense_cost.latency},
             "original_widths": dict(self._original_widths),
         }
 
@@ -530,19 +584,35 @@ class StructuredPruningCallback(Callback):
     def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         return trainer.precision_plugin.convert_input(to_device(self._example, pl_module.device))
 
-    def _current_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Analysis:
+    def _current_analysis(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, measured: float | None = None
+    ) -> Analysis:
         """The analysis of the model as it is: made once per structure (setup, then after each step)."""
         if self._analysis is None or not self._analysis.describes(pl_module):
-            self._analysis = self.pruner.analyse(pl_module, self._inputs(trainer, pl_module))
+            self._analysis = self.pruner.analyse(pl_module, self._inputs(trainer, pl_module), measured=measured)
         return self._analysis
+
+    def _check_latency(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_size: int) -> float | None:
+        """Set up the latency measurement (batch size, progress) and time the model once: a bad
+        ``latency_fn`` fails here, before training, naming the argument."""
+        if self.latency is None:
+            return None
+        if self.latency.batch_size is None:
+            self.latency.batch_size = batch_size
+        self.latency.progress = trainer_progress(trainer)
+        if trainer.world_size > 1:  # each process measures its own latency: no per-process re-plans
+            for pruner in self._pruners:
+                pruner.latency_corrections = 0
+        return self.latency.measure(pl_module, self._inputs(trainer, pl_module))
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepared = True
         example = self.example_inputs if self.example_inputs is not None else self.feeder.example_from(trainer)
         self._example = slice_batch(example, _EXAMPLE_SAMPLES) if self.example_inputs is None else example
         self._pruners[0].resolve_ignored(pl_module)  # a bad name is reported as such, not as a tracing error
+        measured = self._check_latency(trainer, pl_module, batch_size_of(example))
         try:
-            analysis = self._current_analysis(trainer, pl_module)
+            analysis = self._current_analysis(trainer, pl_module, measured)
         except Exception as error:
             raise ValueError(
                 f"torch-pruning could not trace the model with the example inputs ({type(error).__name__}: {error}); "

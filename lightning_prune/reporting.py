@@ -15,7 +15,7 @@ from lightning_prune.engine.cost import Cost
 from lightning_prune.engine.pruner import StepResult
 from lightning_prune.engine.targets import Target
 
-__all__ = ["PruningRecord", "format_count", "log_step", "plot_widths", "record_step", "summary_table"]
+__all__ = ["PruningRecord", "format_count", "log_step", "plot_latency", "plot_widths", "record_step", "summary_table"]
 
 
 @dataclass
@@ -55,6 +55,12 @@ class PruningRecord:
         agreement: share of the step's drawn training samples whose predicted class is the same
             right after the step as before it (None when not measured or the model's predictions
             are not ``(N, classes)``).
+        latency_dense / latency_before / latency_after: measured seconds per forward pass (latency batch
+            size and device) of the dense model, of the model before the step and after it; None when
+            latency is not measured (no latency target, ``round_to="auto"`` or ``measure_latency``).
+        latency_predicted: what the latency model predicted for the kept plan, seconds.
+        latency_tries: the latency correction's tries, ``[planning target, predicted s, measured s]``
+            (the first is the plan for the step's target; one entry without a latency target).
     """
 
     step: int
@@ -78,6 +84,18 @@ class PruningRecord:
     metrics_after: dict[str, float] | None = None
     recalibration_seconds: float = 0.0
     agreement: float | None = None
+    latency_dense: float | None = None
+    latency_before: float | None = None
+    latency_after: float | None = None
+    latency_predicted: float | None = None
+    latency_tries: list[list[float]] = field(default_factory=list)
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Measured latency after the step over the dense model's (None when not measured)."""
+        if self.latency_after is None or not self.latency_dense:
+            return None
+        return self.latency_after / self.latency_dense
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +138,11 @@ def record_step(
         samples=samples,
         order=order,
         recalibration_seconds=result.recalibration_seconds,
+        latency_dense=dense.latency,
+        latency_before=result.before.latency,
+        latency_after=result.latency_measured,
+        latency_predicted=result.latency_predicted,
+        latency_tries=[list(map(float, t)) for t in result.latency_tries],
     )
 
 
@@ -137,6 +160,13 @@ def step_metrics(record: PruningRecord) -> dict[str, float]:
         metrics["prune/agreement"] = float(record.agreement)
     if record.recalibration_seconds:
         metrics["prune/recalibration_seconds"] = float(record.recalibration_seconds)
+    if record.latency_after is not None:
+        metrics["prune/latency_ms"] = 1000.0 * record.latency_after
+        if record.latency_predicted is not None:
+            metrics["prune/latency_predicted_ms"] = 1000.0 * record.latency_predicted
+        ratio = record.latency_ratio
+        if ratio is not None:
+            metrics["prune/latency_ratio"] = ratio
     return metrics
 
 
@@ -155,6 +185,13 @@ def log_step(trainer: pl.Trainer, record: PruningRecord, num_steps: int, verbose
             f"(-{record.flops_reduction:.1%} vs dense), params {format_count(record.params_after)} "
             f"(-{record.params_reduction:.1%}), {record.seconds:.2f}s"
             + ("" if record.agreement is None else f", agreement {record.agreement:.1%}")
+            + (
+                ""
+                if record.latency_after is None or record.latency_ratio is None
+                else f", latency {1000 * record.latency_after:.2f} ms ({record.latency_ratio:.2f}x dense"
+                + ("" if record.latency_predicted is None else f", predicted {1000 * record.latency_predicted:.2f} ms")
+                + ")"
+            )
         )
     if record.macs_after == record.macs_before and record.step + 1 < num_steps:
         rank_zero_warn(f"pruning step {record.step + 1} removed nothing (the schedule's target was already met)")
@@ -169,18 +206,65 @@ def format_count(value: float) -> str:
 
 
 def summary_table(records: Sequence[PruningRecord], dense_macs: int, dense_params: int) -> str:
-    """A compact text table of the steps, with the dense model as the first row."""
+    """A compact text table of the steps, with the dense model as the first row; with measured
+    latency, also the latency (ms) and its ratio to the dense model's."""
+    latency = any(r.latency_after is not None for r in records)
     header = f"{'step':>4} {'epoch':>5} {'target':>7} {'MACs':>9} {'-MACs':>7} {'params':>9} {'-params':>8} {'time':>7}"
+    if latency:
+        header += f" {'lat ms':>9} {'lat/dense':>9}"
     lines = [header, "-" * len(header)]
     dense = f"{format_count(dense_macs):>9} {'':>7} {format_count(dense_params):>9}"
-    lines.append(f"{'dense':>4} {'':>5} {'':>7} {dense} {'':>8} {'':>7}")
+    row = f"{'dense':>4} {'':>5} {'':>7} {dense} {'':>8} {'':>7}"
+    dense_latency = next((r.latency_dense for r in records if r.latency_dense is not None), None)
+    if latency:
+        row += f" {'' if dense_latency is None else f'{1000 * dense_latency:.2f}':>9} {'1.00x':>9}"
+    lines.append(row)
     for r in records:
         epoch = "start" if r.epoch < 0 else str(r.epoch)
-        lines.append(
+        row = (
             f"{r.step + 1:>4} {epoch:>5} {r.target:>7.1%} {format_count(r.macs_after):>9} {r.flops_reduction:>7.1%} "
             f"{format_count(r.params_after):>9} {r.params_reduction:>8.1%} {r.seconds:>6.2f}s"
         )
+        if latency:
+            ms = "" if r.latency_after is None else f"{1000 * r.latency_after:.2f}"
+            ratio = "" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x"
+            row += f" {ms:>9} {ratio:>9}"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def plot_latency(records: Sequence[PruningRecord], dense_macs: int, path: str) -> None:
+    """Save a plot of measured latency (and the latency model's prediction) against MACs, one point per
+    step, the dense model first. Needs matplotlib (``pip install lightning-prune[plot]``).
+
+    Raises:
+        ValueError: no record holds a measured latency.
+    """
+    timed = [r for r in records if r.latency_after is not None]
+    if not timed:
+        raise ValueError("no step measured latency: use target_latency_reduction, round_to='auto' or measure_latency=True")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense_latency = next((r.latency_dense for r in timed if r.latency_dense is not None), None)
+    macs = ([dense_macs] if dense_latency else []) + [r.macs_after for r in timed]
+    measured = ([1000 * dense_latency] if dense_latency else []) + [1000 * float(r.latency_after or 0.0) for r in timed]
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    ax.plot(macs, measured, "o-", label="measured")
+    predicted = [(r.macs_after, 1000 * r.latency_predicted) for r in timed if r.latency_predicted is not None]
+    if predicted:
+        ax.plot(*zip(*predicted), "x", label="predicted (latency model)")
+    for x, y, name in zip(macs, measured, (["dense"] if dense_latency else []) + [f"step {r.step + 1}" for r in timed]):
+        ax.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("MACs per sample")
+    ax.set_ylabel("latency (ms per batch)")
+    ax.set_title("Latency vs MACs per pruning step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_widths(records: Sequence[PruningRecord], dense_widths: dict[str, int], path: str) -> None:

@@ -9,6 +9,13 @@ order that meets the target is taken, found by bisection on the exact :class:`Co
 * ``"global"``: events ordered by the (per-group normalised) scores of the channels they remove,
   one ranking across layers.
 
+With a latency target (``Target("latency", ...)`` and a
+:class:`~lightning_prune.engine.latency.LatencyCostModel`), ``"global"`` events (and width-loss events)
+are ordered by *importance per second saved*: the normalised scores (or the width loss) of what the
+group has lost after the event, divided by the seconds the latency tables say the group's layers save
+(both counted from the current width, running maximum), so the budget goes where it costs the least
+importance per second; the prefix is then chosen on the latency model like any other metric.
+
 Inside a group the lowest-scored positions always go first. Caps: a group keeps at least
 ``1 - max_layer_ratio`` of its *original* width and never fewer than one position. The chosen
 prefix is the one whose reduction is closest to the target among the two that bracket it, so
@@ -18,7 +25,7 @@ the error is at most half the cost of one event.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -94,6 +101,7 @@ def _events(
     normalize: bool,
     width_losses: Sequence[torch.Tensor] | None = None,
     macs_per_channel: Sequence[float] | None = None,
+    seconds_saved: Callable[[int, int], float] | None = None,
 ) -> tuple[list[_Event], list[torch.Tensor]]:
     events: list[_Event] = []
     orders: list[torch.Tensor] = []
@@ -107,7 +115,16 @@ def _events(
             ranked = ranked / scale if scale > 0 else ranked
         running = -math.inf
         for k in range(1, len(widths)):
-            if width_losses is not None:
+            if seconds_saved is not None:  # importance per second saved, both from the current width
+                removed = group.positions - widths[k]
+                if width_losses is not None:
+                    lost = float(width_losses[gi][widths[k]]) - float(width_losses[gi][group.positions])
+                else:
+                    lost = float(ranked[:removed].sum())
+                saved = seconds_saved(gi, removed * group.channel_groups)
+                running = max(running, lost / saved if saved > 0 else math.inf)
+                key = running
+            elif width_losses is not None:
                 loss = float(width_losses[gi][widths[k]])
                 if macs_per_channel is not None:  # loss added per MAC saved by this event
                     added = loss - float(width_losses[gi][widths[k - 1]])
@@ -230,6 +247,8 @@ def plan_pruning(
             removed[gi] = group.channel_groups
             saved = current - cost_model.evaluate(removed).macs
             macs_per_channel.append(max(saved, 1) / group.channel_groups / max(1, dense.macs))
+    group_saving = getattr(cost_model, "group_saving", None)
+    per_second = target.kind == "latency" and group_saving is not None and (allocation == "global" or width_losses is not None)
     events, orders = _events(
         groups,
         position_scores,
@@ -240,6 +259,7 @@ def plan_pruning(
         normalize_scores and allocation == "global",
         width_losses,
         macs_per_channel,
+        group_saving if per_second else None,
     )
     prefix = _Prefix(groups, events, cost_model, target, dense, originals)
 

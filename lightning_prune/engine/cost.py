@@ -36,10 +36,13 @@ __all__ = ["Cost", "CostModel", "batch_size_of", "call_model", "cost_from_positi
 
 @dataclass(frozen=True)
 class Cost:
-    """MACs per sample and parameter count of a model."""
+    """MACs per sample and parameter count of a model; ``latency`` (seconds per forward pass at the
+    latency batch size) when a :class:`~lightning_prune.engine.latency.LatencyCostModel` made it or it
+    was measured, else None."""
 
     macs: int
     params: int
+    latency: float | None = None
 
     def reduction_from(self, dense: Cost) -> tuple[float, float]:
         """Fractions of MACs and parameters removed relative to ``dense``."""

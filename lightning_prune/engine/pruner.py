@@ -54,6 +54,7 @@ from lightning_prune.engine.correction import (
 )
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
+from lightning_prune.engine.latency import LatencyEstimator
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
 from lightning_prune.engine.probe import UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.protocol import Criterion, ScoringContext
@@ -109,6 +110,10 @@ class StepResult:
     corrections: dict[str, str] = field(default_factory=dict)  #: per group root: how its weights were corrected
     surgery: list[list[Any]] = field(default_factory=list)  #: history [layer, is_out, idxs]: replayable
     recalibration_seconds: float = 0.0  #: wall time of the ``recalibrate`` call (BN statistics), inside the step
+    latency_predicted: float | None = None  #: seconds the latency model predicted for the kept plan
+    latency_measured: float | None = None  #: seconds measured on the pruned model (``after.latency``)
+    #: every try of the latency correction: [planning target, predicted seconds, measured seconds]
+    latency_tries: list[list[float]] = field(default_factory=list)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -186,8 +191,10 @@ class ChannelPruner:
             Default ``"uniform"``; another value raises ``ValueError``.
         max_layer_ratio: largest fraction of a group's original width that may be removed, in (0, 1).
             Default 0.9; outside (0, 1) raises ``ValueError``.
-        round_to: kept widths are multiples of this (None, the default: any width). Not a positive
-            integer: ``ValueError``.
+        round_to: kept widths are multiples of this (None, the default: any width). ``"auto"``: the
+            multiple the latency tables show to be fast on the latency device
+            (:meth:`~lightning_prune.engine.latency.LatencyEstimator.fast_multiple`, found when the model is
+            first analysed; None when no multiple is faster). Anything else: ``ValueError``.
         ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
             Default none. Other types raise ``TypeError``; a name the model lacks raises
             ``ValueError`` when the model is analysed, naming close matches.
@@ -211,6 +218,16 @@ class ChannelPruner:
             criteria without width losses of their own. Default False: opt-in, because on the digits
             benchmark (l1, l2, fpgm, random at -50% MACs with recalibration) it gave 71-87% right after
             the step where the criterion's own allocation gave 98-99%.
+        latency: a :class:`~lightning_prune.engine.latency.LatencyEstimator`: every analysis then builds a
+            :class:`~lightning_prune.engine.latency.LatencyCostModel` (costs carry ``latency``) and every
+            step measures the pruned model. Needed by ``Target("latency", ...)``; created with defaults
+            when ``round_to="auto"``. Default None. Another type: ``TypeError``.
+        latency_tolerance: with a latency target, how far (fraction of the dense latency) the measured
+            reduction may miss the target before the step re-plans. Default 0.02; outside [0, 1):
+            ``ValueError``.
+        latency_corrections: at most this many re-plans per step: the model is restored to the step's
+            start and re-planned with the planning target moved by the measured miss (the scores are
+            reused), the try closest to the target is kept. Default 3; not an integer >= 0: ``ValueError``.
     """
 
     def __init__(
@@ -219,7 +236,7 @@ class ChannelPruner:
         *,
         allocation: Allocation = "uniform",
         max_layer_ratio: float = 0.9,
-        round_to: int | None = None,
+        round_to: int | Literal["auto"] | None = None,
         ignored_layers: Sequence[str | nn.Module] = (),
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         output_transform: Callable[[Any], Any] | None = None,
@@ -228,6 +245,9 @@ class ChannelPruner:
         correction: Correction | None = None,
         correction_ridge: float | None = None,
         residual_widths: bool = False,
+        latency: LatencyEstimator | None = None,
+        latency_tolerance: float = 0.02,
+        latency_corrections: int = 3,
     ) -> None:
         if not isinstance(criterion, Criterion):
             raise TypeError(
@@ -236,8 +256,22 @@ class ChannelPruner:
             )
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or None, got {allocation!r}")
-        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        if round_to is not None and round_to != "auto" and (
+            isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+        ):
+            raise ValueError(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
+        if latency is not None and not isinstance(latency, LatencyEstimator):
+            raise TypeError(f"latency must be a LatencyEstimator or None, got {type(latency).__name__}")
+        tolerance_ok = isinstance(latency_tolerance, (int, float)) and not isinstance(latency_tolerance, bool)
+        if not tolerance_ok or not 0 <= latency_tolerance < 1:
+            raise ValueError(f"latency_tolerance must be a number in [0, 1), got {latency_tolerance!r}")
+        if isinstance(latency_corrections, bool) or not isinstance(latency_corrections, int) or latency_corrections < 0:
+            raise ValueError(f"latency_corrections must be an integer >= 0, got {latency_corrections!r}")
+        self.latency = latency if latency is not None or round_to != "auto" else LatencyEstimator()
+        self.latency_tolerance = float(latency_tolerance)
+        self.latency_corrections = latency_corrections
+        self._auto_round_to: int | None = None
+        self._auto_resolved = False
         for layer in ignored_layers:
             if not isinstance(layer, (str, nn.Module)):
                 raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
@@ -259,6 +293,13 @@ class ChannelPruner:
         self.output_transform = output_transform
         self.customized_pruners = dict(customized_pruners or {})
         self.probe = probe
+
+    @property
+    def effective_round_to(self) -> int | None:
+        """``round_to`` as an integer (``"auto"`` resolved once the model has been analysed)."""
+        if isinstance(self.round_to, int):
+            return self.round_to
+        return self._auto_round_to if self.round_to == "auto" else None
 
     @property
     def resolved_correction(self) -> Correction:
@@ -305,11 +346,13 @@ class ChannelPruner:
                 raise ValueError(f"ignored_layers: the model has no layer named '{layer}'.{hint}")
         return modules
 
-    def analyse(self, model: nn.Module, example_inputs: Any) -> Analysis:
+    def analyse(self, model: nn.Module, example_inputs: Any, *, measured: float | None = None) -> Analysis:
         """Trace ``model`` and find its channel groups and cost (model left unchanged).
 
         Three forward passes: the trace, one that measures layer positions and output shapes, and
-        the trial surgery of :func:`~lightning_prune.engine.probe.find_unprunable_groups`.
+        the trial surgery of :func:`~lightning_prune.engine.probe.find_unprunable_groups`. With a
+        ``latency`` estimator, also the latency tables (measured or cached) and one timing of the model
+        (unless ``measured``, its latency in seconds, is given); ``round_to="auto"`` is resolved then.
         """
         ignored = self.resolve_ignored(model)
         with preserved_training_modes(model):
@@ -331,7 +374,19 @@ class ChannelPruner:
             groups = [dataclasses.replace(g, index=i) for i, g in enumerate(g for g in groups if g.index not in bad)]
         if refused:
             warnings.warn(unprunable_message(refused), UnprunableGroupWarning, stacklevel=1)
-        cost_model = CostModel(model, groups, positions=positions)
+        cost_model: CostModel
+        if self.latency is not None:
+            with preserved_training_modes(model):
+                latency_model = self.latency.cost_model(
+                    model, groups, example_inputs, positions=positions, max_layer_ratio=self.max_layer_ratio,
+                    measured=measured,
+                )
+                if self.round_to == "auto" and not self._auto_resolved:
+                    self._auto_round_to = self.latency.fast_multiple(model, example_inputs, latency_model.layers)
+                    self._auto_resolved = True
+            cost_model = latency_model
+        else:
+            cost_model = CostModel(model, groups, positions=positions)
         return Analysis(
             graph=graph,
             groups=groups,
@@ -352,7 +407,7 @@ class ChannelPruner:
             target,
             dense,
             max_layer_ratio=self.max_layer_ratio,
-            round_to=self.round_to,
+            round_to=self.effective_round_to,
             original_widths=original_widths,
         )
 
@@ -450,7 +505,7 @@ class ChannelPruner:
                     dense or analysis.cost,
                     allocation=self.allocation,
                     max_layer_ratio=self.max_layer_ratio,
-                    round_to=self.round_to,
+                    round_to=self.effective_round_to,
                     original_widths=original_widths,
                     normalize_scores=not self.criterion.comparable_across_layers,
                     width_losses=width_losses,
@@ -462,6 +517,21 @@ class ChannelPruner:
                 corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = analysis.graph.pruning_history()
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
+                before = analysis.cost
+                tries: list[list[float]] = []
+                if self.latency is not None:
+                    measured = self.latency.measure(model, example_inputs) if changes else before.latency
+                    assert measured is not None
+                    predicted = plan.predicted.latency if plan.predicted is not None else None
+                    tries.append([target.value, float(predicted if predicted is not None else measured), measured])
+                    if target.kind == "latency":
+                        hit = self._hit_latency(
+                            model, example_inputs, target, (dense or before), original_widths, analysis, scores,
+                            width_losses, per_mac, scoring, params_before, snapshot, plan_hook, tries,
+                            (plan, changes, corrections, surgery, after),
+                        )
+                        plan, changes, corrections, surgery, after, analysis, measured = hit
+                    after = dataclasses.replace(after, latency=measured)
                 for follower, inputs in zip(followers, follower_inputs):
                     cut_companion(follower, inputs, surgery, output_transform=self.output_transform)
                     check_companion_shapes(model, follower)
@@ -482,7 +552,7 @@ class ChannelPruner:
             remap.commit()
         return StepResult(
             plan=plan,
-            before=analysis.cost,
+            before=before,
             after=after,
             changes=changes,
             widths=layer_widths(model),
@@ -491,7 +561,101 @@ class ChannelPruner:
             corrections=corrections,
             surgery=surgery,
             recalibration_seconds=recalibration_seconds,
+            latency_predicted=None if plan.predicted is None else plan.predicted.latency,
+            latency_measured=after.latency,
+            latency_tries=tries,
         )
+
+    def _hit_latency(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        target: Target,
+        dense: Cost,
+        original_widths: Mapping[str, int] | None,
+        first: Analysis,
+        scores: Sequence[torch.Tensor],
+        width_losses: Any,
+        per_mac: bool,
+        scoring: ScoringContext,
+        params_before: Sequence[nn.Parameter],
+        snapshot: ModuleSnapshot,
+        plan_hook: Callable[[Plan], Plan] | None,
+        tries: list[list[float]],
+        done: tuple[Plan, dict[nn.Parameter, ParameterChange], dict[str, str], list[list[Any]], Cost],
+    ) -> tuple[Plan, dict[nn.Parameter, ParameterChange], dict[str, str], list[list[Any]], Cost, Analysis, float]:
+        """The latency correction: while the measured reduction misses ``target`` by more than
+        ``latency_tolerance``, restore the model to the step's start and re-plan with the planning
+        target moved by the miss (secant steps after the first; at most ``latency_corrections`` times);
+        keep the try closest to the
+        target; returns its plan, cut, analysis and measured seconds. Runs inside the step's atomic section."""
+        assert self.latency is not None and dense.latency is not None
+        plan = done[0]
+        results: list[tuple[Plan, Any]] = [(plan, (*done, first))]
+        planning = target.value
+        for _ in range(self.latency_corrections):
+            miss = target.value - (1.0 - tries[-1][2] / dense.latency)
+            if abs(miss) <= self.latency_tolerance or plan.empty:
+                break
+            # the planning target follows the measured miss: by the miss itself after the first try, then by
+            # the secant through the last two tries; within 0.25 of the target
+            slope = 1.0
+            if len(tries) > 1:
+                (p0, _, m0), (p1, _, m1) = tries[-2], tries[-1]
+                achieved = (m0 - m1) / dense.latency  # reduction gained from p0 to p1
+                if abs(achieved) > 1e-9 and (p1 - p0) / achieved > 0:
+                    slope = (p1 - p0) / achieved
+            planning = min(max(planning + slope * miss, target.value - 0.25, 1e-6), target.value + 0.25, 0.999)
+            snapshot.restore()
+            analysis = self._reanalyse(model, example_inputs, first)
+            plan = plan_pruning(
+                analysis.groups, scores, analysis.cost_model, Target("latency", planning), dense,
+                allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=self.effective_round_to,
+                original_widths=original_widths, normalize_scores=not self.criterion.comparable_across_layers,
+                width_losses=width_losses, losses_per_mac=per_mac, tolerance=1.0,
+            )
+            if plan_hook is not None:
+                plan = plan_hook(plan)
+            cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
+            measured = self.latency.measure(model, example_inputs) if cut[0] else first.cost.latency
+            assert measured is not None and plan.predicted is not None and plan.predicted.latency is not None
+            tries.append([planning, float(plan.predicted.latency), float(measured)])
+            results.append((plan, (plan, *cut, analysis)))
+        errors = [abs(target.value - (1.0 - t[2] / dense.latency)) for t in tries]
+        best = min(range(len(tries)), key=lambda i: (errors[i], -i))
+        if best != len(results) - 1:  # redo the best try's cut (same groups, same plan)
+            snapshot.restore()
+            analysis = self._reanalyse(model, example_inputs, first)
+            plan = results[best][0]
+            cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
+            return (plan, *cut, analysis, tries[best][2])
+        return (*results[best][1], tries[best][2])
+
+    def _reanalyse(self, model: nn.Module, example_inputs: Any, first: Analysis) -> Analysis:
+        """A fresh analysis of the restored model (its latency known: the step's start), checked to
+        have the same groups as ``first`` so that the step's scores still apply."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnprunableGroupWarning)
+            analysis = self.analyse(model, example_inputs, measured=first.cost.latency)
+        if [(g.root_name, g.size) for g in analysis.groups] != [(g.root_name, g.size) for g in first.groups]:
+            raise PruningError("the model's channel groups changed when it was analysed again for the latency correction")
+        return analysis
+
+    def _cut(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        analysis: Analysis,
+        plan: Plan,
+        params_before: Sequence[nn.Parameter],
+        scoring: ScoringContext,
+    ) -> tuple[dict[nn.Parameter, ParameterChange], dict[str, str], list[list[Any]], Cost]:
+        """Surgery, weight correction and checks of ``plan`` (as in :meth:`step`)."""
+        changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
+        corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
+        surgery = analysis.graph.pruning_history()
+        after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
+        return changes, corrections, surgery, after
 
     def _uses_residual_widths(self, scoring: ScoringContext) -> bool:
         if self.resolved_correction != "least_squares" or scoring.activations is None:

@@ -10,7 +10,11 @@ kind           callback argument               amount measured
 ``"flops"``    ``target_flops_reduction``      MACs per sample of the whole model
 ``"params"``   ``target_params_reduction``     parameters of the whole model
 ``"channels"`` ``channel_ratio``               output channels of the prunable groups
+``"latency"``  ``target_latency_reduction``    measured seconds per forward pass
 =============  ==============================  ==========================================
+
+The latency of a plan comes from :class:`~lightning_prune.engine.latency.LatencyCostModel`
+(``Cost.latency``); a cost without one cannot be measured against a latency target.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from lightning_prune.engine.cost import Cost
 
 __all__ = ["TARGET_KINDS", "Target", "TargetKind", "TargetKindName", "check_fraction", "target_from_arguments"]
 
-TargetKindName = Literal["flops", "params", "channels"]
+TargetKindName = Literal["flops", "params", "channels", "latency"]
 
 
 class TargetKind(abc.ABC):
@@ -71,8 +75,20 @@ class _Channels(TargetKind):
         return float(channels)
 
 
+class _Latency(TargetKind):
+    name, argument, noun = "latency", "target_latency_reduction", "measured latency"
+
+    def amount(self, cost: Cost, channels: int) -> float:
+        if cost.latency is None:
+            raise ValueError("a latency target needs costs with a latency (a LatencyCostModel, see engine/latency.py)")
+        return float(cost.latency)
+
+    def reduction(self, cost: Cost, channels: int, dense: Cost, dense_channels: int) -> float:
+        return 1.0 - self.amount(cost, channels) / self.amount(dense, dense_channels)
+
+
 #: Every kind of target, by name.
-TARGET_KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (_Flops(), _Params(), _Channels())}
+TARGET_KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (_Flops(), _Params(), _Channels(), _Latency())}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,710 @@
+"""Measured latency: per-layer tables, a latency model of any plan, and their on-disk cache.
+
+MACs are a poor proxy for the time a model takes on the machine it is deployed to (fixed per-layer
+costs, memory-bound layers, widths the kernels do not like). This module gives the allocator a
+*latency model* of a plan, as :class:`~lightning_prune.engine.cost.CostModel` gives it the MACs:
+
+* every convolution and linear layer the forward pass reaches gets a **table**: its measured time,
+  alone, at the latency batch size, dtype and device, on a grid of (input width, output width)
+  points covering the widths the plan may choose (from its current width down to what
+  ``max_layer_ratio`` allows). Between grid points the time is interpolated bilinearly (linearly
+  beyond). Depthwise convolutions have one axis (input = output = groups); a side that no group
+  prunes (the stem's input, the classifier's output) stays at its width;
+* the model's latency at a plan is ``measured(current model) - sum(tables at current widths) +
+  sum(tables at the plan's widths)``: the tables carry what the plan changes, the measurement of the
+  whole model carries everything else (normalisation, activations, additions, Python overhead);
+* grids are refined level by level (2, then 3, then 5 points per axis) while the time budget
+  ``table_seconds`` lasts; every measured point is stored in a JSON file under ``cache_dir`` (default
+  ``~/.cache/lightning_prune/latency``, or ``$LIGHTNING_PRUNE_LATENCY_CACHE``), one file per device,
+  torch version and dtype, keyed by the layer's configuration and widths, so a second fit on the same
+  machine measures nothing;
+* :meth:`LatencyEstimator.fast_multiple` scans the output width of the costliest layer and returns the
+  multiple whose staircase explains the times (the ``round_to="auto"`` rule).
+
+Every measurement goes through an injectable function: ``layer_timer(spec) -> seconds`` for one
+layer, ``latency_fn(model, example_inputs) -> seconds`` for the whole model; unit tests pass
+deterministic ones. Real timing: warm-up, then the median of repeats, eval mode, no gradient,
+``torch.cuda.synchronize`` on CUDA.
+
+Example::
+
+    import torch
+    from torch import nn
+    from lightning_prune.engine.latency import LatencyEstimator
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3))
+    estimator = LatencyEstimator(batch_size=8, table_seconds=5.0)
+    print(estimator.measure(model, torch.randn(2, 3, 16, 16)))  # seconds per batch of 8
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune._model import batch_size_of, call_model, evaluating
+from lightning_prune._tree import tree_map
+from lightning_prune.engine.cost import Cost, CostModel
+from lightning_prune.engine.graph import ChannelGroup
+
+__all__ = [
+    "CACHE_ENV",
+    "LatencyCostModel",
+    "LatencyEstimator",
+    "LayerSpec",
+    "LayerTimer",
+    "ModelTimer",
+    "check_seconds",
+    "default_cache_dir",
+    "environment_key",
+    "fast_multiple_from_times",
+    "interpolate",
+    "resize_batch",
+    "time_callable",
+]
+
+#: Environment variable overriding the default cache folder.
+CACHE_ENV = "LIGHTNING_PRUNE_LATENCY_CACHE"
+#: Candidate multiples of ``round_to="auto"``, largest first.
+_MULTIPLES = (32, 16, 8, 4)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer configuration at given widths: what a table point measures.
+
+    ``kind`` is ``"conv"``, ``"depthwise"`` or ``"linear"``; ``spatial`` the input's sizes after the
+    channel axis (convolutions) or between batch and features (linear layers); ``groups`` the
+    convolution's groups (``in_channels`` for depthwise ones).
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    spatial: tuple[int, ...]
+    batch: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: str = ""
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = False
+
+    def config(self) -> str:
+        """The configuration without the widths (the cache key's layer part)."""
+        return (
+            f"{self.kind}|k{self.kernel}|s{self.stride}|p{self.padding}|d{self.dilation}|b{int(self.bias)}|"
+            f"x{self.spatial}|n{self.batch}" + (f"|g{self.groups}" if self.kind == "conv" else "")
+        )
+
+    def key(self) -> str:
+        return f"{self.config()}|{self.in_channels}>{self.out_channels}"
+
+    def at(self, in_channels: int, out_channels: int) -> LayerSpec:
+        """The same layer at other widths (depthwise: ``in = out = groups = out_channels``)."""
+        if self.kind == "depthwise":
+            return replace(self, in_channels=out_channels, out_channels=out_channels, groups=out_channels)
+        return replace(self, in_channels=in_channels, out_channels=out_channels)
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+        """The layer and a random input for it."""
+        if self.kind == "linear":
+            layer: nn.Module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
+            x = torch.randn(self.batch, *self.spatial, self.in_channels)
+        else:
+            conv: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(self.kernel)]
+            padding: Any = self.padding if self.padding in ("same", "valid") else tuple(json.loads(self.padding))
+            layer = conv(
+                self.in_channels, self.out_channels, self.kernel, self.stride, padding, self.dilation,
+                groups=self.groups, bias=self.bias,
+            )
+            x = torch.randn(self.batch, self.in_channels, *self.spatial)
+        return layer.to(device=device, dtype=dtype).eval(), x.to(device=device, dtype=dtype)
+
+
+#: ``layer_timer(spec) -> seconds``: the time of one forward pass of a layer configuration.
+LayerTimer = Callable[[LayerSpec], float]
+#: ``latency_fn(model, example_inputs) -> seconds``: the time of one forward pass of the whole model.
+ModelTimer = Callable[[nn.Module, Any], float]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5, max_warmup_seconds: float = 2.0
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (synchronised on CUDA) after at least ``warmup``
+    calls, and more while the calls still get faster (the first calls at a new shape build kernels and
+    allocate; on CPU they can be 10x slower), for at most ``max_warmup_seconds``."""
+    started = time.perf_counter()
+    previous = math.inf
+    for i in range(warmup + 20):
+        tick = time.perf_counter()
+        fn()
+        _synchronize(device)
+        took = time.perf_counter() - tick
+        if i + 1 >= warmup and (took > 0.8 * previous or time.perf_counter() - started > max_warmup_seconds):
+            break
+        previous = took
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - started)
+    return float(statistics.median(times))
+
+
+def check_seconds(value: Any, argument: str) -> float:
+    """``value`` as a finite positive number of seconds, or a ``ValueError`` naming ``argument``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{argument} must return a finite positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def resize_batch(inputs: Any, batch: int) -> Any:
+    """``inputs`` with every batched tensor repeated (then cut) to ``batch`` samples."""
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if not t.dim() or t.shape[0] == batch:
+            return t
+        reps = math.ceil(batch / max(1, t.shape[0]))
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch]
+
+    return tree_map(resize, inputs)
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_PRUNE_LATENCY_CACHE``, else ``~/.cache/lightning_prune/latency``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_prune" / "latency")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{device.type}:{cpu}:{torch.get_num_threads()}threads"
+
+
+def environment_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a table depends on besides the layer: the device (its name, CPU threads), the torch
+    version and the dtype."""
+    return f"{_device_name(device)}|torch{torch.__version__}|{dtype}"
+
+
+def interpolate(points: Sequence[float], values: Sequence[float], x: float) -> float:
+    """Piecewise-linear interpolation of ``values`` at sorted ``points`` (linear beyond the ends)."""
+    if len(points) == 1:
+        return float(values[0])
+    i = min(max(bisect.bisect_right(points, x) - 1, 0), len(points) - 2)
+    x0, x1 = points[i], points[i + 1]
+    w = (x - x0) / (x1 - x0)
+    return float(values[i] + w * (values[i + 1] - values[i]))
+
+
+def _bilinear(ins: Sequence[float], outs: Sequence[float], grid: Sequence[Sequence[float]], x: float, y: float) -> float:
+    column = [interpolate(outs, row, y) for row in grid]  # one value per input point
+    return interpolate(ins, column, x)
+
+
+def _grid_points(low: int, high: int, level: int, step: int) -> list[int]:
+    """``2**level + 1`` evenly spaced widths in ``[low, high]`` (multiples of ``step``), deduplicated."""
+    if high <= low:
+        return [high]
+    count = 2**level + 1
+    points = {high, max(step, step * round(low / step))}
+    for i in range(1, count - 1):
+        value = low + (high - low) * i / (count - 1)
+        points.add(max(step, step * round(value / step)))
+    return sorted(p for p in points if p <= high)
+
+
+def fast_multiple_from_times(
+    times: Mapping[int, float], multiples: Sequence[int] = _MULTIPLES, margin: float = 0.75
+) -> int | None:
+    """The largest multiple ``m`` for which a staircase (one time per block of widths ``(k m - m, k m]``)
+    explains ``times`` (width -> seconds) better than a straight line: residual sum of squares at most
+    ``margin`` times the line's. None when no multiple does (time follows the width smoothly)."""
+    widths = sorted(times)
+    if len(widths) < 4:
+        return None
+    ys = [times[w] for w in widths]
+    n = len(widths)
+    mean_x, mean_y = sum(widths) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in widths)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(widths, ys)) / sxx if sxx else 0.0
+    line = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in zip(widths, ys))
+    for m in multiples:
+        blocks: dict[int, list[float]] = {}
+        for x, y in zip(widths, ys):
+            blocks.setdefault(math.ceil(x / m), []).append(y)
+        if len(blocks) < 2 or all(len(b) < 2 for b in blocks.values()):
+            continue
+        stair = sum((y - sum(b) / len(b)) ** 2 for b in blocks.values() for y in b)
+        if stair <= margin * line:
+            return m
+    return None
+
+
+@dataclass
+class _Layer:
+    """One tabled layer of a model: its spec at the current widths, the grid, and how groups change it."""
+
+    name: str
+    spec: LayerSpec
+    ins: list[int]
+    outs: list[int]
+    grid: list[list[float]] = field(default_factory=list)
+    #: per group index: (output channels removed, input channels removed) per root channel removed
+    effects: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def seconds(self, in_width: float, out_width: float) -> float:
+        if self.spec.kind == "depthwise":
+            return interpolate(self.outs, self.grid[0], out_width)
+        return _bilinear(self.ins, self.outs, self.grid, in_width, out_width)
+
+    def widths(self, removed: Sequence[int]) -> tuple[float, float]:
+        out_w, in_w = float(self.spec.out_channels), float(self.spec.in_channels)
+        for g, (out_ratio, in_ratio) in self.effects.items():
+            if g < len(removed) and removed[g]:
+                out_w -= out_ratio * removed[g]
+                in_w -= in_ratio * removed[g]
+        return in_w, out_w
+
+
+def _spec_of(module: nn.Module, x: torch.Tensor, batch: int) -> LayerSpec | None:
+    """The spec of a conv/linear layer that read ``x``; None for layers without a table (transposed
+    convolutions, attention)."""
+    if isinstance(module, nn.Linear):
+        return LayerSpec("linear", module.in_features, module.out_features, tuple(x.shape[1:-1]), batch,
+                         bias=module.bias is not None)
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        padding = module.padding if isinstance(module.padding, str) else json.dumps(list(module.padding))
+        return LayerSpec(
+            "depthwise" if depthwise else "conv", module.in_channels, module.out_channels, tuple(x.shape[2:]), batch,
+            kernel=tuple(module.kernel_size), stride=tuple(module.stride), padding=padding,
+            dilation=tuple(module.dilation), groups=module.groups, bias=module.bias is not None,
+        )
+    return None
+
+
+def _layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Every conv/linear layer the forward pass reaches, with the first input it read."""
+    names = {m: n for n, m in model.named_modules()}
+    found: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor) and names[module] not in found:
+            found[names[module]] = (module, args[0])
+
+    for module in names:
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with evaluating(model):
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+class _DiskCache:
+    """Measured points of one environment (device, torch version, dtype), as one JSON file."""
+
+    def __init__(self, folder: Path | None, environment: str) -> None:
+        self.environment = environment
+        digest = hashlib.sha1(environment.encode()).hexdigest()[:16]
+        self.path = None if folder is None else folder / f"{digest}.json"
+        self.values: dict[str, float] = {}
+        if self.path is not None and self.path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(self.path.read_text())
+                if data.get("environment") == environment:
+                    self.values = {str(k): float(v) for k, v in data.get("points", {}).items()}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"environment": self.environment, "points": self.values}, sort_keys=True))
+            tmp.replace(self.path)
+
+
+ProgressFn = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+def _ignore(advance: int = 1) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _no_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    yield _ignore
+
+
+class LatencyEstimator:
+    """Measures a model's latency and builds the per-layer tables of :class:`LatencyCostModel`.
+
+    Args:
+        latency_fn: ``latency_fn(model, example_inputs) -> seconds`` for the whole model (e.g. an
+            onnxruntime session); ``example_inputs`` are already at ``batch_size`` and on ``device``.
+            Default None: the median of ``repeats`` timed forward passes after ``warmup`` ones (eval
+            mode, no gradient). Anything but a finite positive number raises ``ValueError`` naming
+            ``latency_fn``.
+        batch_size: the batch size latency is measured at. Default None: the example inputs' batch size
+            (the callback passes the training batch size). Not a positive integer: ``ValueError``.
+        device: where to measure (``"cpu"``, ``"cuda"``, a ``torch.device``). Default None: the model's
+            device. The model is moved there for the measurement and back.
+        layer_timer: ``layer_timer(spec) -> seconds`` for one table point. Default: builds the layer
+            (:meth:`LayerSpec.build`) and times it like the model.
+        cache_dir: folder of the on-disk cache. Default None: :func:`default_cache_dir`; ``False``: no
+            disk cache (points are still shared within this estimator).
+        table_seconds: time budget of the table building in one call, seconds. Default 60. The first
+            level (grid corners) is always measured; finer levels only while the budget lasts.
+        levels: finest grid level (``2**levels + 1`` points per axis). Default 2 (5 points).
+        warmup / repeats: of the default timers. Defaults 2 / 5 (layers), 3 / 10 (model).
+        progress: ``progress(total, description)`` context manager yielding ``advance(n)`` (the
+            callback's follows the Trainer's bar). Default: nothing shown.
+
+    Attributes:
+        measured_points / cached_points: table points measured / read from the cache so far.
+        table_time: seconds spent measuring table points so far.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_fn: ModelTimer | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        layer_timer: LayerTimer | None = None,
+        cache_dir: str | os.PathLike[str] | bool | None = None,
+        table_seconds: float = 60.0,
+        levels: int = 2,
+        warmup: int = 2,
+        repeats: int = 5,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        if latency_fn is not None and not callable(latency_fn):
+            raise TypeError(f"latency_fn must be a callable (model, example_inputs) -> seconds or None, got {latency_fn!r}")
+        if layer_timer is not None and not callable(layer_timer):
+            raise TypeError(f"layer_timer must be a callable (LayerSpec) -> seconds or None, got {layer_timer!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"latency_batch_size must be a positive integer or None, got {batch_size!r}")
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"latency_device must be a torch device (e.g. 'cpu', 'cuda:0') or None, got {device!r}") from error
+        if isinstance(table_seconds, bool) or not isinstance(table_seconds, (int, float)) or not table_seconds > 0:
+            raise ValueError(f"table_seconds must be a positive number, got {table_seconds!r}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= 4:
+            raise ValueError(f"levels must be an integer in [0, 4], got {levels!r}")
+        self.latency_fn = latency_fn
+        self.batch_size = batch_size
+        self.layer_timer = layer_timer
+        self.cache_dir: Path | None = (
+            None if cache_dir is False else default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
+        )
+        self.table_seconds = float(table_seconds)
+        self.levels = levels
+        self.warmup, self.repeats = int(warmup), int(repeats)
+        self.progress: ProgressFn = progress or _no_progress
+        self.measured_points = 0
+        self.cached_points = 0
+        self.table_time = 0.0
+        self.measurements = 0  #: whole-model measurements so far
+        self._caches: dict[str, _DiskCache] = {}
+        self._grids: dict[str, tuple[list[int], list[int]]] = {}  #: layer name -> its grid (fixed once chosen)
+
+    # ------------------------------------------------------------------ the whole model
+    def _device_of(self, model: nn.Module) -> torch.device:
+        if self.device is not None:
+            return self.device
+        first = next(model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @staticmethod
+    def _dtype_of(model: nn.Module) -> torch.dtype:
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        return first.dtype if first is not None else torch.float32
+
+    def _batch(self, example_inputs: Any) -> int:
+        return self.batch_size or batch_size_of(example_inputs)
+
+    @contextlib.contextmanager
+    def _on_device(self, model: nn.Module) -> Iterator[torch.device]:
+        device = self._device_of(model)
+        first = next(model.parameters(), None)
+        home = first.device if first is not None else device
+        if home != device:
+            model.to(device)
+        try:
+            yield device
+        finally:
+            if home != device:
+                model.to(home)
+
+    def measure(self, model: nn.Module, example_inputs: Any) -> float:
+        """Seconds per forward pass of ``model`` at ``batch_size`` on ``device`` (eval mode, no grad).
+
+        Raises:
+            ValueError: ``latency_fn`` raised, or returned something that is not finite positive seconds.
+        """
+        inputs = resize_batch(example_inputs, self._batch(example_inputs))
+        self.measurements += 1
+        with self._on_device(model) as device:
+            inputs = tree_map(lambda t: t.to(device), inputs)
+            with evaluating(model):
+                if self.latency_fn is not None:
+                    try:
+                        value = self.latency_fn(model, inputs)
+                    except Exception as error:
+                        raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
+                    return check_seconds(value, "latency_fn")
+                return time_callable(
+                    lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=2 * self.repeats
+                )
+
+    # ------------------------------------------------------------------ tables
+    def _cache(self, device: torch.device, dtype: torch.dtype) -> _DiskCache:
+        key = environment_key(device, dtype)
+        if key not in self._caches:
+            self._caches[key] = _DiskCache(self.cache_dir, key)
+        return self._caches[key]
+
+    def _time_layer(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> float:
+        if self.layer_timer is not None:
+            return check_seconds(self.layer_timer(spec), "layer_timer")
+        layer, x = spec.build(device, dtype)
+        with torch.no_grad():
+            return time_callable(lambda: layer(x), device, warmup=self.warmup, repeats=self.repeats)
+
+    def _points(
+        self, specs: Sequence[LayerSpec], device: torch.device, dtype: torch.dtype, budget: float | None
+    ) -> dict[str, float]:
+        """The seconds of every spec (cached ones read, others measured while ``budget`` lasts; None:
+        no limit). Missing from the result: the specs left out by the budget."""
+        cache = self._cache(device, dtype)
+        result: dict[str, float] = {}
+        todo: list[LayerSpec] = []
+        for spec in specs:
+            key = spec.key()
+            if key in result:
+                continue
+            if key in cache.values:
+                result[key] = cache.values[key]
+                self.cached_points += 1
+            elif all(key != s.key() for s in todo):
+                todo.append(spec)
+        if todo:
+            started = time.perf_counter()
+            with self.progress(len(todo), f"latency tables ({len(todo)} points)") as advance:
+                for spec in todo:
+                    if budget is not None and time.perf_counter() - started > budget:
+                        break
+                    seconds = self._time_layer(spec, device, dtype)
+                    result[spec.key()] = cache.values[spec.key()] = seconds
+                    self.measured_points += 1
+                    advance(1)
+            self.table_time += time.perf_counter() - started
+            cache.save()
+        return result
+
+    def layers(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        example_inputs: Any,
+        *,
+        max_layer_ratio: float = 0.9,
+    ) -> list[_Layer]:
+        """The tables of every conv/linear layer of ``model``, measured or read from the cache."""
+        batch = self._batch(example_inputs)
+        device, dtype = self._device_of(model), self._dtype_of(model)
+        layers: list[_Layer] = []
+        for name, (module, x) in _layer_inputs(model, example_inputs).items():
+            spec = _spec_of(module, x, batch)
+            if spec is None:
+                continue
+            layer = _Layer(name, spec, [], [])
+            weight = module.weight
+            for group in groups:
+                out_ratio = in_ratio = 0.0
+                for piece in group.slices:
+                    if piece.param is weight:
+                        if piece.dim == 0:
+                            out_ratio += piece.removal_ratio
+                        elif piece.dim == 1 and spec.kind != "depthwise":
+                            in_ratio += piece.removal_ratio * (spec.groups if spec.kind == "conv" else 1)
+                if out_ratio or in_ratio:
+                    layer.effects[group.index] = (out_ratio, in_ratio)
+            layers.append(layer)
+        self._fill_grids(layers, device, dtype, max_layer_ratio)
+        return layers
+
+    def _axis(self, width: int, pruned: bool, max_layer_ratio: float, level: int, step: int) -> list[int]:
+        if not pruned:
+            return [width]
+        low = max(1, math.ceil((1.0 - max_layer_ratio) * width - 1e-9))
+        return _grid_points(low, width, level, step)
+
+    def _fill_grids(self, layers: Sequence[_Layer], device: torch.device, dtype: torch.dtype, max_layer_ratio: float) -> None:
+        started = time.perf_counter()
+        for level in range(self.levels + 1):
+            specs: dict[str, list[LayerSpec]] = {}
+            axes: dict[str, tuple[list[int], list[int]]] = {}
+            for layer in layers:
+                fixed = self._grids.get(layer.name)
+                if fixed is not None and level > 0:
+                    continue  # the grid chosen when the layer was first seen (widths only shrink since)
+                spec = layer.spec
+                step = spec.groups if spec.kind == "conv" else 1
+                out_pruned = any(o for o, _ in layer.effects.values())
+                in_pruned = any(i for _, i in layer.effects.values())
+                if fixed is not None:
+                    ins, outs = fixed
+                elif spec.kind == "depthwise":
+                    outs = self._axis(spec.out_channels, out_pruned, max_layer_ratio, level, 1)
+                    ins = [outs[-1]]
+                else:
+                    ins = self._axis(spec.in_channels, in_pruned, max_layer_ratio, level, step)
+                    outs = self._axis(spec.out_channels, out_pruned, max_layer_ratio, level, step)
+                axes[layer.name] = (ins, outs)
+                specs[layer.name] = [spec.at(i, o) for i in ins for o in outs]
+            if not specs:
+                break
+            spent = time.perf_counter() - started
+            budget = None if level == 0 else max(0.0, self.table_seconds - spent)
+            if budget is not None and budget <= 0:
+                break
+            values = self._points([s for group in specs.values() for s in group], device, dtype, budget)
+            for layer in layers:
+                if layer.name not in specs:
+                    continue
+                if all(s.key() in values for s in specs[layer.name]):
+                    ins, outs = axes[layer.name]
+                    layer.ins, layer.outs = ins, outs
+                    if layer.spec.kind == "depthwise":
+                        layer.ins = [ins[0]]
+                        layer.grid = [[values[layer.spec.at(o, o).key()] for o in outs]]
+                    else:
+                        layer.grid = [[values[layer.spec.at(i, o).key()] for o in outs] for i in ins]
+        for layer in layers:
+            if layer.name not in self._grids and layer.grid:
+                self._grids[layer.name] = (layer.ins, layer.outs)
+
+    def cost_model(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        example_inputs: Any,
+        *,
+        positions: Mapping[torch.Tensor, float] | None = None,
+        max_layer_ratio: float = 0.9,
+        measured: float | None = None,
+    ) -> LatencyCostModel:
+        """A :class:`LatencyCostModel` of ``model`` as it is now (measures it unless ``measured`` is given)."""
+        layers = self.layers(model, groups, example_inputs, max_layer_ratio=max_layer_ratio)
+        seconds = self.measure(model, example_inputs) if measured is None else measured
+        return LatencyCostModel(model, groups, example_inputs, positions=positions, layers=layers, measured=seconds)
+
+    def fast_multiple(self, model: nn.Module, example_inputs: Any, layers: Sequence[_Layer] | None = None) -> int | None:
+        """The multiple widths should snap to on this device (the ``round_to="auto"`` rule): the output
+        width of the costliest tabled layer is scanned over its last 64 widths (cached like the tables)
+        and :func:`fast_multiple_from_times` reads the staircase. None: no multiple is faster."""
+        device, dtype = self._device_of(model), self._dtype_of(model)
+        if layers is None:
+            batch = self._batch(example_inputs)
+            found = [(_spec_of(m, x, batch), n) for n, (m, x) in _layer_inputs(model, example_inputs).items()]
+            candidates = [s for s, _ in found if s is not None and s.kind != "depthwise"]
+            if not candidates:
+                return None
+            times = self._points(candidates, device, dtype, None)
+            ranked = sorted(candidates, key=lambda s: -times.get(s.key(), 0.0))
+        else:
+            ranked = [
+                layer.spec
+                for layer in sorted(layers, key=lambda t: -(t.grid[-1][-1] if t.grid else 0.0))
+                if layer.spec.kind != "depthwise"
+            ]
+        spec = next((s for s in ranked if s.out_channels >= 8), None)
+        if spec is None:
+            return None
+        widths = range(max(1, spec.out_channels - 63), spec.out_channels + 1)
+        scan = [spec.at(spec.in_channels, w) for w in widths]
+        values = self._points(scan, device, dtype, None)
+        return fast_multiple_from_times({s.out_channels: values[s.key()] for s in scan})
+
+
+class LatencyCostModel(CostModel):
+    """:class:`~lightning_prune.engine.cost.CostModel` whose costs also carry the predicted latency
+    (``Cost.latency``, seconds) of a plan: the measured latency of the current model plus what the
+    per-layer tables say the plan's widths change (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        example_inputs: Any = None,
+        *,
+        positions: Mapping[torch.Tensor, float] | None = None,
+        layers: Sequence[_Layer],
+        measured: float,
+    ) -> None:
+        self.layers = [layer for layer in layers if layer.grid]
+        self._offset = 0.0
+        self._by_group: dict[int, list[_Layer]] = {}
+        for layer in self.layers:
+            for g in layer.effects:
+                self._by_group.setdefault(g, []).append(layer)
+        self._num_groups = len(groups)
+        self.measured = float(measured)
+        self._offset = self.measured - self.latency([0] * len(groups))
+        super().__init__(model, groups, example_inputs, positions=positions)
+
+    def latency(self, removed_channels: Sequence[int]) -> float:
+        """Predicted seconds after removing ``removed_channels[g]`` channels from group ``g``."""
+        return self._offset + sum(layer.seconds(*layer.widths(removed_channels)) for layer in self.layers)
+
+    def group_saving(self, group: int, removed: int) -> float:
+        """Seconds saved by removing ``removed`` channels of ``group`` alone (the others untouched)."""
+        counts = [0] * self._num_groups
+        counts[group] = removed
+        return sum(
+            layer.seconds(*layer.widths([0] * self._num_groups)) - layer.seconds(*layer.widths(counts))
+            for layer in self._by_group.get(group, [])
+        )
+
+    def evaluate(self, removed_channels: Sequence[int]) -> Cost:
+        cost = super().evaluate(removed_channels)
+        return Cost(cost.macs, cost.params, latency=self.latency(removed_channels))
+
