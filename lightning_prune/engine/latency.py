@@ -10,9 +10,13 @@ costs, memory-bound layers, widths the kernels do not like). This module gives t
   ``max_layer_ratio`` allows). Between grid points the time is interpolated bilinearly (linearly
   beyond). Depthwise convolutions have one axis (input = output = groups); a side that no group
   prunes (the stem's input, the classifier's output) stays at its width;
-* the model's latency at a plan is ``measured(current model) - sum(tables at current widths) +
-  sum(tables at the plan's widths)``: the tables carry what the plan changes, the measurement of the
-  whole model carries everything else (normalisation, activations, additions, Python overhead);
+* the model's latency at a plan is ``sum(tables at the plan's widths) + c0 + c1 * A(plan)``, where
+  ``A`` is the activation volume the tabled layers write (output channels times output positions):
+  the tables carry the convolutions and linear layers, ``c0 + c1 A`` everything else (a fixed part:
+  Python and per-call overhead; a part that scales with the activations: normalisation, activation
+  functions, additions). ``c0`` and ``c1`` come from two measurements of the whole model, as it is
+  and with every group cut to half its width on trial (then restored; ``c1 >= 0``); with one
+  measurement the rest is taken as fixed (``c1 = 0``);
 * grids are refined level by level (2, then 3, then 5 points per axis) while the time budget
   ``table_seconds`` lasts; every measured point is stored in a JSON file under ``cache_dir`` (default
   ``~/.cache/lightning_prune/latency``, or ``$LIGHTNING_PRUNE_LATENCY_CACHE``), one file per device,
@@ -281,6 +285,7 @@ class _Layer:
     grid: list[list[float]] = field(default_factory=list)
     #: per group index: (output channels removed, input channels removed) per root channel removed
     effects: dict[int, tuple[float, float]] = field(default_factory=dict)
+    positions: float = 0.0  #: output positions per sample (the activation volume per output channel)
 
     def seconds(self, in_width: float, out_width: float) -> float:
         if self.spec.kind == "depthwise":
@@ -313,19 +318,22 @@ def _spec_of(module: nn.Module, x: torch.Tensor, batch: int) -> LayerSpec | None
     return None
 
 
-def _layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """Every conv/linear layer the forward pass reaches, with the first input it read."""
+def _layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[nn.Module, torch.Tensor, float]]:
+    """Every conv/linear layer the forward pass reaches, with the first input it read and its output
+    positions per sample."""
     names = {m: n for n, m in model.named_modules()}
-    found: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    found: dict[str, tuple[nn.Module, torch.Tensor, float]] = {}
     handles = []
+    batch = max(1, batch_size_of(example_inputs))
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], torch.Tensor) and names[module] not in found:
-            found[names[module]] = (module, args[0])
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor) and names[module] not in found:
+            width = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+            found[names[module]] = (module, args[0], output.numel() / (batch * max(1, width)))
 
     for module in names:
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            handles.append(module.register_forward_pre_hook(hook))
+            handles.append(module.register_forward_hook(hook))
     try:
         with evaluating(model):
             call_model(model, example_inputs)
@@ -551,11 +559,11 @@ class LatencyEstimator:
         batch = self._batch(example_inputs)
         device, dtype = self._device_of(model), self._dtype_of(model)
         layers: list[_Layer] = []
-        for name, (module, x) in _layer_inputs(model, example_inputs).items():
+        for name, (module, x, positions) in _layer_inputs(model, example_inputs).items():
             spec = _spec_of(module, x, batch)
             if spec is None:
                 continue
-            layer = _Layer(name, spec, [], [])
+            layer = _Layer(name, spec, [], [], positions=positions)
             weight = module.weight
             for group in groups:
                 out_ratio = in_ratio = 0.0
@@ -631,11 +639,17 @@ class LatencyEstimator:
         positions: Mapping[torch.Tensor, float] | None = None,
         max_layer_ratio: float = 0.9,
         measured: float | None = None,
+        trial: tuple[Sequence[int], float] | None = None,
+        rest: tuple[float, float] | None = None,
     ) -> LatencyCostModel:
-        """A :class:`LatencyCostModel` of ``model`` as it is now (measures it unless ``measured`` is given)."""
+        """A :class:`LatencyCostModel` of ``model`` as it is now (measures it unless ``measured`` is
+        given); ``trial`` (channels removed per group, measured seconds) and ``rest`` (``c0, c1``) as
+        in :class:`LatencyCostModel`."""
         layers = self.layers(model, groups, example_inputs, max_layer_ratio=max_layer_ratio)
         seconds = self.measure(model, example_inputs) if measured is None else measured
-        return LatencyCostModel(model, groups, example_inputs, positions=positions, layers=layers, measured=seconds)
+        return LatencyCostModel(
+            model, groups, example_inputs, positions=positions, layers=layers, measured=seconds, trial=trial, rest=rest
+        )
 
     def fast_multiple(self, model: nn.Module, example_inputs: Any, layers: Sequence[_Layer] | None = None) -> int | None:
         """The multiple widths should snap to on this device (the ``round_to="auto"`` rule): the output
@@ -644,7 +658,7 @@ class LatencyEstimator:
         device, dtype = self._device_of(model), self._dtype_of(model)
         if layers is None:
             batch = self._batch(example_inputs)
-            found = [(_spec_of(m, x, batch), n) for n, (m, x) in _layer_inputs(model, example_inputs).items()]
+            found = [(_spec_of(m, x, batch), n) for n, (m, x, _) in _layer_inputs(model, example_inputs).items()]
             candidates = [s for s, _ in found if s is not None and s.kind != "depthwise"]
             if not candidates:
                 return None
@@ -667,8 +681,16 @@ class LatencyEstimator:
 
 class LatencyCostModel(CostModel):
     """:class:`~lightning_prune.engine.cost.CostModel` whose costs also carry the predicted latency
-    (``Cost.latency``, seconds) of a plan: the measured latency of the current model plus what the
-    per-layer tables say the plan's widths change (see the module docstring)."""
+    (``Cost.latency``, seconds) of a plan: the per-layer tables at the plan's widths plus the rest of
+    the model, ``c0 + c1 * activation volume`` (see the module docstring).
+
+    Args:
+        measured: seconds of the model as it is.
+        trial: ``(channels removed per group, seconds measured with them cut)``: a second measurement
+            that separates the fixed rest ``c0`` from the part ``c1`` scaling with the activations.
+            Default None: ``c1 = 0``.
+        rest: ``(c0, c1)`` known already (the same model analysed again); overrides ``trial``.
+    """
 
     def __init__(
         self,
@@ -679,28 +701,50 @@ class LatencyCostModel(CostModel):
         positions: Mapping[torch.Tensor, float] | None = None,
         layers: Sequence[_Layer],
         measured: float,
+        trial: tuple[Sequence[int], float] | None = None,
+        rest: tuple[float, float] | None = None,
     ) -> None:
         self.layers = [layer for layer in layers if layer.grid]
-        self._offset = 0.0
         self._by_group: dict[int, list[_Layer]] = {}
         for layer in self.layers:
             for g in layer.effects:
                 self._by_group.setdefault(g, []).append(layer)
         self._num_groups = len(groups)
         self.measured = float(measured)
-        self._offset = self.measured - self.latency([0] * len(groups))
+        dense = [0] * len(groups)
+        if rest is not None:
+            c0, c1 = rest
+        else:
+            c1 = 0.0
+            if trial is not None:
+                counts, seconds = trial
+                spread = self._volume(dense) - self._volume(counts)
+                if spread > 0:
+                    c1 = max(0.0, ((self.measured - self._tables(dense)) - (seconds - self._tables(counts))) / spread)
+            c0 = self.measured - self._tables(dense) - c1 * self._volume(dense)
+        self.rest = (float(c0), float(c1))  #: ``(c0, c1)``: seconds of the rest, fixed and per activation
         super().__init__(model, groups, example_inputs, positions=positions)
+
+    def _tables(self, removed: Sequence[int]) -> float:
+        return sum(layer.seconds(*layer.widths(removed)) for layer in self.layers)
+
+    def _volume(self, removed: Sequence[int]) -> float:
+        return sum(layer.widths(removed)[1] * layer.positions for layer in self.layers)
 
     def latency(self, removed_channels: Sequence[int]) -> float:
         """Predicted seconds after removing ``removed_channels[g]`` channels from group ``g``."""
-        return self._offset + sum(layer.seconds(*layer.widths(removed_channels)) for layer in self.layers)
+        c0, c1 = self.rest
+        return self._tables(removed_channels) + c0 + c1 * self._volume(removed_channels)
 
     def group_saving(self, group: int, removed: int) -> float:
         """Seconds saved by removing ``removed`` channels of ``group`` alone (the others untouched)."""
         counts = [0] * self._num_groups
         counts[group] = removed
+        dense = [0] * self._num_groups
+        c1 = self.rest[1]
         return sum(
-            layer.seconds(*layer.widths([0] * self._num_groups)) - layer.seconds(*layer.widths(counts))
+            layer.seconds(*layer.widths(dense)) - layer.seconds(*layer.widths(counts))
+            + c1 * (layer.widths(dense)[1] - layer.widths(counts)[1]) * layer.positions
             for layer in self._by_group.get(group, [])
         )
 

@@ -132,3 +132,7 @@ def unprunable_message(refused: Mapping[str, str]) -> str:
         "To silence this, pass these layers in ignored_layers; to prune them, register a customized pruner "
         "for the operation (ChannelPruner(customized_pruners=...))."
     )
+
+
+#: The trial-cut snapshot (model tensors and graph state), for other trial cuts of the engine.
+GraphSnapshot = _GraphSnapshot

@@ -25,6 +25,7 @@ plain-PyTorch user can call directly::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +57,7 @@ from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, pr
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.latency import LatencyEstimator
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
-from lightning_prune.engine.probe import UnprunableGroupWarning, find_unprunable_groups, unprunable_message
+from lightning_prune.engine.probe import GraphSnapshot, UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.protocol import Criterion, ScoringContext
 from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, apply_plan, unrecorded_changes
 from lightning_prune.engine.targets import Target, check_fraction
@@ -346,13 +347,23 @@ class ChannelPruner:
                 raise ValueError(f"ignored_layers: the model has no layer named '{layer}'.{hint}")
         return modules
 
-    def analyse(self, model: nn.Module, example_inputs: Any, *, measured: float | None = None) -> Analysis:
+    def analyse(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        measured: float | None = None,
+        latency_rest: tuple[float, float] | None = None,
+    ) -> Analysis:
         """Trace ``model`` and find its channel groups and cost (model left unchanged).
 
         Three forward passes: the trace, one that measures layer positions and output shapes, and
         the trial surgery of :func:`~lightning_prune.engine.probe.find_unprunable_groups`. With a
-        ``latency`` estimator, also the latency tables (measured or cached) and one timing of the model
-        (unless ``measured``, its latency in seconds, is given); ``round_to="auto"`` is resolved then.
+        ``latency`` estimator, also the latency tables (measured or cached), one timing of the model
+        (unless ``measured``, its latency in seconds, is given) and one of the model with every group cut
+        to half its width on trial, then restored (unless ``latency_rest``, the rest's ``(c0, c1)`` of
+        :class:`~lightning_prune.engine.latency.LatencyCostModel`, is given); ``round_to="auto"`` is
+        resolved then.
         """
         ignored = self.resolve_ignored(model)
         with preserved_training_modes(model):
@@ -377,9 +388,12 @@ class ChannelPruner:
         cost_model: CostModel
         if self.latency is not None:
             with preserved_training_modes(model):
+                trial = None
+                if latency_rest is None and groups:
+                    trial = self._latency_trial(model, graph, groups, example_inputs)
                 latency_model = self.latency.cost_model(
                     model, groups, example_inputs, positions=positions, max_layer_ratio=self.max_layer_ratio,
-                    measured=measured,
+                    measured=measured, trial=trial, rest=latency_rest,
                 )
                 if self.round_to == "auto" and not self._auto_resolved:
                     self._auto_round_to = self.latency.fast_multiple(model, example_inputs, latency_model.layers)
@@ -396,6 +410,31 @@ class ChannelPruner:
             signature=signature,
             structure=_structure(model),
         )
+
+    def _latency_trial(
+        self, model: nn.Module, graph: TracedGraph, groups: Sequence[ChannelGroup], example_inputs: Any
+    ) -> tuple[list[int], float] | None:
+        """Cut every group to half its width (within the caps) on trial, time the model, restore it
+        (graph state included); None when the trial cut fails."""
+        assert self.latency is not None
+        counts = []
+        snapshot = GraphSnapshot(model, graph)
+        try:
+            with torch.no_grad():
+                for group in groups:
+                    low = max(1, math.ceil((1.0 - self.max_layer_ratio) * group.positions - 1e-9))
+                    kept = max(low, group.positions // 2)
+                    counts.append((group.positions - kept) * group.channel_groups)
+                    if kept < group.positions:
+                        group.prune(group.channels_of_positions(list(range(kept, group.positions))))
+            seconds = self.latency.measure(model, example_inputs)
+        except ValueError:
+            raise  # a bad latency_fn
+        except Exception:  # noqa: BLE001 - without a trial the rest is taken as fixed
+            return None
+        finally:
+            snapshot.restore()
+        return counts, seconds
 
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
@@ -600,11 +639,17 @@ class ChannelPruner:
             # the planning target follows the measured miss: by the miss itself after the first try, then by
             # the secant through the last two tries; within 0.25 of the target
             slope = 1.0
-            if len(tries) > 1:
-                (p0, _, m0), (p1, _, m1) = tries[-2], tries[-1]
-                achieved = (m0 - m1) / dense.latency  # reduction gained from p0 to p1
-                if abs(achieved) > 1e-9 and (p1 - p0) / achieved > 0:
-                    slope = (p1 - p0) / achieved
+            if len(tries) > 1:  # the secant through the closest tries on either side of the target if any
+                reached = [(p, 1.0 - m / dense.latency) for p, _, m in tries]
+                below = [t for t in reached if t[1] < target.value]
+                above = [t for t in reached if t[1] >= target.value]
+                if below and above:
+                    (p0, r0), (p1, r1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+                else:
+                    (p0, r0), (p1, r1) = reached[-2], reached[-1]
+                if abs(r1 - r0) > 1e-9 and (p1 - p0) / (r1 - r0) > 0:
+                    slope = (p1 - p0) / (r1 - r0)
+                    planning, miss = p1, target.value - r1
             planning = min(max(planning + slope * miss, target.value - 0.25, 1e-6), target.value + 0.25, 0.999)
             snapshot.restore()
             analysis = self._reanalyse(model, example_inputs, first)
@@ -636,7 +681,8 @@ class ChannelPruner:
         have the same groups as ``first`` so that the step's scores still apply."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnprunableGroupWarning)
-            analysis = self.analyse(model, example_inputs, measured=first.cost.latency)
+            rest = getattr(first.cost_model, "rest", None)
+            analysis = self.analyse(model, example_inputs, measured=first.cost.latency, latency_rest=rest)
         if [(g.root_name, g.size) for g in analysis.groups] != [(g.root_name, g.size) for g in first.groups]:
             raise PruningError("the model's channel groups changed when it was analysed again for the latency correction")
         return analysis

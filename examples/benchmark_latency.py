@@ -1,0 +1,324 @@
+"""Latency you can aim at: measured-latency targets and hardware-aligned widths, side by side.
+
+Sections (one run, ``--sections`` picks some):
+
+1. ``latency``: CIFAR ResNet-56 (32 px), torchvision ResNet-18 and MobileNetV2 (64 px), at batch 1 and
+   64 on this machine's CPU (``--accelerator gpu`` for a GPU): the dense model, then (l1, from the same
+   random initialisation) ``target_latency_reduction=0.5``, ``target_flops_reduction=0.5`` with default
+   widths and with ``round_to="auto"``. Every pruned model is timed *interleaved* with the dense one
+   (rounds in rotated order, median over rounds): the latency ratio, the MAC ratio, latency gain / MAC
+   gain, the latency model's prediction error, and the time to build the tables (cold, then cached).
+2. ``tables``: the time to build the latency tables of ResNet-18 and ResNet-50 (64 px, batch 64), cold
+   (empty cache) and cached.
+3. ``accuracy``: at equal measured latency (``target_latency_reduction=0.3``: at batch 64 the latency
+   model of the digits net allows about 40%), accuracy of the latency-targeted model vs a MACs-targeted
+   one (MACs target searched so that its measured latency matches), after the same fine-tune, 3 seeds,
+   on scikit-learn's digits (see the README for why not Fashion-MNIST).
+
+The CPU is shared with other work: timings are noisy; interleaving and medians are used, and the
+numbers are what one run measured. Writes ``latency.json``, ``latency.md`` and ``latency.png``.
+
+    python examples/benchmark_latency.py            # ~20 min on a 2-core CPU
+    python examples/benchmark_latency.py --smoke    # seconds: tiny models, one batch size
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
+from lightning_prune import StructuredPruningCallback, count_cost, get_criterion  # noqa: E402
+from lightning_prune.data import DigitsDataModule  # noqa: E402
+from lightning_prune.engine import ChannelPruner, Target  # noqa: E402
+from lightning_prune.engine.latency import LatencyEstimator  # noqa: E402
+from lightning_prune.models import SmallResNet  # noqa: E402
+from lightning_prune.models.cifar_resnet import resnet56  # noqa: E402
+
+
+def _models(smoke: bool) -> dict[str, tuple[Any, tuple[int, int, int]]]:
+    if smoke:
+        return {"SmallResNet": (lambda: SmallResNet(widths=(16, 32), blocks_per_stage=1, in_channels=3), (3, 32, 32))}
+    import torchvision
+
+    return {
+        "ResNet-56 (32 px)": (lambda: resnet56(10), (3, 32, 32)),
+        "ResNet-18 (64 px)": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+        "MobileNetV2 (64 px)": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 64, 64)),
+    }
+
+
+def _estimator(batch: int, cache: Path, smoke: bool, table_seconds: float) -> LatencyEstimator:
+    return LatencyEstimator(batch_size=batch, device=_bench.device(), cache_dir=cache, table_seconds=table_seconds,
+                            repeats=3 if not smoke else 2, levels=2 if not smoke else 1)
+
+
+def _prune(make, shape, target: Target, estimator: LatencyEstimator, round_to: Any = None) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model = make().to(_bench.device())
+    x = torch.randn(2, *shape, device=_bench.device())
+    allocation = "global" if target.kind == "latency" else "uniform"
+    pruner = ChannelPruner(get_criterion("l1"), allocation=allocation, latency=estimator, round_to=round_to)
+    result = pruner.step(model, x, target)
+    return model, {"result": result, "round_to": pruner.effective_round_to}
+
+
+def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
+    rows = []
+    batches = (8,) if smoke else (1, 64)
+    for name, (make, shape) in _models(smoke).items():
+        for batch in batches:
+            cache = cache_root / f"{name}-{batch}".replace(" ", "_")
+            budget = 2.0 if smoke else (20.0 if batch == 1 else 45.0)
+            torch.manual_seed(0)
+            dense = make().to(_bench.device())
+            x = torch.randn(2, *shape, device=_bench.device())
+            cold = _estimator(batch, cache, smoke, budget)
+            started = time.perf_counter()
+            ChannelPruner(get_criterion("l1"), latency=cold).analyse(dense, x)
+            cold_s = time.perf_counter() - started
+            cached = _estimator(batch, cache, smoke, budget)
+            started = time.perf_counter()
+            ChannelPruner(get_criterion("l1"), latency=cached).analyse(dense, x)
+            cached_s = time.perf_counter() - started
+            _bench.log(f"{name} batch {batch}: tables {cold_s:.1f}s cold ({cold.measured_points} points), "
+                       f"{cached_s:.1f}s cached ({cached.measured_points} measured)")
+            est = _estimator(batch, cache, smoke, budget)
+            variants = {
+                "latency 0.5": (Target("latency", 0.5), None),
+                "MACs 0.5": (Target("flops", 0.5), None),
+                "MACs 0.5, round_to=auto": (Target("flops", 0.5), "auto"),
+            }
+            pruned, info = {}, {}
+            for label, (target, round_to) in list(variants.items()):
+                try:
+                    pruned[label], info[label] = _prune(make, shape, target, est, round_to)
+                except Exception as error:  # a latency target the caps and fixed costs make unreachable
+                    _bench.log(f"  {label}: {error}")
+                    rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
+                    del variants[label]
+                    continue
+                _bench.log(f"  {label}: in-step {info[label]['result'].latency_tries}")
+            timed = _bench.latency_ms({"dense": dense, **pruned}, shape, batch_sizes=(batch,), rounds=5 if not smoke else 3)
+            dense_ms = timed["dense"][str(batch)]
+            dense_macs = count_cost(dense, x).macs
+            for label in variants:
+                result = info[label]["result"]
+                ms = timed[label][str(batch)]
+                macs_ratio = result.after.macs / dense_macs
+                latency_ratio = ms / dense_ms
+                predicted = result.latency_predicted
+                rows.append({
+                    "model": name, "batch": batch, "variant": label, "dense_ms": dense_ms, "pruned_ms": ms,
+                    "latency_ratio": latency_ratio, "macs_ratio": macs_ratio,
+                    "gain_over_mac_gain": (1 / latency_ratio) / (1 / macs_ratio),
+                    "predicted_ms": None if predicted is None else 1000 * predicted,
+                    "in_step_measured_ms": None if result.latency_measured is None else 1000 * result.latency_measured,
+                    "in_step_dense_ms": None if result.before.latency is None else 1000 * result.before.latency,
+                    "prediction_error": None if predicted is None or result.latency_measured is None
+                    else predicted / result.latency_measured - 1,
+                    "tries": len(result.latency_tries), "round_to": info[label]["round_to"],
+                    "tables_cold_s": cold_s, "tables_cached_s": cached_s, "table_points": cold.measured_points,
+                    "cached_points_measured": cached.measured_points,
+                })
+                _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
+                           f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={info[label]['round_to']}")
+    return rows
+
+
+def tables_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
+    import torchvision
+
+    rows = []
+    nets = {"ResNet-18": torchvision.models.resnet18, "ResNet-50": torchvision.models.resnet50}
+    if smoke:
+        nets = {"SmallResNet": lambda num_classes: SmallResNet(widths=(8, 16), blocks_per_stage=1, in_channels=3)}
+    batch, size, budget = (4, 16, 2.0) if smoke else (64, 64, 60.0)
+    for name, make in nets.items():
+        model = make(num_classes=10).to(_bench.device())
+        x = torch.randn(2, 3, size, size, device=_bench.device())
+        cache = cache_root / f"tables-{name}"
+        times = []
+        for _ in range(2):
+            est = _estimator(batch, cache, smoke, budget)
+            started = time.perf_counter()
+            ChannelPruner(get_criterion("l1"), latency=est).analyse(model, x)
+            times.append((time.perf_counter() - started, est.measured_points, est.cached_points, est.table_time))
+        rows.append({"model": name, "batch": batch, "pixels": size, "budget_s": budget,
+                     "cold_s": times[0][0], "cold_points": times[0][1], "cold_table_s": times[0][3],
+                     "cached_s": times[1][0], "cached_measured": times[1][1], "cached_read": times[1][2]})
+        _bench.log(f"tables {name}: cold {times[0][0]:.1f}s ({times[0][1]} points, {times[0][3]:.1f}s timing), "
+                   f"cached {times[1][0]:.1f}s ({times[1][1]} measured)")
+    return rows
+
+
+def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
+    seeds = (0,) if smoke else (0, 1, 2)
+    pre_epochs, tune_epochs = (1, 1) if smoke else (3, 3)
+    batch = 64
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        _bench.TRAINER["limit_train_batches"] = 0.2 if smoke else 1.0
+        base = _bench.make_model(pre_epochs + tune_epochs)
+        _bench.make_trainer(pre_epochs).fit(base, DigitsDataModule(seed=seed))
+        data = DigitsDataModule(seed=seed)
+        data.setup("fit")
+        x = next(iter(data.train_dataloader()))[0][:2].to(_bench.device())
+        cache = cache_root / "accuracy"
+
+        lat_model = copy.deepcopy(base)
+        lat_cb = StructuredPruningCallback("l1", target_latency_reduction=0.3, prune_on_train_start=True,
+                                           latency_batch_size=batch, latency_cache_dir=str(cache), verbose=False)
+        _bench.make_trainer(tune_epochs, [lat_cb]).fit(lat_model, DigitsDataModule(seed=seed))
+        goal = lat_cb.history[-1].latency_after
+
+        # the MACs target whose measured latency matches: secant on the flops target, on copies
+        est = LatencyEstimator(batch_size=batch, cache_dir=cache)
+        tries: list[tuple[float, float]] = []
+        flops = 0.3
+        for _ in range(2 if smoke else 4):
+            trial = copy.deepcopy(base)
+            ChannelPruner(get_criterion("l1")).step(trial, x, Target("flops", flops))
+            tries.append((flops, est.measure(trial, x)))
+            if len(tries) >= 2 and tries[-1][1] != tries[-2][1]:
+                (f0, t0), (f1, t1) = tries[-2], tries[-1]
+                flops = f1 + (goal - t1) * (f1 - f0) / (t1 - t0)
+            else:
+                flops = flops + 0.1 if tries[-1][1] > goal else flops - 0.1
+            flops = min(max(flops, 0.05), 0.9)
+        flops = min(tries, key=lambda t: abs(t[1] - goal))[0]
+        mac_model = copy.deepcopy(base)
+        mac_cb = StructuredPruningCallback("l1", target_flops_reduction=flops, prune_on_train_start=True, verbose=False)
+        _bench.make_trainer(tune_epochs, [mac_cb]).fit(mac_model, DigitsDataModule(seed=seed))
+        timed = _bench.latency_ms({"latency": lat_model, "macs": mac_model, "dense": base}, (1, 8, 8), batch_sizes=(batch,),
+                                  rounds=7)
+        test = DigitsDataModule(seed=seed)
+        test.setup("test")
+        row = {
+            "seed": seed, "flops_target_of_macs_model": flops,
+            "acc_latency_targeted": _bench.accuracy(lat_model, test.test_dataloader()),
+            "acc_macs_targeted": _bench.accuracy(mac_model, test.test_dataloader()),
+            "latency_ratio_latency_targeted": timed["latency"][str(batch)] / timed["dense"][str(batch)],
+            "latency_ratio_macs_targeted": timed["macs"][str(batch)] / timed["dense"][str(batch)],
+            "macs_reduction_latency_targeted": lat_cb.history[-1].flops_reduction,
+            "macs_reduction_macs_targeted": mac_cb.history[-1].flops_reduction,
+        }
+        rows.append(row)
+        _bench.log(f"accuracy seed {seed}: latency-targeted {row['acc_latency_targeted']:.2%} "
+                   f"({row['latency_ratio_latency_targeted']:.2f}x), MACs-targeted {row['acc_macs_targeted']:.2%} "
+                   f"({row['latency_ratio_macs_targeted']:.2f}x)")
+    return rows
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = []
+    if result.get("latency"):
+        lines += [
+            "| model | batch | variant | latency (pruned/dense, interleaved) | MACs | latency gain / MAC gain | "
+            "predicted vs measured (in step) | tries | round_to | tables cold / cached |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["latency"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | | |")
+                continue
+            error = "—" if r["prediction_error"] is None else f"{r['prediction_error']:+.1%}"
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['variant']} | {r['latency_ratio']:.2f}x "
+                f"({r['pruned_ms']:.2f} / {r['dense_ms']:.2f} ms) | {r['macs_ratio']:.2f}x | {r['gain_over_mac_gain']:.2f} | "
+                f"{error} | {r['tries']} | {r['round_to']} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
+            )
+    if result.get("tables"):
+        lines += ["", "| model | batch, px | budget | cold | points | cached | measured when cached |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in result["tables"]:
+            lines.append(f"| {r['model']} | {r['batch']}, {r['pixels']} | {r['budget_s']:.0f} s | {r['cold_s']:.1f} s | "
+                         f"{r['cold_points']} | {r['cached_s']:.1f} s | {r['cached_measured']} |")
+    if result.get("accuracy"):
+        acc = result["accuracy"]
+        lines += ["", "| seed | accuracy latency-targeted | accuracy MACs-targeted | latency ratio (lat / MACs) "
+                  "| MACs removed (lat / MACs) |",
+                  "|---:|---:|---:|---:|---:|"]
+        for r in acc:
+            lines.append(
+                f"| {r['seed']} | {r['acc_latency_targeted']:.2%} | {r['acc_macs_targeted']:.2%} | "
+                f"{r['latency_ratio_latency_targeted']:.2f}x / {r['latency_ratio_macs_targeted']:.2f}x | "
+                f"{r['macs_reduction_latency_targeted']:.1%} / {r['macs_reduction_macs_targeted']:.1%} |"
+            )
+        lines.append(
+            f"| mean | {_bench.fmt([r['acc_latency_targeted'] for r in acc], digits=2)} | "
+            f"{_bench.fmt([r['acc_macs_targeted'] for r in acc], digits=2)} | | |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _bench.log("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"latency 0.5": "o", "MACs 0.5": "s", "MACs 0.5, round_to=auto": "^"}
+    for r in rows:
+        if "error" in r:
+            continue
+        ax.scatter(r["macs_ratio"], r["latency_ratio"], marker=markers.get(r["variant"], "x"))
+        ax.annotate(f"{r['model'].split(' ')[0]} b{r['batch']}", (r["macs_ratio"], r["latency_ratio"]), fontsize=6)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="latency = MACs")
+    for label, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="gray", label=label)
+    ax.set_xlabel("MACs (pruned / dense)")
+    ax.set_ylabel("measured latency (pruned / dense)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bench.add_common_arguments(parser, "tiny models and one seed: a few seconds (the test suite runs it)")
+    parser.add_argument("--sections", default="latency,tables,accuracy", help="comma-separated sections to run")
+    parser.add_argument("--cache", type=Path, default=None, help="latency-table cache (default: a fresh temporary folder)")
+    args = parser.parse_args()
+    threads = _bench.setup_threads(args.threads)
+    _bench.set_trainer(args.accelerator, args.devices)
+    out = _bench.output_dir(args)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    cache_root = args.cache or Path(tempfile.mkdtemp(prefix="latency-cache-"))
+    started = time.perf_counter()
+    result: dict[str, Any] = {"machine": _bench.machine(), "threads": threads, "smoke": args.smoke,
+                              "device": str(_bench.device()), "note": "CPU shared with other work: interleaved medians"}
+    if "latency" in sections:
+        result["latency"] = latency_section(args.smoke, cache_root)
+    if "tables" in sections:
+        result["tables"] = tables_section(args.smoke, cache_root)
+    if "accuracy" in sections:
+        result["accuracy"] = accuracy_section(args.smoke, cache_root)
+        result["accuracy_data"] = "digits (scikit-learn), SmallResNet(32, 64, 128); see README for why not Fashion-MNIST"
+    result["seconds"] = time.perf_counter() - started
+    table = _table(result)
+    print(table)
+    _bench.write_outputs(out, "latency", result, table)
+    if result.get("latency"):
+        _plot(result["latency"], out / "latency.png")
+    _bench.log(f"wrote {out}/latency.json, latency.md, latency.png in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
