@@ -152,13 +152,21 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_callable(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5, max_warmup_seconds: float = 2.0
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    max_warmup_seconds: float = 2.0,
+    min_sample_seconds: float = 0.02,
 ) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls (synchronised on CUDA) after at least ``warmup``
-    calls, and more while the calls still get faster (the first calls at a new shape build kernels and
-    allocate; on CPU they can be 10x slower), for at most ``max_warmup_seconds``."""
+    """Median over ``repeats`` samples of the wall time of one ``fn()`` call (synchronised on CUDA); a
+    sample times as many back-to-back calls as fill ``min_sample_seconds`` (timer resolution and short
+    interruptions average out). Before: at least ``warmup`` calls, and more while they still get faster
+    (the first calls at a new shape build kernels and allocate; on CPU they can be 10x slower), for at
+    most ``max_warmup_seconds``."""
     started = time.perf_counter()
-    previous = math.inf
+    previous = took = math.inf
     for i in range(warmup + 20):
         tick = time.perf_counter()
         fn()
@@ -167,12 +175,14 @@ def time_callable(
         if i + 1 >= warmup and (took > 0.8 * previous or time.perf_counter() - started > max_warmup_seconds):
             break
         previous = took
+    calls = max(1, min(1000, math.ceil(min_sample_seconds / max(min(previous, took), 1e-7))))
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         _synchronize(device)
-        times.append(time.perf_counter() - started)
+        times.append((time.perf_counter() - started) / calls)
     return float(statistics.median(times))
 
 
