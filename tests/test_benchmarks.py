@@ -157,3 +157,22 @@ def test_compare_smoke_on_fashion_mnist_reads_the_real_files(tmp_path, fashion_m
         assert (tmp_path / name).stat().st_size > 0, name
     assert "Fashion-MNIST, CIFAR-style ResNet-8" in (tmp_path / "compare_fashion_mnist.md").read_text()
     assert "| l1 |" in readme.read_text()
+
+
+@pytest.mark.slow
+def test_latency_benchmark_smoke(tmp_path):
+    """examples/benchmark_latency.py --smoke: every section writes its rows, the files exist."""
+    _run("benchmark_latency.py", tmp_path, 300, "--cache", str(tmp_path / "cache"))
+    result = json.loads((tmp_path / "latency.json").read_text())
+    rows = [r for r in result["latency"] if "error" not in r]
+    assert {r["variant"] for r in rows} == {"latency 0.5", "MACs 0.5", "MACs 0.5, round_to=auto"}
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["pruned_ms"] > 0 and 0 < r["macs_ratio"] < 1
+        assert r["cached_points_measured"] == 0  # the second build read everything from the cache
+    macs = next(r for r in rows if r["variant"] == "MACs 0.5")
+    assert abs(macs["macs_ratio"] - 0.5) <= 0.02
+    (tables,) = result["tables"]
+    assert tables["cold_points"] > 0 and tables["cached_measured"] == 0
+    (acc,) = result["accuracy"]
+    assert 0 < acc["acc_latency_targeted"] <= 1 and 0 < acc["acc_macs_targeted"] <= 1
+    assert (tmp_path / "latency.md").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0
