@@ -39,12 +39,13 @@ def layer_timer(spec: LayerSpec) -> float:
     return PER_MAC * spec_macs(spec) + PER_LAYER
 
 
-def reference_latency(model: nn.Module, inputs) -> float:
-    """The same synthetic cost, from the model's own layers on a real forward pass."""
+def reference_latency(model: nn.Module, inputs, per_activation: float = 0.0) -> float:
+    """The same synthetic cost, from the model's own layers on a real forward pass; ``per_activation``
+    seconds per output element of every conv/linear layer model what follows them (BN, ReLU, adds)."""
     total = [FIXED]
 
     def hook(module, args, output):
-        total[0] += PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER
+        total[0] += PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER + per_activation * output.numel()
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
@@ -68,14 +69,21 @@ def _inputs(net):
 
 
 # ----------------------------------------------------------------------------- the latency model
+@pytest.mark.parametrize("per_activation", [0.0, 2e-8], ids=["fixed-rest", "rest-per-activation"])
 @pytest.mark.parametrize("make", [ResidualNet, ConcatNet, DepthwiseNet, GroupedNet, MLP], ids=lambda m: m.__name__)
-def test_latency_model_predicts_the_pruned_model_exactly_for_bilinear_costs(make, tmp_path):
-    """MACs are bilinear in (input, output) width, so the interpolated tables plus the calibrated rest
-    must give the reference latency of the really pruned model, for random plans."""
+def test_latency_model_predicts_the_pruned_model_exactly_for_bilinear_costs(make, per_activation, tmp_path):
+    """MACs are bilinear in (input, output) width and the rest is fixed plus linear in the activations,
+    so the interpolated tables plus the two-measurement rest must give the reference latency of the
+    really pruned model, for random plans."""
     net, x = make(), _inputs(make())
-    pruner = ChannelPruner(get_criterion("l1"), latency=estimator(tmp_path))
+
+    def latency_fn(model, inputs):
+        return reference_latency(model, inputs, per_activation)
+
+    pruner = ChannelPruner(get_criterion("l1"), latency=estimator(tmp_path, latency_fn=latency_fn))
     analysis = pruner.analyse(net, x)
-    assert analysis.cost.latency == pytest.approx(reference_latency(net, x), rel=1e-12)
+    assert analysis.cost.latency == pytest.approx(latency_fn(net, x), rel=1e-12)
+    assert analysis.cost_model.rest[2] == pytest.approx(per_activation * x.shape[0], rel=1e-6, abs=1e-15)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         pruned = copy.deepcopy(net)
@@ -88,7 +96,7 @@ def test_latency_model_predicts_the_pruned_model_exactly_for_bilinear_costs(make
             counts.append(len(removed[g.index]))
         predicted = analysis.cost_model.evaluate(counts).latency
         apply_plan(groups, removed)
-        assert predicted == pytest.approx(reference_latency(pruned, x), rel=1e-9)
+        assert predicted == pytest.approx(latency_fn(pruned, x), rel=1e-9)
 
 
 def test_interpolation_between_grid_points_and_grid_levels(tmp_path):
@@ -222,9 +230,14 @@ def test_table_budget_keeps_only_complete_levels(tmp_path):
 
     net, x = ResidualNet(), image_inputs()
     groups = ChannelPruner(get_criterion("l1")).analyse(net, x).groups
-    est = LatencyEstimator(cache_dir=False, layer_timer=slow, table_seconds=1e-9)
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=slow, table_seconds=1e-9)
     layers = est.layers(net, groups, x)
     assert all(len(t.outs) <= 2 and len(t.ins) <= 2 for t in layers)
+    # a second build (generous budget) keeps the grids the first one reached: it measures nothing
+    counting = _Counting()
+    again = LatencyEstimator(cache_dir=tmp_path, layer_timer=counting, table_seconds=60.0)
+    assert [(t.ins, t.outs) for t in again.layers(net, groups, x)] == [(t.ins, t.outs) for t in layers]
+    assert counting.calls == 0
 
 
 # ----------------------------------------------------------------------------- correction loop

@@ -15,8 +15,9 @@ costs, memory-bound layers, widths the kernels do not like). This module gives t
   the tables carry the convolutions and linear layers, ``c0 + c1 A`` everything else (a fixed part:
   Python and per-call overhead; a part that scales with the activations: normalisation, activation
   functions, additions). ``c0`` and ``c1`` come from two measurements of the whole model, as it is
-  and with every group cut to half its width on trial (then restored; ``c1 >= 0``); with one
-  measurement the rest is taken as fixed (``c1 = 0``);
+  and with every group cut to half its width on trial (then restored; both parts kept non-negative);
+  with one measurement the rest is taken as fixed (``c1 = 0``). When the layers alone take longer
+  than the whole model, the tables are scaled to the measurement instead;
 * grids are refined level by level (2, then 3, then 5 points per axis) while the time budget
   ``table_seconds`` lasts; every measured point is stored in a JSON file under ``cache_dir`` (default
   ``~/.cache/lightning_prune/latency``, or ``$LIGHTNING_PRUNE_LATENCY_CACHE``), one file per device,
@@ -361,11 +362,13 @@ class _DiskCache:
         digest = hashlib.sha1(environment.encode()).hexdigest()[:16]
         self.path = None if folder is None else folder / f"{digest}.json"
         self.values: dict[str, float] = {}
+        self.levels: dict[str, int] = {}  #: grid -> finest level measured completely (the budget's outcome)
         if self.path is not None and self.path.exists():
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(self.path.read_text())
                 if data.get("environment") == environment:
                     self.values = {str(k): float(v) for k, v in data.get("points", {}).items()}
+                    self.levels = {str(k): int(v) for k, v in data.get("levels", {}).items()}
 
     def save(self) -> None:
         if self.path is None:
@@ -373,7 +376,8 @@ class _DiskCache:
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"environment": self.environment, "points": self.values}, sort_keys=True))
+            data = {"environment": self.environment, "points": self.values, "levels": self.levels}
+            tmp.write_text(json.dumps(data, sort_keys=True))
             tmp.replace(self.path)
 
 
@@ -597,6 +601,9 @@ class LatencyEstimator:
 
     def _fill_grids(self, layers: Sequence[_Layer], device: torch.device, dtype: torch.dtype, max_layer_ratio: float) -> None:
         started = time.perf_counter()
+        cache = self._cache(device, dtype)
+        grid_keys = {layer.name: f"{layer.spec.key()}|r{max_layer_ratio}|L{self.levels}" for layer in layers}
+        reached: dict[str, int] = {}
         for level in range(self.levels + 1):
             specs: dict[str, list[LayerSpec]] = {}
             axes: dict[str, tuple[list[int], list[int]]] = {}
@@ -604,6 +611,8 @@ class LatencyEstimator:
                 fixed = self._grids.get(layer.name)
                 if fixed is not None and level > 0:
                     continue  # the grid chosen when the layer was first seen (widths only shrink since)
+                if level > cache.levels.get(grid_keys[layer.name], self.levels):
+                    continue  # an earlier build's budget stopped there: a cached build measures nothing
                 spec = layer.spec
                 step = spec.groups if spec.kind == "conv" else 1
                 out_pruned = any(o for o, _ in layer.effects.values())
@@ -629,6 +638,7 @@ class LatencyEstimator:
                 if layer.name not in specs:
                     continue
                 if all(s.key() in values for s in specs[layer.name]):
+                    reached[layer.name] = level
                     ins, outs = axes[layer.name]
                     layer.ins, layer.outs = ins, outs
                     if layer.spec.kind == "depthwise":
@@ -639,6 +649,9 @@ class LatencyEstimator:
         for layer in layers:
             if layer.name not in self._grids and layer.grid:
                 self._grids[layer.name] = (layer.ins, layer.outs)
+                if grid_keys[layer.name] not in cache.levels and layer.name in reached:
+                    cache.levels[grid_keys[layer.name]] = reached[layer.name]
+        cache.save()
 
     def cost_model(
         self,
@@ -650,10 +663,10 @@ class LatencyEstimator:
         max_layer_ratio: float = 0.9,
         measured: float | None = None,
         trial: tuple[Sequence[int], float] | None = None,
-        rest: tuple[float, float] | None = None,
+        rest: tuple[float, float, float] | None = None,
     ) -> LatencyCostModel:
         """A :class:`LatencyCostModel` of ``model`` as it is now (measures it unless ``measured`` is
-        given); ``trial`` (channels removed per group, measured seconds) and ``rest`` (``c0, c1``) as
+        given); ``trial`` (channels removed per group, measured seconds) and ``rest`` (``scale, c0, c1``) as
         in :class:`LatencyCostModel`."""
         layers = self.layers(model, groups, example_inputs, max_layer_ratio=max_layer_ratio)
         seconds = self.measure(model, example_inputs) if measured is None else measured
@@ -699,7 +712,12 @@ class LatencyCostModel(CostModel):
         trial: ``(channels removed per group, seconds measured with them cut)``: a second measurement
             that separates the fixed rest ``c0`` from the part ``c1`` scaling with the activations.
             Default None: ``c1 = 0``.
-        rest: ``(c0, c1)`` known already (the same model analysed again); overrides ``trial``.
+        rest: ``(scale, c0, c1)`` known already (the same model analysed again); overrides ``trial``.
+
+    When the layers alone take longer than the whole model (the rest would be negative), the tables
+    are scaled to the measurement instead (``scale = measured / tables``, no rest); otherwise
+    ``scale = 1`` and ``0 <= c1 <= rest / volume`` (so ``c0 >= 0``): predictions stay positive whatever
+    the noise of the two measurements.
     """
 
     def __init__(
@@ -712,7 +730,7 @@ class LatencyCostModel(CostModel):
         layers: Sequence[_Layer],
         measured: float,
         trial: tuple[Sequence[int], float] | None = None,
-        rest: tuple[float, float] | None = None,
+        rest: tuple[float, float, float] | None = None,
     ) -> None:
         self.layers = [layer for layer in layers if layer.grid]
         self._by_group: dict[int, list[_Layer]] = {}
@@ -722,17 +740,25 @@ class LatencyCostModel(CostModel):
         self._num_groups = len(groups)
         self.measured = float(measured)
         dense = [0] * len(groups)
+        self._scale = 1.0
         if rest is not None:
-            c0, c1 = rest
+            self._scale, c0, c1 = rest
         else:
+            tables, volume = self._tables(dense), self._volume(dense)
+            remainder = self.measured - tables
             c1 = 0.0
-            if trial is not None:
-                counts, seconds = trial
-                spread = self._volume(dense) - self._volume(counts)
-                if spread > 0:
-                    c1 = max(0.0, ((self.measured - self._tables(dense)) - (seconds - self._tables(counts))) / spread)
-            c0 = self.measured - self._tables(dense) - c1 * self._volume(dense)
-        self.rest = (float(c0), float(c1))  #: ``(c0, c1)``: seconds of the rest, fixed and per activation
+            if remainder < 0 and tables > 0:  # the layers alone take longer than the model: scale the tables
+                self._scale, c0 = self.measured / tables, 0.0
+            else:
+                if trial is not None and volume > 0:
+                    counts, seconds = trial
+                    spread = volume - self._volume(counts)
+                    if spread > 0:  # within [0, all of the rest]: noise never makes a part negative
+                        c1 = ((remainder - (seconds - self._tables(counts))) / spread)
+                        c1 = min(max(c1, 0.0), remainder / volume)
+                c0 = remainder - c1 * volume
+        #: ``(scale, c0, c1)``: latency = scale * tables + c0 + c1 * activation volume (seconds)
+        self.rest = (float(self._scale), float(c0), float(c1))
         super().__init__(model, groups, example_inputs, positions=positions)
 
     def _tables(self, removed: Sequence[int]) -> float:
@@ -743,17 +769,17 @@ class LatencyCostModel(CostModel):
 
     def latency(self, removed_channels: Sequence[int]) -> float:
         """Predicted seconds after removing ``removed_channels[g]`` channels from group ``g``."""
-        c0, c1 = self.rest
-        return self._tables(removed_channels) + c0 + c1 * self._volume(removed_channels)
+        scale, c0, c1 = self.rest
+        return scale * self._tables(removed_channels) + c0 + c1 * self._volume(removed_channels)
 
     def group_saving(self, group: int, removed: int) -> float:
         """Seconds saved by removing ``removed`` channels of ``group`` alone (the others untouched)."""
         counts = [0] * self._num_groups
         counts[group] = removed
         dense = [0] * self._num_groups
-        c1 = self.rest[1]
+        scale, c1 = self.rest[0], self.rest[2]
         return sum(
-            layer.seconds(*layer.widths(dense)) - layer.seconds(*layer.widths(counts))
+            scale * (layer.seconds(*layer.widths(dense)) - layer.seconds(*layer.widths(counts)))
             + c1 * (layer.widths(dense)[1] - layer.widths(counts)[1]) * layer.positions
             for layer in self._by_group.get(group, [])
         )

@@ -353,7 +353,7 @@ class ChannelPruner:
         example_inputs: Any,
         *,
         measured: float | None = None,
-        latency_rest: tuple[float, float] | None = None,
+        latency_rest: tuple[float, float, float] | None = None,
     ) -> Analysis:
         """Trace ``model`` and find its channel groups and cost (model left unchanged).
 
@@ -361,7 +361,7 @@ class ChannelPruner:
         the trial surgery of :func:`~lightning_prune.engine.probe.find_unprunable_groups`. With a
         ``latency`` estimator, also the latency tables (measured or cached), one timing of the model
         (unless ``measured``, its latency in seconds, is given) and one of the model with every group cut
-        to half its width on trial, then restored (unless ``latency_rest``, the rest's ``(c0, c1)`` of
+        to half its width on trial, then restored (unless ``latency_rest``, the ``(scale, c0, c1)`` of
         :class:`~lightning_prune.engine.latency.LatencyCostModel`, is given); ``round_to="auto"`` is
         resolved then.
         """
