@@ -17,7 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune._batch import default_input_fn, default_label_fn, slice_batch, to_device
@@ -725,6 +725,13 @@ class StructuredPruningCallback(Callback):
         extras.finish(trainer, pl_module, record)
         self.history.append(record)
         log_step(trainer, record, self.num_steps, self.verbose)
+        ratio = record.latency_ratio
+        if target.kind == "latency" and ratio is not None and abs(1 - ratio - target.value) > self.pruner.latency_tolerance:
+            rank_zero_warn(
+                f"pruning step {index + 1} missed its latency target: measured {1 - ratio:.1%} of the dense latency "
+                f"removed for a target of {target.value:.1%} (latency_tolerance={self.pruner.latency_tolerance}) "
+                f"after {len(record.latency_tries)} tries; see the record's latency_tries"
+            )
 
 
 def _pruning_callbacks(trainer: pl.Trainer) -> list[StructuredPruningCallback]:
