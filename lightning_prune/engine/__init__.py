@@ -2,7 +2,8 @@
 
 Layering, bottom up: :mod:`~lightning_prune.engine.tp_adapter` (the only module that talks to
 torch-pruning), :mod:`~lightning_prune.engine.graph` (channel groups), :mod:`~lightning_prune.engine.cost`
-and :mod:`~lightning_prune.engine.targets`, :mod:`~lightning_prune.engine.allocation`,
+(and :mod:`~lightning_prune.engine.latency`, the measured-latency model) and
+:mod:`~lightning_prune.engine.targets`, :mod:`~lightning_prune.engine.allocation`,
 :mod:`~lightning_prune.engine.protocol` (what a criterion provides), :mod:`~lightning_prune.engine.surgery`,
 :mod:`~lightning_prune.engine.optimizer`, :mod:`~lightning_prune.engine.probe` and
 :mod:`~lightning_prune.engine.pruner`. The engine imports no criterion and no registry.
@@ -11,6 +12,7 @@ and :mod:`~lightning_prune.engine.targets`, :mod:`~lightning_prune.engine.alloca
 from lightning_prune.engine.allocation import Plan, TargetUnreachableError, plan_pruning
 from lightning_prune.engine.cost import Cost, CostModel, count_cost
 from lightning_prune.engine.graph import ChannelGroup, ParamSlice, build_dependency_graph, discover_groups
+from lightning_prune.engine.latency import LatencyCostModel, LatencyEstimator
 from lightning_prune.engine.optimizer import UnsupportedOptimizerStateError, prepare_optimizer_remap
 from lightning_prune.engine.protocol import Criterion, GroupCriterion, Requirements, ScoringContext
 from lightning_prune.engine.pruner import Analysis, ChannelPruner, PruningError, StepResult, layer_widths
@@ -27,6 +29,8 @@ __all__ = [
     "CostModel",
     "Criterion",
     "GroupCriterion",
+    "LatencyCostModel",
+    "LatencyEstimator",
     "ModuleSnapshot",
     "ParamSlice",
     "ParameterChange",
