@@ -212,23 +212,23 @@ def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
         lat_cb = StructuredPruningCallback("l1", target_latency_reduction=0.3, prune_on_train_start=True,
                                            latency_batch_size=batch, latency_cache_dir=str(cache), verbose=False)
         _bench.make_trainer(tune_epochs, [lat_cb]).fit(lat_model, DigitsDataModule(seed=seed))
-        goal = lat_cb.history[-1].latency_after
 
-        # the MACs target whose measured latency matches: secant on the flops target, on copies
-        est = LatencyEstimator(batch_size=batch, cache_dir=cache)
+        # the MACs target whose latency matches the latency-targeted model's: each candidate timed
+        # interleaved with that model (ratio of medians), secant on the flops target, on copies
         tries: list[tuple[float, float]] = []
         flops = 0.3
-        for _ in range(2 if smoke else 4):
+        for _ in range(2 if smoke else 5):
             trial = copy.deepcopy(base)
             ChannelPruner(get_criterion("l1")).step(trial, x, Target("flops", flops))
-            tries.append((flops, est.measure(trial, x)))
+            pair = interleaved_ms({"goal": lat_model, "trial": trial}, (1, 8, 8), batch, rounds=7)
+            tries.append((flops, pair["trial"]["median"] / pair["goal"]["median"]))
             if len(tries) >= 2 and tries[-1][1] != tries[-2][1]:
                 (f0, t0), (f1, t1) = tries[-2], tries[-1]
-                flops = f1 + (goal - t1) * (f1 - f0) / (t1 - t0)
+                flops = f1 + (1.0 - t1) * (f1 - f0) / (t1 - t0)
             else:
-                flops = flops + 0.1 if tries[-1][1] > goal else flops - 0.1
+                flops = flops + 0.15 if tries[-1][1] > 1.0 else flops - 0.15
             flops = min(max(flops, 0.05), 0.9)
-        flops = min(tries, key=lambda t: abs(t[1] - goal))[0]
+        flops = min(tries, key=lambda t: abs(t[1] - 1.0))[0]
         mac_model = copy.deepcopy(base)
         mac_cb = StructuredPruningCallback("l1", target_flops_reduction=flops, prune_on_train_start=True, verbose=False)
         _bench.make_trainer(tune_epochs, [mac_cb]).fit(mac_model, DigitsDataModule(seed=seed))

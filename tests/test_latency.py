@@ -440,3 +440,16 @@ def test_a_bad_latency_fn_fails_in_setup_before_training(latency_fn, match, tmp_
 
     with pytest.raises(ValueError, match=match):
         _fit(_callback(tmp_path, target_latency_reduction=0.3, latency_fn=latency_fn), extra=[NoTraining()])
+
+
+def test_monotone_grid_against_numpy_running_maxima():
+    import numpy as np
+
+    from lightning_prune.engine.latency import monotone_grid
+
+    rng = np.random.default_rng(0)
+    grid = rng.random((4, 5))
+    expected = np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)
+    assert np.allclose(monotone_grid(grid.tolist()), expected)
+    increasing = np.add.outer(np.arange(4.0), np.arange(5.0))
+    assert monotone_grid(increasing.tolist()) == increasing.tolist()  # already monotone: unchanged

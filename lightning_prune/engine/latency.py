@@ -8,8 +8,9 @@ costs, memory-bound layers, widths the kernels do not like). This module gives t
   alone, at the latency batch size, dtype and device, on a grid of (input width, output width)
   points covering the widths the plan may choose (from its current width down to what
   ``max_layer_ratio`` allows). Between grid points the time is interpolated bilinearly (linearly
-  beyond). Depthwise convolutions have one axis (input = output = groups); a side that no group
-  prunes (the stem's input, the classifier's output) stays at its width;
+  beyond), after making the grid non-decreasing in both widths (running maxima: timing noise never
+  makes a narrower layer look slower). Depthwise convolutions have one axis (input = output =
+  groups); a side that no group prunes (the stem's input, the classifier's output) stays at its width;
 * the model's latency at a plan is ``sum(tables at the plan's widths) + c0 + c1 * A(plan)``, where
   ``A`` is the activation volume the tabled layers write (output channels times output positions):
   the tables carry the convolutions and linear layers, ``c0 + c1 A`` everything else (a fixed part:
@@ -78,6 +79,7 @@ __all__ = [
     "environment_key",
     "fast_multiple_from_times",
     "interpolate",
+    "monotone_grid",
     "resize_batch",
     "time_callable",
 ]
@@ -256,6 +258,23 @@ def _grid_points(low: int, high: int, level: int, step: int) -> list[int]:
         value = low + (high - low) * i / (count - 1)
         points.add(max(step, step * round(value / step)))
     return sorted(p for p in points if p <= high)
+
+
+def monotone_grid(grid: Sequence[Sequence[float]]) -> list[list[float]]:
+    """``grid`` (rows: increasing input widths, columns: increasing output widths) made non-decreasing
+    along both axes by running maxima from the narrowest point: a wider layer is never predicted
+    faster than a narrower one (on a noisy machine a narrow point timed during a load spike would
+    otherwise make cutting channels look like it costs time)."""
+    rows = [list(row) for row in grid]
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            best = row[j]
+            if j:
+                best = max(best, row[j - 1])
+            if i:
+                best = max(best, rows[i - 1][j])
+            row[j] = best
+    return rows
 
 
 def fast_multiple_from_times(
@@ -643,9 +662,9 @@ class LatencyEstimator:
                     layer.ins, layer.outs = ins, outs
                     if layer.spec.kind == "depthwise":
                         layer.ins = [ins[0]]
-                        layer.grid = [[values[layer.spec.at(o, o).key()] for o in outs]]
+                        layer.grid = monotone_grid([[values[layer.spec.at(o, o).key()] for o in outs]])
                     else:
-                        layer.grid = [[values[layer.spec.at(i, o).key()] for o in outs] for i in ins]
+                        layer.grid = monotone_grid([[values[layer.spec.at(i, o).key()] for o in outs] for i in ins])
         for layer in layers:
             if layer.name not in self._grids and layer.grid:
                 self._grids[layer.name] = (layer.ins, layer.outs)
