@@ -432,7 +432,8 @@ class LatencyEstimator:
         table_seconds: time budget of the table building in one call, seconds. Default 60. The first
             level (grid corners) is always measured; finer levels only while the budget lasts.
         levels: finest grid level (``2**levels + 1`` points per axis). Default 2 (5 points).
-        warmup / repeats: of the default timers. Defaults 2 / 5 (layers), 3 / 10 (model).
+        warmup / repeats: of the default timers. Defaults 2 / 5 (layers: samples of 20 ms), 3 / at least 9
+            (the model: samples of 50 ms).
         progress: ``progress(total, description)`` context manager yielding ``advance(n)`` (the
             callback's follows the Trainer's bar). Default: nothing shown.
 
@@ -532,7 +533,8 @@ class LatencyEstimator:
                         raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
                     return check_seconds(value, "latency_fn")
                 return time_callable(
-                    lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=2 * self.repeats
+                    lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=max(9, 2 * self.repeats),
+                    min_sample_seconds=0.05,
                 )
 
     # ------------------------------------------------------------------ tables

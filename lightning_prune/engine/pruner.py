@@ -552,14 +552,15 @@ class ChannelPruner:
                 )
                 if plan_hook is not None:
                     plan = plan_hook(plan)
+                before = analysis.cost
+                reference = self._reference(model, example_inputs, plan, before)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = analysis.graph.pruning_history()
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
-                before = analysis.cost
                 tries: list[list[float]] = []
                 if self.latency is not None:
-                    measured = self.latency.measure(model, example_inputs) if changes else before.latency
+                    measured = self._paired(model, example_inputs, reference, before) if changes else before.latency
                     assert measured is not None
                     predicted = plan.predicted.latency if plan.predicted is not None else None
                     tries.append([target.value, float(predicted if predicted is not None else measured), measured])
@@ -661,8 +662,9 @@ class ChannelPruner:
             )
             if plan_hook is not None:
                 plan = plan_hook(plan)
+            reference = self._reference(model, example_inputs, plan, first.cost)
             cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
-            measured = self.latency.measure(model, example_inputs) if cut[0] else first.cost.latency
+            measured = self._paired(model, example_inputs, reference, first.cost) if cut[0] else first.cost.latency
             assert measured is not None and plan.predicted is not None and plan.predicted.latency is not None
             tries.append([planning, float(plan.predicted.latency), float(measured)])
             results.append((plan, (plan, *cut, analysis)))
@@ -675,6 +677,22 @@ class ChannelPruner:
             cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
             return (plan, *cut, analysis, tries[best][2])
         return (*results[best][1], tries[best][2])
+
+    def _reference(self, model: nn.Module, example_inputs: Any, plan: Plan, before: Cost) -> float | None:
+        """The step's start model timed right before a cut (None without latency or without a cut)."""
+        if self.latency is None or plan.empty or before.latency is None:
+            return None
+        return self.latency.measure(model, example_inputs)
+
+    def _paired(self, model: nn.Module, example_inputs: Any, reference: float | None, before: Cost) -> float:
+        """The pruned model's seconds on the scale of the analysis' measurement of the start model:
+        ``measured / reference * before.latency``, ``reference`` the start model timed just before the
+        cut, so that a load that changed since the analysis cancels out."""
+        assert self.latency is not None
+        measured = self.latency.measure(model, example_inputs)
+        if reference is None or before.latency is None:
+            return measured
+        return measured / reference * before.latency
 
     def _reanalyse(self, model: nn.Module, example_inputs: Any, first: Analysis) -> Analysis:
         """A fresh analysis of the restored model (its latency known: the step's start), checked to
