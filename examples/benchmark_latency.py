@@ -43,7 +43,7 @@ from lightning_prune import StructuredPruningCallback, count_cost, get_criterion
 from lightning_prune.data import DigitsDataModule  # noqa: E402
 from lightning_prune.engine import ChannelPruner, Target  # noqa: E402
 from lightning_prune.engine.latency import LatencyEstimator  # noqa: E402
-from lightning_prune.models import SmallResNet  # noqa: E402
+from lightning_prune.models import ImageClassifier, SmallResNet  # noqa: E402
 from lightning_prune.models.cifar_resnet import resnet56  # noqa: E402
 
 
@@ -89,8 +89,9 @@ def _models(smoke: bool) -> dict[str, tuple[Any, tuple[int, int, int]]]:
 
 
 def _estimator(batch: int, cache: Path, smoke: bool, table_seconds: float) -> LatencyEstimator:
+    quick = {"model_repeats": 3, "sample_seconds": 0.005} if smoke else {}
     return LatencyEstimator(batch_size=batch, device=_bench.device(), cache_dir=cache, table_seconds=table_seconds,
-                            repeats=3 if not smoke else 2, levels=2 if not smoke else 1)
+                            repeats=3 if not smoke else 2, levels=2 if not smoke else 1, **quick)
 
 
 def _prune(make, shape, target: Target, estimator: LatencyEstimator, round_to: Any = None) -> tuple[nn.Module, Any]:
@@ -200,8 +201,11 @@ def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)
-        _bench.TRAINER["limit_train_batches"] = 0.2 if smoke else 1.0
-        base = _bench.make_model(pre_epochs + tune_epochs)
+        _bench.TRAINER["limit_train_batches"] = 0.1 if smoke else 1.0
+        if smoke:
+            base = ImageClassifier(SmallResNet(widths=(16, 32), blocks_per_stage=1), lr=0.05, max_epochs=2)
+        else:
+            base = _bench.make_model(pre_epochs + tune_epochs)
         _bench.make_trainer(pre_epochs).fit(base, DigitsDataModule(seed=seed))
         data = DigitsDataModule(seed=seed)
         data.setup("fit")
@@ -211,6 +215,9 @@ def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
         lat_model = copy.deepcopy(base)
         lat_cb = StructuredPruningCallback("l1", target_latency_reduction=0.3, prune_on_train_start=True,
                                            latency_batch_size=batch, latency_cache_dir=str(cache), verbose=False)
+        if smoke:
+            assert lat_cb.latency is not None
+            lat_cb.latency.model_repeats, lat_cb.latency.sample_seconds = 3, 0.005
         _bench.make_trainer(tune_epochs, [lat_cb]).fit(lat_model, DigitsDataModule(seed=seed))
 
         # the MACs target whose latency matches the latency-targeted model's: each candidate timed
@@ -220,7 +227,7 @@ def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
         for _ in range(2 if smoke else 5):
             trial = copy.deepcopy(base)
             ChannelPruner(get_criterion("l1")).step(trial, x, Target("flops", flops))
-            pair = interleaved_ms({"goal": lat_model, "trial": trial}, (1, 8, 8), batch, rounds=7)
+            pair = interleaved_ms({"goal": lat_model, "trial": trial}, (1, 8, 8), batch, rounds=3 if smoke else 7)
             tries.append((flops, pair["trial"]["median"] / pair["goal"]["median"]))
             if len(tries) >= 2 and tries[-1][1] != tries[-2][1]:
                 (f0, t0), (f1, t1) = tries[-2], tries[-1]
@@ -232,7 +239,8 @@ def accuracy_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
         mac_model = copy.deepcopy(base)
         mac_cb = StructuredPruningCallback("l1", target_flops_reduction=flops, prune_on_train_start=True, verbose=False)
         _bench.make_trainer(tune_epochs, [mac_cb]).fit(mac_model, DigitsDataModule(seed=seed))
-        timed = interleaved_ms({"latency": lat_model, "macs": mac_model, "dense": base}, (1, 8, 8), batch, rounds=9)
+        timed = interleaved_ms({"latency": lat_model, "macs": mac_model, "dense": base}, (1, 8, 8), batch,
+                               rounds=3 if smoke else 9)
         test = DigitsDataModule(seed=seed)
         test.setup("test")
         row = {

@@ -432,8 +432,10 @@ class LatencyEstimator:
         table_seconds: time budget of the table building in one call, seconds. Default 60. The first
             level (grid corners) is always measured; finer levels only while the budget lasts.
         levels: finest grid level (``2**levels + 1`` points per axis). Default 2 (5 points).
-        warmup / repeats: of the default timers. Defaults 2 / 5 (layers: samples of 20 ms), 3 / at least 9
-            (the model: samples of 50 ms).
+        warmup / repeats: warm-up calls and samples of the default layer timer (samples of 20 ms).
+            Defaults 2 / 5.
+        model_repeats / sample_seconds: samples, and the duration each fills with back-to-back calls, of
+            the default model timing. Defaults 9 / 0.05 s.
         progress: ``progress(total, description)`` context manager yielding ``advance(n)`` (the
             callback's follows the Trainer's bar). Default: nothing shown.
 
@@ -454,6 +456,8 @@ class LatencyEstimator:
         levels: int = 2,
         warmup: int = 2,
         repeats: int = 5,
+        model_repeats: int = 9,
+        sample_seconds: float = 0.05,
         progress: ProgressFn | None = None,
     ) -> None:
         if latency_fn is not None and not callable(latency_fn):
@@ -479,6 +483,7 @@ class LatencyEstimator:
         self.table_seconds = float(table_seconds)
         self.levels = levels
         self.warmup, self.repeats = int(warmup), int(repeats)
+        self.model_repeats, self.sample_seconds = int(model_repeats), float(sample_seconds)
         self.progress: ProgressFn = progress or _no_progress
         self.measured_points = 0
         self.cached_points = 0
@@ -533,8 +538,8 @@ class LatencyEstimator:
                         raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
                     return check_seconds(value, "latency_fn")
                 return time_callable(
-                    lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=max(9, 2 * self.repeats),
-                    min_sample_seconds=0.05,
+                    lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=self.model_repeats,
+                    min_sample_seconds=self.sample_seconds,
                 )
 
     # ------------------------------------------------------------------ tables
