@@ -200,6 +200,6 @@ class DiscriminantInformation(Criterion):
             curve = di_curve(s_bar, s_b, self.rho, order)
             full = curve[-1] if curve[-1] > 0 else torch.tensor(1.0, dtype=torch.float64)
             lost = 1.0 - curve / full
-            kept_channels = (torch.arange(group.positions + 1) * group.channel_groups).clamp_max(group.size)
+            kept_channels = (torch.arange(group.positions + 1) * group.unit).clamp_max(group.size)
             losses.append(lost[kept_channels])
         return losses

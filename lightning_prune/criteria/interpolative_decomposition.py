@@ -202,7 +202,7 @@ class InterpolativeDecomposition(Criterion):
                 g, corrected = self._gram(group, context)
                 cached = (*gram_reconstruction_errors(g, corrected), corrected)
             error = np.maximum.accumulate(cached[1][::-1])[::-1]  # non-increasing in k (numerical safety)
-            kept = np.minimum(np.arange(group.positions + 1) * group.channel_groups, group.size)
+            kept = np.minimum(np.arange(group.positions + 1) * group.unit, group.size)
             losses.append(torch.from_numpy(error[kept].copy()))
         return losses
 

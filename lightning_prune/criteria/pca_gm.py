@@ -86,6 +86,6 @@ class PCAGeometricMedian(Criterion):
             covariance = store.covariance(request).cpu()
             curve = explained_variance_curve(covariance)
             self.pca_widths[group.root_name] = pca_width(covariance, self.variance_threshold)
-            kept_channels = torch.arange(group.positions + 1) * group.channel_groups
+            kept_channels = torch.arange(group.positions + 1) * group.unit
             losses.append(1.0 - curve[kept_channels.clamp_max(group.size)])
         return losses

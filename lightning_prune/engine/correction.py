@@ -428,6 +428,6 @@ def width_losses_from_grams(
         else:
             error = 1.0 - np.arange(group.size + 1) / group.size
         error = np.maximum.accumulate(error[::-1])[::-1]
-        kept = np.minimum(np.arange(block + 1) * group.channel_groups, group.size)
+        kept = np.minimum(np.arange(block + 1) * group.unit, group.size)
         losses.append(torch.from_numpy(error[kept].copy()))
     return losses

@@ -74,6 +74,7 @@ def tolerant_reshape_mapping() -> Iterator[None]:
     from torch_pruning.dependency import index_mapping
 
     original = index_mapping.update_reshape_index_mapping
+    original_concat = index_mapping.update_concat_index_mapping
 
     def tolerant(graph: Any, node: Any) -> None:
         try:
@@ -81,11 +82,19 @@ def tolerant_reshape_mapping() -> Iterator[None]:
         except ArithmeticError:
             pass
 
+    def tolerant_concat(graph: Any, node: Any) -> None:
+        try:
+            original_concat(graph, node)
+        except TypeError:  # a channel size it could not infer (None): the concat becomes a barrier
+            pass
+
     index_mapping.update_reshape_index_mapping = tolerant
+    index_mapping.update_concat_index_mapping = tolerant_concat
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_concat_index_mapping = original_concat
 
 
 @contextlib.contextmanager
@@ -115,6 +124,12 @@ def cut_parameter(pruner: Any, weight: nn.Parameter, keep: list[int], dim: int) 
 
 
 _ORIGINAL_CUT = BasePruningFunc._prune_parameter_and_grad
+
+
+def cut_through_interception(weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+    """Cut ``weight`` as torch-pruning's layer pruners do, through :func:`intercept_parameter_pruning`
+    when it is active (for cuts made outside torch-pruning's groups, e.g. attention heads)."""
+    return BasePruningFunc._prune_parameter_and_grad(None, weight, keep, dim)
 
 
 # --------------------------------------------------------------------------------------------

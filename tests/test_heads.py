@@ -1,0 +1,329 @@
+"""Attention-head pruning and ``scope`` on tiny transformers built from configs (no weights downloaded).
+
+References are independent of the library: head counts are read from the weight shapes, MACs are
+counted by ``torch.utils.flop_counter.FlopCounterMode`` (the matrix products of linear layers and
+the convolutions: what the library's MACs count; the attention products are left out on both
+sides), and a removed head is compared with the dense model whose head was zeroed by hand.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_prune import ChannelPruner, Target, get_criterion
+from lightning_prune.checkpoint import replay_surgery
+from lightning_prune.engine.attention import HeadPrunedMultiheadAttention, cut_heads, find_attention
+from lightning_prune.export import export_pruned
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+from torchvision.models import VisionTransformer  # noqa: E402
+
+
+class Logits(nn.Module):
+    """Hugging Face model -> plain logits tensor (for exports and the FLOP counter)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=32, num_labels=3,
+    )
+    return Logits(transformers.BertForSequenceClassification(config))
+
+
+def _gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=100, n_positions=32, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1,
+    )
+    return Logits(transformers.GPT2ForSequenceClassification(config))
+
+
+def _hf_vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8,
+        num_labels=3,
+    )
+    return Logits(transformers.ViTForImageClassification(config))
+
+
+def _timm_vit() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=5, depth=2)
+
+
+def _torchvision_vit() -> nn.Module:
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=5)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _images(size: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _q_rows(site_module: Any) -> int:
+    """Rows of the query projection(s), read from the weights (independent of the attributes)."""
+    m = site_module
+    if hasattr(m, "self"):  # BERT
+        return int(m.self.query.weight.shape[0])
+    if hasattr(m, "q_proj"):  # HF ViT
+        return int(m.q_proj.weight.shape[0])
+    if hasattr(m, "c_attn"):  # GPT-2 Conv1D, weight (in, 3 * width)
+        return int(m.c_attn.weight.shape[1]) // 3
+    if hasattr(m, "qkv"):  # timm
+        return int(m.qkv.weight.shape[0]) // 3
+    return int(m.in_proj_weight.shape[0]) // 3  # nn.MultiheadAttention
+
+
+def _o_columns(site_module: Any) -> int:
+    m = site_module
+    if hasattr(m, "self"):
+        return int(m.output.dense.weight.shape[1])
+    if hasattr(m, "o_proj"):
+        return int(m.o_proj.weight.shape[1])
+    if hasattr(m, "c_proj"):
+        return int(m.c_proj.weight.shape[0])
+    if hasattr(m, "proj"):
+        return int(m.proj.weight.shape[1])
+    return int(m.out_proj.weight.shape[1])
+
+
+def _heads_attribute(site_module: Any) -> tuple[int, int]:
+    m = site_module
+    if hasattr(m, "self"):
+        return int(m.self.num_attention_heads), int(m.self.attention_head_size)
+    if hasattr(m, "num_attention_heads"):
+        return int(m.num_attention_heads), int(m.head_dim)
+    return int(m.num_heads), int(m.head_dim)
+
+
+def _linear_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of the matrix products of linear layers and of convolutions (not the attention products)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    counts = counter.get_flop_counts()["Global"]
+    ops = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.convolution}
+    return int(sum(v for k, v in counts.items() if k in ops))
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]
+    heads: int
+
+
+CASES = [
+    Case("bert", _bert, _tokens, 4),
+    Case("gpt2", _gpt2, _tokens, 4),
+    Case("hf_vit", _hf_vit, _images(32), 4),
+    Case("timm_vit_tiny", _timm_vit, _images(64), 3),
+    Case("torchvision_vit", _torchvision_vit, _images(32), 4),
+]
+
+
+def _prune(model: nn.Module, x: torch.Tensor, target: float = 0.3, **kwargs: Any):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ChannelPruner(get_criterion("l1"), **kwargs).step(model, x, Target("flops", target))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_heads_are_pruned_with_the_attributes_and_the_macs(case: Case, tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    dense_out = model(x)
+    dense_flops = _linear_flops(model, x)
+    result = _prune(model, x)
+    sites = find_attention(model)
+    assert sites, "no attention module found"
+    removed_heads = 0
+    for site in sites:
+        num_heads, head_dim = _heads_attribute(site.module)
+        assert _q_rows(site.module) == num_heads * head_dim == _o_columns(site.module), site.name
+        assert head_dim == 64 // 4 if case.heads == 4 else head_dim == 64  # whole heads: head width kept
+        removed_heads += case.heads - num_heads
+    assert removed_heads > 0
+    out = model(x)
+    assert out.shape == dense_out.shape
+    measured = 1 - _linear_flops(model, x) / dense_flops
+    assert abs(measured - 0.3) <= 0.02, measured
+    assert abs(measured - (1 - result.after.macs / result.before.macs)) < 1e-6
+    # a training step on the pruned model
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(x).float().pow(2).mean().backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    model.eval()
+    if case.name in ("bert", "timm_vit_tiny", "torchvision_vit"):  # export parity (the export checks atol=1e-5)
+        export_pruned(model, tmp_path / "model.pt2", x, format="torch_export")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_removing_a_zeroed_head_leaves_the_output_unchanged(case: Case) -> None:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    site = find_attention(model)[0]
+    num_heads, head_dim = _heads_attribute(site.module)
+    head = 1
+    channels = list(range(head * head_dim, (head + 1) * head_dim))
+    with torch.no_grad():  # zero the head's value rows and output columns by hand, per layout
+        m = site.module
+        width = num_heads * head_dim
+        if hasattr(m, "self"):
+            m.self.value.weight[channels] = 0
+            m.self.value.bias[channels] = 0
+            m.output.dense.weight[:, channels] = 0
+        elif hasattr(m, "q_proj"):
+            m.v_proj.weight[channels] = 0
+            if m.v_proj.bias is not None:
+                m.v_proj.bias[channels] = 0
+            m.o_proj.weight[:, channels] = 0
+        elif hasattr(m, "c_attn"):
+            m.c_attn.weight[:, [2 * width + c for c in channels]] = 0
+            m.c_attn.bias[[2 * width + c for c in channels]] = 0
+            m.c_proj.weight[channels] = 0
+        elif hasattr(m, "qkv"):
+            m.qkv.weight[[2 * width + c for c in channels]] = 0
+            m.qkv.bias[[2 * width + c for c in channels]] = 0
+            m.proj.weight[:, channels] = 0
+        else:
+            m.in_proj_weight[[2 * width + c for c in channels]] = 0
+            m.in_proj_bias[[2 * width + c for c in channels]] = 0
+            m.out_proj.weight[:, channels] = 0
+        zeroed = model(x)
+        cut_heads(site, channels, whole_heads=True)
+        assert _heads_attribute(site.module)[0] == num_heads - 1
+        pruned = model(x)
+    torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_head_pruned_multihead_attention_forward_matches_torch(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    q, k = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, -2:] = True
+    attn_mask = torch.randn(5, 7)
+    expected, expected_w = mha(q, k, k, key_padding_mask=padding, attn_mask=attn_mask)
+    mha.scaling = 8**-0.5
+    mha.__class__ = HeadPrunedMultiheadAttention
+    got, got_w = mha(q, k, k, key_padding_mask=padding, attn_mask=attn_mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_w, expected_w, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dims_option_narrows_every_head() -> None:
+    model = _hf_vit().eval()
+    x = _images(32)()
+    _prune(model, x, scope="heads", head_pruning="head_dims", target=0.15)
+    for site in find_attention(model):
+        num_heads, head_dim = _heads_attribute(site.module)
+        assert num_heads == 4 and _q_rows(site.module) == 4 * head_dim
+    assert any(_heads_attribute(s.module)[1] < 16 for s in find_attention(model))
+    assert model(x).shape == (4, 3)
+
+
+def _widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_scope_mlp_changes_only_feed_forward_widths() -> None:
+    model = _bert().eval()
+    x = _tokens()
+    dense = _widths(model)
+    _prune(model, x, scope="mlp")
+    changed = {n for n, s in _widths(model).items() if s != dense[n]}
+    assert changed
+    # only the feed-forward layers: intermediate rows and output.dense columns (never attention or the token width)
+    assert all(".intermediate.dense." in n or (".output.dense.weight" in n and ".attention." not in n) for n in changed), changed
+    assert all(_heads_attribute(s.module) == (4, 16) for s in find_attention(model))
+
+
+def test_scope_embedding_prunes_the_token_width_of_torchvision_vit() -> None:
+    model = _torchvision_vit().eval()
+    x = _images(32)()
+    _prune(model, x, scope="embedding", target=0.2)
+    assert model.hidden_dim == model.conv_proj.out_channels < 64
+    assert model.encoder.layers[0].self_attention.embed_dim == model.hidden_dim
+    assert model(x).shape == (4, 5)
+
+
+def test_default_scope_keeps_the_token_width_and_cnns_unchanged() -> None:
+    model = _timm_vit().eval()
+    x = _images(64)()
+    _prune(model, x)
+    assert model.patch_embed.proj.out_channels == 192 and model.norm.normalized_shape == (192,)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LayerNorm([8, 6, 6]), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
+    assert ChannelPruner(get_criterion("l1")).scope_of(cnn) == frozenset({"mlp", "heads", "embedding", "other"})
+
+
+@pytest.mark.parametrize("scope", ["attention", ["mlp", "tokens"], ""])
+def test_scope_is_validated_up_front(scope: Any) -> None:
+    with pytest.raises(ValueError, match="scope must be one of mlp, heads, embedding, all"):
+        ChannelPruner(get_criterion("l1"), scope=scope)
+    with pytest.raises(TypeError, match="scope"):
+        ChannelPruner(get_criterion("l1"), scope=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="head_pruning must be one of heads, head_dims"):
+        ChannelPruner(get_criterion("l1"), head_pruning="some")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=["bert", "timm_vit_tiny", "torchvision_vit"])
+def test_head_surgery_replays_exactly_on_a_fresh_model(case: Case) -> None:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    result = _prune(model, x, scope="all" if case.name == "torchvision_vit" else None, target=0.35)
+    assert any(isinstance(e[1], str) for e in result.surgery)  # the head cuts are in the record
+    torch.manual_seed(1)
+    fresh = case.build().eval()
+    replay_surgery(fresh, x, [result.surgery])
+    fresh.load_state_dict(model.state_dict())
+    for a, b in zip(find_attention(model), find_attention(fresh)):
+        assert _heads_attribute(a.module) == _heads_attribute(b.module)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_nothing_imports_transformers_or_timm_for_a_cnn() -> None:
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from lightning_prune import ChannelPruner, Target, get_criterion\n"
+        "m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 12 * 12, 2))\n"
+        "ChannelPruner(get_criterion('l1')).step(m, torch.randn(2, 3, 16, 16), Target('flops', 0.3))\n"
+        "print(sorted(n for n in ('transformers', 'timm') if n in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
