@@ -65,7 +65,9 @@ from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import ChannelPruner
 from lightning_prune.models import SmallResNet, resnet56
 
-COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition"]
+#: suffix of a criterion name in ``--criteria`` that also collects what ``correction="least_squares"`` reads
+CORRECTED = "+least_squares"
+COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition", "l1" + CORRECTED]
 NUM_CLASSES = 10
 SECTIONS = ("overhead", "latency", "memory", "prune_step")
 #: the unbatched filter ensembles next to the default, in the prune-step section
@@ -74,10 +76,15 @@ FE_UNBATCHED = "filter_ensembles (masks_per_pass=1)"
 
 # ---------------------------------------------------------------------------------------------- 1. overhead
 def new_collector(model: nn.Module, criterion: str, example: torch.Tensor) -> ActivationCollector:
-    """The collector the callback would build for ``criterion`` (same requests and defaults)."""
-    crit = get_criterion(criterion)
-    groups = ChannelPruner(crit).analyse(model, example).groups
-    return ActivationCollector(model, crit.activation_requests(groups), num_classes=NUM_CLASSES)
+    """The collector the callback would build for ``criterion`` (same requests and defaults); with the
+    :data:`CORRECTED` suffix, also the Gram matrices the least-squares correction reads."""
+    name = criterion.removesuffix(CORRECTED)
+    crit = get_criterion(name)
+    pruner = ChannelPruner(crit, correction="least_squares" if criterion.endswith(CORRECTED) else None)
+    groups = pruner.analyse(model, example).groups
+    requests = list(crit.activation_requests(groups))
+    requests += [r for r in pruner.correction_requests(groups, model) if r not in requests]
+    return ActivationCollector(model, requests, num_classes=NUM_CLASSES)
 
 
 def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> dict[str, Any]:
@@ -100,15 +107,17 @@ def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> d
             collector.end_batch()
 
     times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(repeats):
         for mode in ("off", "on"):
             collector.attach() if mode == "on" else collector.detach()
             for _ in range(3):
                 step(mode == "on")
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 step(mode == "on")
             times[mode].append((time.perf_counter() - start) / steps * 1e3)
+            cpu[mode].append((time.process_time() - start_cpu) / steps * 1e3)
     collector.detach()
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     return {
@@ -116,7 +125,10 @@ def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> d
         "ms_per_step_collecting": on,
         "ratio": on / off,
         "min_ratio": min(times["on"]) / min(times["off"]),
+        # CPU time of this process: what other jobs on a shared machine disturb least
+        "cpu_ratio": statistics.median(cpu["on"]) / statistics.median(cpu["off"]),
         "samples_ms": times,
+        "samples_cpu_ms": cpu,
     }
 
 
@@ -437,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         args.criteria, args.targets = args.criteria[:1], [0.5]
         args.repeats, args.overhead_epochs, args.latency_rounds = 1, 1, 2
-    args.criteria = [get_criterion(c).name or c for c in args.criteria]
+    args.criteria = [(get_criterion(c.removesuffix(CORRECTED)).name or c) + (CORRECTED if c.endswith(CORRECTED) else "") for c in args.criteria]
     args.step_criteria = ["l1", "filter_ensembles"] if args.smoke else criteria_names()
     args.out = output_dir(args)
     setup_threads(args.threads)
