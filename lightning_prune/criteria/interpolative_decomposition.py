@@ -122,7 +122,7 @@ class InterpolativeDecomposition(Criterion):
     Args:
         max_rows: unused since the Gram statistic replaced the row reservoir (the Gram is O(C^2)
             whatever the rows); accepted so that existing configurations still load.
-        rows_per_batch: rows sampled per training batch into each Gram. Default 4096.
+        rows_per_batch: rows sampled per training batch into each Gram. Default 512.
         ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram
             (:data:`~lightning_prune.engine.correction.DEFAULT_RIDGE`); the callback's
             ``correction_ridge`` overrides it.
