@@ -23,6 +23,18 @@ nothing of the attributes), so heads are modelled here, outside torch-pruning:
 
 Widths hard-coded elsewhere (torchvision's ``VisionTransformer.hidden_dim``) are rewritten from the
 weights after every cut by the :data:`WIDTH_ATTRIBUTES` registry (:func:`sync_width_attributes`).
+
+Example (one head of a ``nn.MultiheadAttention`` removed by hand)::
+
+    import torch
+    from torch import nn
+    from lightning_prune.engine.attention import cut_heads, find_attention
+
+    attention = nn.MultiheadAttention(32, 4, batch_first=True)
+    site = find_attention(nn.ModuleDict({"attn": attention}))[0]
+    cut_heads(site, channels=range(8, 16), whole_heads=True)   # head 1 (head_dim 8)
+    x = torch.randn(2, 5, 32)
+    assert attention.num_heads == 3 and attention(x, x, x)[0].shape == (2, 5, 32)
 """
 
 from __future__ import annotations
