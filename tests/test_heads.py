@@ -342,3 +342,43 @@ def test_the_package_never_imports_transformers_or_timm() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("transformers", "timm")]
     assert offenders == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["pls_vip", "discriminant_information"])
+def test_activation_criteria_score_heads_by_their_outputs(criterion: str) -> None:
+    """Planted signal: head 2 of every layer has zero value weights, so its output features (what the
+    output projection reads) are constantly zero; every other head carries signal. An activation
+    criterion must drop head 2 first (learning rate 0: the weights stay as planted)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_prune import StructuredPruningCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _bert()
+            with torch.no_grad():
+                for layer in self.net.model.bert.encoder.layer:
+                    layer.attention.self.value.weight[32:48] = 0
+                    layer.attention.self.value.bias[32:48] = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, _i: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    ids = torch.randint(1, 100, (48, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 0] % 3
+    callback = StructuredPruningCallback(criterion, target_flops_reduction=0.08, epochs=[0], scope="heads", verbose=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[callback], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Module(), DataLoader(TensorDataset(ids, labels), batch_size=16))
+    cuts = [entry for entry in callback.history[0].surgery if entry[1] == "heads"]
+    assert cuts and all(entry[2] == list(range(32, 48)) for entry in cuts), cuts

@@ -144,7 +144,8 @@ class InterpolativeDecomposition(Criterion):
 
     # ------------------------------------------------------------------ which tensors
     def _root_request(self, group: ChannelGroup) -> ActivationRequest:
-        return ActivationRequest(group.root_name, statistic="gram", rows_per_batch=self.rows_per_batch)
+        module, site = group.observation
+        return ActivationRequest(module, site=site, statistic="gram", rows_per_batch=self.rows_per_batch)
 
     def _requests(self, group: ChannelGroup, model: nn.Module | None) -> tuple[list[ActivationRequest], bool]:
         """The Gram requests the selection reads (every absorbing consumer's input, else the root's

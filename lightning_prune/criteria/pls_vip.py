@@ -66,7 +66,8 @@ def fit_pls_vip(features: np.ndarray, labels: np.ndarray, n_components: int = 2,
 
 def root_request(group: ChannelGroup, **kwargs) -> ActivationRequest:
     """A request on the output of ``group``'s root layer (the layer whose channels are numbered)."""
-    return ActivationRequest(group.root_name, **kwargs)
+    module, site = group.observation
+    return ActivationRequest(module, site=site, **kwargs)
 
 
 @register_criterion("pls_vip", "pls")

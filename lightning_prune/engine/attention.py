@@ -580,6 +580,7 @@ def head_groups(
                 )
             )
         layers = [p.layer for p in site.family.projections(site.module)]
+        output = next(p.layer for p in site.family.projections(site.module) if not p.is_output)
         groups.append(
             ChannelGroup(
                 index=start + len(groups),
@@ -591,6 +592,7 @@ def head_groups(
                 handle=HeadHandle(site, whole_heads),
                 block=head_dim if whole_heads else 1,
                 kind="heads",
+                observed=(module_names[output], "input"),  # the heads' outputs, concatenated
             )
         )
     return groups

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -131,7 +131,15 @@ class ChannelGroup:
     module_names: tuple[str, ...]  #: every module the group touches
     handle: Cutter  #: cuts the group's channels (torch-pruning's group, through the adapter)
     block: int = 1  #: consecutive channels per position (``head_dim`` for whole-head groups)
-    kind: GroupKind = "mlp"  #: ``"mlp"``, ``"heads"`` or ``"embedding"`` (the ``scope`` classes)
+    kind: GroupKind = "mlp"  #: ``"mlp"``, ``"heads"``, ``"embedding"`` or ``"other"`` (the ``scope`` classes)
+    #: (module, site) whose activation holds the channels; None: the root's output
+    observed: tuple[str, Literal["output", "input"]] | None = None
+
+    @property
+    def observation(self) -> tuple[str, Literal["output", "input"]]:
+        """Where activation criteria observe the group's channels: ``(module name, "output" | "input")``
+        (the root's output, or for a head group the output projection's input: the heads' outputs)."""
+        return self.observed if self.observed is not None else (self.root_name, "output")
 
     @property
     def positions(self) -> int:
