@@ -300,6 +300,10 @@ def test_scope_is_validated_up_front(scope: Any) -> None:
         ChannelPruner(get_criterion("l1"), scope=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="head_pruning must be one of heads, head_dims"):
         ChannelPruner(get_criterion("l1"), head_pruning="some")  # type: ignore[arg-type]
+    from lightning_prune import StructuredPruningCallback
+
+    with pytest.raises(ValueError, match="scope must be one of"):  # the callback, at construction
+        StructuredPruningCallback("l1", target_flops_reduction=0.3, scope=scope)
 
 
 REPLAYS = [(CASES[0], None), (CASES[3], None), (CASES[4], None), (CASES[4], "all")]

@@ -121,6 +121,9 @@ class AttentionFamily:
         """Rewrite the attributes the forward reads."""
         raise NotImplementedError
 
+    def prepare(self, module: Any) -> None:
+        """Make the module ready for head pruning before it is analysed (default: nothing)."""
+
     def value_layer(self, module: Any) -> nn.Module:
         """The module a head group is named after (its ``root_name``): the value projection, whose
         output the activation criteria observe, or the attention module itself where q, k and v are
@@ -329,7 +332,11 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
     inner features): torch's own forward requires them to equal ``embed_dim``. A pruned module's class
     is switched to this one (same parameters, same ``state_dict``); the forward is the same
     computation (packed q/k/v projection, scaled dot product with the scale of the original head
-    width, masks, dropout, output projection) written with plain tensor operations."""
+    width, masks, dropout, output projection) written with plain tensor operations. The output
+    projection is called as a module, so that activation criteria observe the heads' outputs (its
+    input) and the cost counts it through its own hook (:attr:`calls_out_proj`)."""
+
+    calls_out_proj = True
 
     def forward(
         self,
@@ -372,11 +379,12 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
         weights = torch.softmax(scores, dim=-1)
         if self.training and self.dropout > 0:
             weights = nn.functional.dropout(weights, p=self.dropout)
-        out = torch.bmm(weights, v).transpose(0, 1).reshape(length, batch, heads * head_dim)
-        out = nn.functional.linear(out, self.out_proj.weight, self.out_proj.bias)  # functional, as in torch (cost hooks)
+        out = torch.bmm(weights, v).view(batch, heads, length, head_dim).transpose(1, 2)
+        # a module call on (batch, tokens, heads x head_dim), unlike torch's: hooks see the heads' outputs
+        out = self.out_proj(out.reshape(batch, length, heads * head_dim))
         if not batched:
-            out = out.squeeze(1)
-        elif self.batch_first:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
@@ -391,7 +399,8 @@ class TorchMultiheadAttention(AttentionFamily):
 
     name = "torch-multihead-attention"
     owns_inner_width = False
-
+    # prepare(): switched to HeadPrunedMultiheadAttention when its heads are analysed (the same function),
+    # so that the output projection's input is observable
     def matches(self, module: Any) -> bool:
         return (
             isinstance(module, nn.MultiheadAttention)
@@ -411,10 +420,13 @@ class TorchMultiheadAttention(AttentionFamily):
     def heads(self, module: Any) -> tuple[int, int]:
         return int(module.num_heads), int(module.head_dim)
 
-    def set_heads(self, module: Any, num_heads: int, head_dim: int) -> None:
+    def prepare(self, module: Any) -> None:
         if not isinstance(module, HeadPrunedMultiheadAttention):
             module.scaling = float(module.head_dim) ** -0.5
             module.__class__ = HeadPrunedMultiheadAttention
+
+    def set_heads(self, module: Any, num_heads: int, head_dim: int) -> None:
+        self.prepare(module)
         module.num_heads = num_heads
         module.head_dim = head_dim
 
@@ -560,6 +572,7 @@ def head_groups(
     for site in sites:
         num_heads, head_dim = site.heads()
         width = num_heads * head_dim
+        site.family.prepare(site.module)
         if (whole_heads and num_heads < 2) or (not whole_heads and (head_dim < 2 or not site.narrowable())):
             continue
         slices = []

@@ -85,7 +85,8 @@ def _attention_positions(
     else:
         assert module.q_proj_weight is not None and module.k_proj_weight is not None and module.v_proj_weight is not None
         weights = {module.q_proj_weight: queries, module.k_proj_weight: keys, module.v_proj_weight: keys}
-    weights[module.out_proj.weight] = queries
+    if not getattr(module, "calls_out_proj", False):  # torch applies it functionally: no hook of its own
+        weights[module.out_proj.weight] = queries
     return weights
 
 
