@@ -386,3 +386,30 @@ def test_activation_criteria_score_heads_by_their_outputs(criterion: str) -> Non
     trainer.fit(Module(), DataLoader(TensorDataset(ids, labels), batch_size=16))
     cuts = [entry for entry in callback.history[0].surgery if entry[1] == "heads"]
     assert cuts and all(entry[2] == list(range(32, 48)) for entry in cuts), cuts
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=["bert", "torchvision_vit"])
+def test_a_failed_head_step_restores_model_attributes_and_optimizer(case: Case) -> None:
+    """A fault after the surgery (here in ``recalibrate``) puts back the weights, the attributes the
+    forward reads, the module classes and the optimizer's parameters."""
+    from lightning_prune import PruningError
+
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    reference = model(x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    before = {s.name: (_heads_attribute(s.module), type(s.module)) for s in find_attention(model)}
+
+    def fail(_model: nn.Module) -> None:
+        assert any(_heads_attribute(s.module)[0] < case.heads for s in find_attention(_model))  # the cut happened
+        raise RuntimeError("planted fault")
+
+    with pytest.raises(PruningError, match="planted fault"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ChannelPruner(get_criterion("l1")).step(model, x, Target("flops", 0.3), optimizers=[optimizer], recalibrate=fail)
+    assert {s.name: (_heads_attribute(s.module), type(s.module)) for s in find_attention(model)} == before
+    assert [id(p) for g in optimizer.param_groups for p in g["params"]] == [id(p) for p in params]
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    torch.testing.assert_close(model(x), reference)
