@@ -413,3 +413,18 @@ def test_a_failed_head_step_restores_model_attributes_and_optimizer(case: Case) 
     assert [id(p) for g in optimizer.param_groups for p in g["params"]] == [id(p) for p in params]
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     torch.testing.assert_close(model(x), reference)
+
+
+def test_an_averaged_copy_gets_the_same_head_cut() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = _timm_vit().eval()
+    copy_ = copy.deepcopy(model)
+    x = _images(64)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ChannelPruner(get_criterion("l1")).step(model, x, Target("flops", 0.3), companions=[copy_])
+    assert [s.module.num_heads for s in find_attention(copy_)] == [s.module.num_heads for s in find_attention(model)]
+    assert any(s.module.num_heads < 3 for s in find_attention(model))
+    torch.testing.assert_close(copy_(x), model(x))  # same values: the copy was a copy of the model
