@@ -256,6 +256,8 @@ def test_head_dims_option_narrows_every_head() -> None:
         assert num_heads == 4 and _q_rows(site.module) == 4 * head_dim
     assert any(_heads_attribute(s.module)[1] < 16 for s in find_attention(model))
     assert model(x).shape == (4, 3)
+    # narrowed heads keep their attention scale (1/sqrt(16)); a config-built model would not: explained
+    assert any("scales attention by 0.25" in r for r in model.model.save_pretrained.lightning_prune_reasons)
 
 
 def _widths(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -109,6 +109,7 @@ class ConfigFamily:
                 f"{self.model_types[0]} derives the head width as {self.hidden} / {self.heads}, but the model has "
                 f"{heads} heads of {head_dim} with {self.hidden}={hidden}"
             )
+        reasons += _scale_mismatches(model)
         if reasons:
             return reasons
         saved = config.to_dict()
@@ -124,6 +125,21 @@ class ConfigFamily:
                 if key in values or key == self.head_dim:
                     setattr(config, key, value)
         return reasons
+
+
+def _scale_mismatches(model: nn.Module) -> list[str]:
+    """Narrowed heads (``head_pruning="head_dims"``) keep the attention scale of their original width;
+    a model built from the config would compute it from the new one."""
+    for site in find_attention(model):
+        holder = getattr(site.module, "self", site.module)
+        scaling = getattr(holder, "scaling", None)
+        _, head_dim = site.heads()
+        if isinstance(scaling, float) and abs(scaling - head_dim**-0.5) > 1e-9 * scaling:
+            return [
+                f"'{site.name}' scales attention by {scaling:.6g} (its original head width), a model built from the "
+                f"config would use head_dim ** -0.5 = {head_dim**-0.5:.6g}"
+            ]
+    return []
 
 
 def _rebuild_mismatches(model: nn.Module, config: Any) -> list[str]:
