@@ -429,3 +429,38 @@ def test_an_averaged_copy_gets_the_same_head_cut() -> None:
     assert [s.module.num_heads for s in find_attention(copy_)] == [s.module.num_heads for s in find_attention(model)]
     assert any(s.module.num_heads < 3 for s in find_attention(model))
     torch.testing.assert_close(copy_(x), model(x))  # same values: the copy was a copy of the model
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_filter_ensembles_masks_a_head_like_zeroing_it(case: Case) -> None:
+    """``filter_ensembles`` masks a head group where the heads' outputs meet the output projection:
+    the masked model equals the dense model whose head's output-projection columns are zeroed."""
+    import copy
+
+    from lightning_prune.criteria.filter_ensembles import channel_masking
+
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = case.inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = ChannelPruner(get_criterion("l1"), scope="heads").analyse(model, x)
+    group = analysis.groups[0]
+    head_dim = group.block
+    mask = torch.ones(group.size)
+    mask[head_dim : 2 * head_dim] = 0
+    reference = copy.deepcopy(model)
+    site = next(s for s in find_attention(reference) if s.name in group.module_names)
+    with torch.no_grad():
+        m = site.module
+        out = m.output.dense if hasattr(m, "self") else getattr(m, "o_proj", None) or getattr(m, "proj", None)
+        if hasattr(m, "c_proj"):
+            m.c_proj.weight[head_dim : 2 * head_dim] = 0
+        elif out is not None:
+            out.weight[:, head_dim : 2 * head_dim] = 0
+        else:
+            m.out_proj.weight[:, head_dim : 2 * head_dim] = 0
+        expected = reference(x)
+        with channel_masking([group], model, analysis.graph, [mask]):
+            masked = model(x)
+    torch.testing.assert_close(masked, expected, atol=1e-5, rtol=1e-5)
