@@ -221,3 +221,14 @@ def test_callback_prunes_bert_heads_in_a_fit_and_load_pruned_restores_it(tmp_pat
     ids = _ids()["input_ids"]
     module.eval()
     torch.testing.assert_close(restored(ids).logits, module(ids).logits)
+    # resume on a fresh dense module: the head cuts replay before the weights and the AdamW state load
+    resumed, again = _BertModule(), StructuredPruningCallback(
+        "l1", target_flops_reduction=0.3, epochs=[0], output_transform=lambda out: out.logits,
+        input_fn=lambda batch: {"input_ids": batch["input_ids"]}, verbose=False,
+    )
+    L.Trainer(
+        max_epochs=3, accelerator="cpu", callbacks=[again], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path / "resumed",
+    ).fit(resumed, DataLoader(_Tokens(), batch_size=8), ckpt_path=path)
+    assert [s.module.self.num_attention_heads for s in find_attention(resumed.model)] == heads
+    assert len(again.history) == 1
