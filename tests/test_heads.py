@@ -65,7 +65,7 @@ def _hf_vit() -> nn.Module:
 
 
 def _timm_vit() -> nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=5, depth=2)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=5)  # 12 blocks, 3 heads of 64
 
 
 def _torchvision_vit() -> nn.Module:
