@@ -335,3 +335,18 @@ def test_digits_vit_pruned_mid_fit_to_40_percent_fewer_macs_trains_to_a_sane_acc
     accuracy = trainer.test(model, dm, verbose=False)[0]["test_acc"]
     print(f"{criterion}: widths {widths}, MACs -{1 - _linear_macs(vit, x) / dense:.1%}, test accuracy {accuracy:.3f}")
     assert accuracy > 0.85
+
+
+# ================================================================================ command line
+def test_token_pooling_reaches_the_criterion_from_the_command_line():
+    from pathlib import Path
+
+    from lightning_prune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cifar10_resnet56_pls_vip_5steps.yaml"
+    args = ["--config", str(config), "--trainer.logger=false"]
+    cli = main([*args, '--pruning.criterion_kwargs={"token_pooling": "cls"}'], run=False, return_cli=True)
+    assert cli is not None and cli.pruning is not None
+    assert (cli.pruning.criterion.token_pooling, cli.pruning.criterion.pooling) == ("cls", "max")
+    with pytest.raises(ValueError, match=r"token_pooling must be .*got 'first'"):
+        main([*args, '--pruning.criterion_kwargs={"token_pooling": "first"}'], run=False)
