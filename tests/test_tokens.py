@@ -70,6 +70,8 @@ def test_token_pooling_leaves_feature_maps_and_flat_features_alone():
         (lambda: get_criterion("pls_vip", token_pooling="first"), r"token_pooling must be .*same as pooling.*'first'"),
         (lambda: get_criterion("di", token_pooling=0), r"token_pooling must be .*got 0"),
         (lambda: get_criterion("pca_gm", token_pooling="all"), r"token_pooling .*every token is a row.*'all'"),
+        (lambda: StructuredPruningCallback("di", target_flops_reduction=0.3, criterion_kwargs={"token_pooling": "mean"}),
+         r"token_pooling must be 'avg' \(mean over the tokens\).*got 'mean'"),
     ],
 )
 def test_a_bad_token_pooling_is_refused_naming_the_argument(make, match):
