@@ -260,7 +260,10 @@ def correction_requests(
 
 
 def _key(request: ActivationRequest) -> tuple[Any, ...]:
-    return (request.module, request.site, request.statistic, request.channel_dim, request.channels, request.channel_index)
+    return (
+        request.module, request.site, request.statistic, request.channel_dim, request.channels, request.channel_index,
+        request.token_pooling,
+    )
 
 
 def find_gram(store: Any, request: ActivationRequest) -> GramStatistic | None:
