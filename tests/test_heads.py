@@ -464,3 +464,15 @@ def test_filter_ensembles_masks_a_head_like_zeroing_it(case: Case) -> None:
         with channel_masking([group], model, analysis.graph, [mask]):
             masked = model(x)
     torch.testing.assert_close(masked, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_feed_forward_widths_prune_with_the_heads() -> None:
+    """transformers' Conv1D (weight (in, out)) gets a torch-pruning pruner of the library's."""
+    model = _gpt2().eval()
+    x = _tokens()
+    _prune(model, x)
+    for block in model.model.transformer.h:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        assert fc.weight.shape == (64, fc.nf) and proj.weight.shape == (fc.nf, 64) and fc.bias.shape == (fc.nf,)
+    assert any(block.mlp.c_fc.nf < 128 for block in model.model.transformer.h)
+    assert model.model.transformer.wte.embedding_dim == 64
