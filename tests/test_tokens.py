@@ -25,7 +25,7 @@ from lightning_prune.criteria import ScoringContext, get_criterion
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import ChannelPruner, Target, build_dependency_graph, discover_groups
 from lightning_prune.models import ImageClassifier
-from lightning_prune.models.vit import VisionTransformer, mlp_ignored_layers
+from lightning_prune.models.vit import VisionTransformer
 
 POOLINGS = {"avg": lambda a: a.mean(1), "max": lambda a: a.max(1), "cls": lambda a: a[:, 0]}
 
@@ -328,7 +328,7 @@ def test_digits_vit_pruned_mid_fit_to_40_percent_fewer_macs_trains_to_a_sane_acc
     dense = _linear_macs(vit, x)
     kwargs = {"token_pooling": "cls"} if criterion == "pls_vip" else None
     cb = StructuredPruningCallback(criterion, target_flops_reduction=0.4, epochs=[7], verbose=False,
-                                   ignored_layers=mlp_ignored_layers(vit), criterion_kwargs=kwargs)  # fmt: skip
+                                   scope="mlp", criterion_kwargs=kwargs)  # fmt: skip
     trainer = L.Trainer(max_epochs=16, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     dm = DigitsDataModule()

@@ -4,7 +4,7 @@ from lightning_prune.models.cifar_resnet import CifarResNet, resnet56, resnet110
 from lightning_prune.models.classifier import ImageClassifier
 from lightning_prune.models.resnet import SmallResNet
 from lightning_prune.models.vgg import CifarVGG, vgg16_bn_cifar
-from lightning_prune.models.vit import VisionTransformer, mlp_ignored_layers
+from lightning_prune.models.vit import VisionTransformer
 
 __all__ = [
     "CifarResNet",
@@ -12,7 +12,6 @@ __all__ = [
     "ImageClassifier",
     "SmallResNet",
     "VisionTransformer",
-    "mlp_ignored_layers",
     "resnet56",
     "resnet110",
     "vgg16_bn_cifar",

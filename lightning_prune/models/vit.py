@@ -5,8 +5,8 @@ The defaults (patch 2, token width 32, 2 blocks of 4 heads, MLP hidden width 128
 (16 patches and the class token) and 420,160 MACs per 8x8 sample as this library counts them
 (:func:`~lightning_prune.count_cost`: convolution, linear layers and the attention projections;
 the attention products ``QK^T`` and ``AV`` are not counted). The MLP hidden widths
-(``blocks.<i>.mlp.fc1``) are the usual thing to prune; :func:`mlp_ignored_layers` lists the
-layers to pass as ``ignored_layers`` so that only they are cut.
+(``blocks.<i>.mlp.fc1``) are the usual thing to prune: ``StructuredPruningCallback(...,
+scope="mlp")`` cuts only them (the default for a model with attention also removes whole heads).
 
 Example::
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["TransformerBlock", "TransformerMLP", "VisionTransformer", "mlp_ignored_layers"]
+__all__ = ["TransformerBlock", "TransformerMLP", "VisionTransformer"]
 
 
 class TransformerMLP(nn.Module):
@@ -126,22 +126,3 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, patches, dim)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
-
-
-def mlp_ignored_layers(model: VisionTransformer) -> list[nn.Module]:
-    """The layers to pass as ``ignored_layers`` so that only the MLP hidden widths are pruned.
-
-    They are the patch embedding, every attention module and every MLP output projection
-    (``fc2``), as modules (so they hold wherever ``model`` sits, e.g. inside a LightningModule):
-    the token width and the attention heads stay whole, ``blocks.<i>.mlp.fc1`` are cut (``fc2``
-    loses the matching input features).
-
-    Example::
-
-        StructuredPruningCallback("l1", target_flops_reduction=0.4, ignored_layers=mlp_ignored_layers(vit))
-    """
-    layers: list[nn.Module] = [model.patch_embed]
-    for block in model.blocks:
-        assert isinstance(block, TransformerBlock)
-        layers += [block.attn, block.mlp.fc2]
-    return layers
