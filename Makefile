@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,plot,onnx]"
+	$(PY) -m pip install -q -e ".[test,plot,onnx,transformers]"
 	touch $@
 
 install: $(VENV)/.installed data

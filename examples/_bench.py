@@ -96,14 +96,14 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_trainer(epochs: int, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+def make_trainer(epochs: int, callbacks: Sequence[L.Callback] = (), limit_train_batches: float | None = None) -> L.Trainer:
     """Trainer without validation, logger, checkpoints or progress bar (the same for every run), on the
-    accelerator of :data:`TRAINER`."""
+    accelerator of :data:`TRAINER` (``limit_train_batches``: this fit's, instead of :data:`TRAINER`'s)."""
     return L.Trainer(
         max_epochs=epochs,
         accelerator=TRAINER["accelerator"],
         devices=TRAINER["devices"],
-        limit_train_batches=TRAINER["limit_train_batches"],
+        limit_train_batches=TRAINER["limit_train_batches"] if limit_train_batches is None else limit_train_batches,
         callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,

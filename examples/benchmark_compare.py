@@ -340,7 +340,8 @@ def run_model_pruning(amount, dense, datamodule, example, dense_cost, dense_conv
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     setup = data_setup(args)
-    ours = [f"{c} [{label}]" for c in args.criteria for label in REPAIR_GRID] if args.repair_grid else list(args.criteria)
+    variants = args.repair_variants or list(REPAIR_GRID)
+    ours = [f"{c} [{label}]" for c in args.criteria for label in variants] if args.repair_grid else list(args.criteria)
     methods = ours + list(args.peers)
     widths_target = min(args.targets, key=lambda t: abs(t - 0.5))
     result: dict[str, Any] = {
@@ -605,6 +606,58 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def output_stem(config: dict[str, Any]) -> str:
+    """File stem of a run's outputs: ``compare`` (digits) or ``compare_<data>``, ``_repair`` added for
+    ``--repair-grid`` (which therefore never overwrites the comparison's files)."""
+    data = config.get("data", "digits")
+    stem = "compare" if data == "digits" else "compare_" + data.replace("-", "_")
+    return stem + ("_repair" if config.get("repair_grid") else "")
+
+
+def plot_repair(result: dict[str, Any], out: Path, stem: str) -> str:
+    """``--repair-grid``: one column per variant (correction x recalibration), accuracy right after the
+    prune (top) and after fine-tuning (bottom) against MACs, one colour per criterion in every panel."""
+    import matplotlib.pyplot as plt
+
+    config = result["config"]
+    dense_macs = result["dense"][0]["macs"]
+    variants = list(dict.fromkeys(m[:-1].split(" [", 1)[1] for m in config["criteria"] if m.endswith("]")))
+    names = list(dict.fromkeys(m.split(" [", 1)[0] for m in config["criteria"]))
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(2, len(variants), figsize=(3.6 * len(variants), 6.4), sharex=True, sharey="row", squeeze=False)
+    acc = [100 * d["accuracy"] for d in result["dense"]]
+    for col, variant in enumerate(variants):
+        for row, key in enumerate(("accuracy_after_prune", "accuracy_after_finetune")):
+            ax = axes[row][col]
+            for i, name in enumerate(names):
+                rows = [r for r in result["summary"] if r["method"] == f"{name} [{variant}]" and r["ok"]]
+                if rows:
+                    ax.errorbar(
+                        [100 * r["macs"][0] / dense_macs for r in rows], [100 * r[key][0] for r in rows],
+                        yerr=[100 * (0 if math.isnan(r[key][1]) else r[key][1]) for r in rows],
+                        label=name, color=colors[i % len(colors)], marker="o", capsize=2, markersize=3,
+                    )
+            ax.axhline(sum(acc) / len(acc), color="black", linewidth=0.8, linestyle=":")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"[{variant}]", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("test accuracy (%), " + ("right after the prune" if row == 0 else f"after {config['finetune_epochs']} epoch(s)"))
+            if row == 1:
+                ax.set_xlabel("MACs, % of dense")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"{config.get('title', 'Digits, SmallResNet')}: ls = least-squares correction, bn = BN recalibration; "
+        f"mean ± std over {len(config['seeds'])} seed(s); dotted: dense",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = out / f"{stem}_variants.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -640,7 +693,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{config.get('title', 'Digits, SmallResNet')}: mean ± std over {len(config['seeds'])} seed(s)")
     fig.tight_layout()
-    stem = "compare" if config.get("data", "digits") == "digits" else "compare_" + config["data"].replace("-", "_")
+    stem = output_stem(config)
     accuracy_png = out / f"{stem}_accuracy.png"
     fig.savefig(accuracy_png, dpi=110)
     plt.close(fig)
@@ -671,7 +724,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     widths_png = out / f"{stem}_widths.png"
     fig.savefig(widths_png, dpi=110)
     plt.close(fig)
-    return [str(accuracy_png), str(widths_png)]
+    return [str(accuracy_png), str(widths_png)] + ([plot_repair(result, out, stem)] if config.get("repair_grid") else [])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -694,6 +747,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
     parser.add_argument("--repair-grid", action="store_true", help="every criterion with/without correction and BN recalibration")
+    parser.add_argument("--repair-variants", nargs="+", choices=list(REPAIR_GRID), default=None,
+                        help="--repair-grid: only these variants (default: all four)")
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
     parser.add_argument("--from-json", type=Path, default=None, help="no run: redo the tables, plots and README from a compare.json")
@@ -722,13 +777,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     table = markdown(result)
-    stem = "compare" if result["config"].get("data", "digits") == "digits" else "compare_fashion_mnist"
+    stem = output_stem(result["config"])
     write_outputs(args.out, stem, result, table)
     pngs = plot(result, args.out)
     print(table)
     log(f"wrote {args.out / (stem + '.json')}, {args.out / (stem + '.md')}, {', '.join(pngs)}")
-    start, end = (README_START, README_END) if stem == "compare" else (README_FASHION_START, README_FASHION_END)
-    refresh_readme(args.readme, start, end, readme_summary(result))
+    if result["config"].get("repair_grid"):
+        if args.readme is not None:
+            log(f"{args.readme}: left untouched (the README summarises the comparison, not --repair-grid)")
+    else:
+        start, end = (README_START, README_END) if stem == "compare" else (README_FASHION_START, README_FASHION_END)
+        refresh_readme(args.readme, start, end, readme_summary(result))
     return result
 
 

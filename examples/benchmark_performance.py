@@ -23,7 +23,11 @@
    since during training it rides on the epoch's forward passes), against the median training epoch
    of the same model (epochs after the first of a dense fit); median over ``--repeats``, criteria
    interleaved. ``filter_ensembles`` twice: ``masks_per_pass=1`` (one mask per forward pass, as before
-   batching) and the default (masks stacked along the batch).
+   batching) and the default (masks stacked along the batch). ``--step-data fashion-mnist`` measures the
+   same on the comparison benchmark's model (CIFAR ResNet-20 on Fashion-MNIST, batch 128): there a whole
+   epoch (430 batches) is estimated as the median of 20 timed training batches times the batches per
+   epoch, each step is followed by 2 training batches, and the activation criteria collect over 20
+   batches (``collect_batches=20``) before it.
 
     python examples/benchmark_performance.py [--targets 0.3 0.5 0.7 0.9] [--repeats 5] [--out examples/results]
     python examples/benchmark_performance.py --sections prune_step --repeats 3   # one section only
@@ -39,13 +43,13 @@ import copy
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-
 from _bench import (
     add_common_arguments,
     criteria_names,
@@ -59,13 +63,17 @@ from _bench import (
     setup_threads,
     write_outputs,
 )
+from torch import nn
+
 from lightning_prune import StructuredPruningCallback, Target, count_cost, get_criterion
 from lightning_prune.collection import ActivationCollector
-from lightning_prune.data import DigitsDataModule
+from lightning_prune.data import DigitsDataModule, FashionMNISTDataModule
 from lightning_prune.engine import ChannelPruner
-from lightning_prune.models import SmallResNet, resnet56
+from lightning_prune.models import CifarResNet, ImageClassifier, SmallResNet, resnet56
 
-COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition"]
+#: suffix of a criterion name in ``--criteria`` that also collects what ``correction="least_squares"`` reads
+CORRECTED = "+least_squares"
+COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition", "l1" + CORRECTED]
 NUM_CLASSES = 10
 SECTIONS = ("overhead", "latency", "memory", "prune_step")
 #: the unbatched filter ensembles next to the default, in the prune-step section
@@ -74,10 +82,15 @@ FE_UNBATCHED = "filter_ensembles (masks_per_pass=1)"
 
 # ---------------------------------------------------------------------------------------------- 1. overhead
 def new_collector(model: nn.Module, criterion: str, example: torch.Tensor) -> ActivationCollector:
-    """The collector the callback would build for ``criterion`` (same requests and defaults)."""
-    crit = get_criterion(criterion)
-    groups = ChannelPruner(crit).analyse(model, example).groups
-    return ActivationCollector(model, crit.activation_requests(groups), num_classes=NUM_CLASSES)
+    """The collector the callback would build for ``criterion`` (same requests and defaults); with the
+    :data:`CORRECTED` suffix, also the Gram matrices the least-squares correction reads."""
+    name = criterion.removesuffix(CORRECTED)
+    crit = get_criterion(name)
+    pruner = ChannelPruner(crit, correction="least_squares" if criterion.endswith(CORRECTED) else None)
+    groups = pruner.analyse(model, example).groups
+    requests = list(crit.activation_requests(groups))
+    requests += [r for r in pruner.correction_requests(groups, model) if r not in requests]
+    return ActivationCollector(model, requests, num_classes=NUM_CLASSES)
 
 
 def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> dict[str, Any]:
@@ -100,15 +113,17 @@ def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> d
             collector.end_batch()
 
     times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(repeats):
         for mode in ("off", "on"):
             collector.attach() if mode == "on" else collector.detach()
             for _ in range(3):
                 step(mode == "on")
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 step(mode == "on")
             times[mode].append((time.perf_counter() - start) / steps * 1e3)
+            cpu[mode].append((time.process_time() - start_cpu) / steps * 1e3)
     collector.detach()
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     return {
@@ -116,7 +131,10 @@ def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> d
         "ms_per_step_collecting": on,
         "ratio": on / off,
         "min_ratio": min(times["on"]) / min(times["off"]),
+        # CPU time of this process: what other jobs on a shared machine disturb least
+        "cpu_ratio": statistics.median(cpu["on"]) / statistics.median(cpu["off"]),
         "samples_ms": times,
+        "samples_cpu_ms": cpu,
     }
 
 
@@ -289,48 +307,108 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def training_epoch_seconds(epochs: int, seed: int) -> list[float]:
-    """Seconds of each epoch after the first of a dense fit of the digits benchmark model."""
+class BatchTimer(L.Callback):
+    """Wall seconds of every training batch (forward, backward, optimizer step)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+@dataclass(frozen=True)
+class StepBench:
+    """The model and data of the prune-step section (``--step-data``)."""
+
+    name: str
+    title: str
+    model: Callable[[int], ImageClassifier]  #: epochs -> dense model
+    datamodule: Callable[[int], L.LightningDataModule]  #: seed -> data
+    #: a full epoch is timed (digits) or estimated as median batch x batches per epoch (None: full epoch)
+    timed_batches: int | None = None
+    #: the fit around each step: training batches after it, and the activation window of the criteria
+    limit_train_batches: float | int = 1.0
+    collect_batches: int | None = None
+
+
+def step_bench(name: str, data_dir: Path, seed: int) -> StepBench:
+    if name == "digits":
+        return StepBench("digits", "the digits benchmark model", make_model, lambda s: DigitsDataModule(seed=s))
+    return StepBench(
+        "fashion-mnist",
+        "the Fashion-MNIST benchmark model (CIFAR ResNet-20, 1-channel stem, batch 128)",
+        lambda epochs: ImageClassifier(CifarResNet(depth=20, in_channels=1), max_epochs=epochs),
+        lambda s: FashionMNISTDataModule(data_dir=str(data_dir), seed=s, batch_size=128, num_workers=0),
+        timed_batches=24,
+        limit_train_batches=2,
+        collect_batches=20,
+    )
+
+
+def training_epoch_seconds(bench: StepBench, seed: int) -> tuple[list[float], str]:
+    """Seconds of training epochs of a dense fit of ``bench``'s model, and how they were obtained."""
     L.seed_everything(seed, verbose=False)
-    timer = EpochTimer()
-    make_trainer(epochs, [timer]).fit(make_model(epochs), DigitsDataModule(seed=seed))
-    return timer.seconds[1:]
+    if bench.timed_batches is None:  # whole epochs: every one after the first
+        timer = EpochTimer()
+        make_trainer(4, [timer]).fit(bench.model(4), bench.datamodule(seed))
+        return timer.seconds[1:], "median of epochs after the first of a dense fit"
+    datamodule = bench.datamodule(seed)
+    datamodule.setup("fit")
+    per_epoch = len(datamodule.train_dataloader())
+    batches = BatchTimer()
+    make_trainer(1, [batches], limit_train_batches=bench.timed_batches).fit(bench.model(1), datamodule)
+    batch = statistics.median(batches.seconds[4:])  # after 4 warm-up batches
+    how = f"median training batch ({batch:.3f} s, batches 5-{bench.timed_batches}) x {per_epoch} batches per epoch"
+    return [batch * per_epoch], how
 
 
-def prune_step_seconds(criterion: str, kwargs: dict[str, Any] | None, seed: int) -> float:
-    """The seconds of one pruning step (-50% MACs, at the start of a one-epoch fit), from its record."""
+def prune_step_seconds(bench: StepBench, criterion: str, kwargs: dict[str, Any] | None, seed: int) -> float:
+    """The seconds of one pruning step (-50% MACs, at the start of a short fit), from its record."""
     L.seed_everything(seed, verbose=False)
     pruning = StructuredPruningCallback(
-        criterion, target_flops_reduction=0.5, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs
+        criterion, target_flops_reduction=0.5, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs,
+        collect_batches=bench.collect_batches,
     )
-    make_trainer(1, [pruning]).fit(make_model(1), DigitsDataModule(seed=seed))
+    make_trainer(1, [pruning], limit_train_batches=bench.limit_train_batches).fit(bench.model(1), bench.datamodule(seed))
     return pruning.history[0].seconds
 
 
-def prune_step_vs_epoch(criteria: list[str], repeats: int, seed: int, smoke: bool) -> dict[str, Any]:
+def prune_step_vs_epoch(criteria: list[str], repeats: int, seed: int, smoke: bool, bench: StepBench) -> dict[str, Any]:
     """Step seconds of every criterion (default settings; progress bars off) against one training epoch."""
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in criteria:
         kwargs: dict[str, Any] = {"progress": False} if name == "filter_ensembles" else {}
         if name == "filter_ensembles" and smoke:
             kwargs["max_evaluations"] = 16
-        if name == "filter_ensembles":
+        if name == "filter_ensembles" and bench.name == "digits":
             runs[FE_UNBATCHED] = (name, {**kwargs, "masks_per_pass": 1})
         runs[name] = (name, kwargs)
     steps: dict[str, list[float]] = {label: [] for label in runs}
     epochs: list[float] = []
-    prune_step_seconds("l1", None, seed)  # warm-up
+    how = ""
+    prune_step_seconds(bench, "l1", None, seed)  # warm-up
     for _ in range(repeats):
-        epochs += training_epoch_seconds(2 if smoke else 4, seed)
+        found, how = training_epoch_seconds(bench, seed)
+        epochs += found
         for label, (name, kwargs) in runs.items():
-            steps[label].append(prune_step_seconds(name, kwargs or None, seed))
+            steps[label].append(prune_step_seconds(bench, name, kwargs or None, seed))
+            log(f"prune step {label}: {steps[label][-1]:.3f} s")
     epoch = statistics.median(epochs)
     rows = {}
     for label, samples in steps.items():
         step = statistics.median(samples)
-        rows[label] = {"criterion": runs[label][0], "kwargs": runs[label][1], "step_seconds": step, "ratio": step / epoch, "samples": samples}
+        rows[label] = {"criterion": runs[label][0], "kwargs": runs[label][1], "samples": samples}
+        rows[label].update(step_seconds=step, ratio=step / epoch)
         log(f"prune step {label}: {step:.3f} s, x{step / epoch:.2f} of an epoch ({epoch:.3f} s)")
-    result = {"epoch_seconds": epoch, "epoch_samples": epochs, "repeats": repeats, "target_flops_reduction": 0.5, "rows": rows}
+    result = {
+        "data": bench.name, "model": bench.title, "epoch_seconds": epoch, "epoch_how": how, "epoch_samples": epochs,
+        "repeats": repeats, "target_flops_reduction": 0.5, "rows": rows,
+    }
     if FE_UNBATCHED in rows:
         result["filter_ensembles_speedup"] = rows[FE_UNBATCHED]["step_seconds"] / rows["filter_ensembles"]["step_seconds"]
     return result
@@ -408,7 +486,8 @@ def markdown(result: dict[str, Any]) -> str:
         step = result["prune_step"]
         lines += [
             "",
-            f"Prune-step time vs one training epoch ({step['epoch_seconds']:.3f} s, median) of the digits benchmark model, "
+            f"Prune-step time vs one training epoch ({step['epoch_seconds']:.3f} s; {step.get('epoch_how', 'median')}) of "
+            f"{step.get('model', 'the digits benchmark model')}, "
             f"every criterion at its default settings, one step to -{step['target_flops_reduction']:.0%} MACs "
             f"(median of {step['repeats']}):",
             "",
@@ -433,11 +512,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_common_arguments(parser, "one criterion, one target, one repeat, one epoch")
     parser.add_argument("--readme", type=Path, default=None, help="also put the tables between the README's markers")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
+    parser.add_argument("--step-data", choices=("digits", "fashion-mnist"), default="digits",
+                        help="prune_step: the model and data (fashion-mnist: the comparison's ResNet-20; see the module doc)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="fashion-mnist: where torchvision's layout is")
     args = parser.parse_args(argv)
     if args.smoke:
         args.criteria, args.targets = args.criteria[:1], [0.5]
         args.repeats, args.overhead_epochs, args.latency_rounds = 1, 1, 2
-    args.criteria = [get_criterion(c).name or c for c in args.criteria]
+    args.criteria = [
+        (get_criterion(c.removesuffix(CORRECTED)).name or c) + (CORRECTED if c.endswith(CORRECTED) else "") for c in args.criteria
+    ]
     args.step_criteria = ["l1", "filter_ensembles"] if args.smoke else criteria_names()
     args.out = output_dir(args)
     setup_threads(args.threads)
@@ -468,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mem = result["collection_memory"][crit]
             log(f"collection memory {crit}: {mem['1x']['peak_bytes'] / 2**20:.2f} MiB at 1x, {mem['4x']['peak_bytes'] / 2**20:.2f} MiB at 4x")
     if "prune_step" in sections:
-        result["prune_step"] = prune_step_vs_epoch(args.step_criteria, args.repeats, args.seed, args.smoke)
+        bench = step_bench(args.step_data, args.data_dir, args.seed)
+        result["prune_step"] = prune_step_vs_epoch(args.step_criteria, args.repeats, args.seed, args.smoke, bench)
     result["wall_seconds"] = time.perf_counter() - started
     table = markdown(result)
     write_outputs(args.out, "performance", result, table)

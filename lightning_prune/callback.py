@@ -127,6 +127,16 @@ class StructuredPruningCallback(Callback):
             Must be a positive integer or ``"auto"``: the multiple the latency tables show to be fast
             on the latency device (for any target; found when the model is first analysed in
             ``setup``, None when no multiple is faster).
+        scope: which widths are pruned: ``"mlp"`` (feed-forward hidden widths), ``"heads"`` (whole
+            attention heads), ``"embedding"`` (the token width), ``"all"``, or a combination
+            (``"mlp+heads"``, ``["mlp", "embedding"]``). Default None: ``"mlp+heads"`` for a
+            transformer (token width kept), ``"all"`` for any other model. An unknown word raises
+            ``ValueError`` at construction, naming the allowed ones.
+        head_pruning: ``"heads"`` (default, whole heads removed) or ``"head_dims"`` (every head
+            narrowed by the same channels); another value raises ``ValueError``.
+        uniform_per_type: every layer of one type keeps the same width (so that a Hugging Face
+            ``config`` can describe the pruned model and ``save_pretrained`` / ``from_pretrained``
+            round-trip). Default False; not a bool: ``TypeError``.
         example_inputs: inputs for tracing the model; default: the first two samples of the
             first training batch (extracted with ``input_fn``).
         input_fn: maps a training batch to the model's input. Default: the batch itself if a
@@ -232,6 +242,9 @@ class StructuredPruningCallback(Callback):
         max_layer_ratio: float = 0.9,
         ignored_layers: Sequence[str | nn.Module] = (),
         round_to: int | Literal["auto"] | None = None,
+        scope: str | Sequence[str] | None = None,
+        head_pruning: Literal["heads", "head_dims"] = "heads",
+        uniform_per_type: bool = False,
         example_inputs: Any = None,
         input_fn: Callable[[Any], Any] | None = None,
         output_transform: Callable[[Any], torch.Tensor] | None = None,
@@ -323,6 +336,9 @@ class StructuredPruningCallback(Callback):
                         correction_ridge=correction_ridge,
                         latency=self.latency,
                         latency_tolerance=latency_tolerance,
+                        scope=scope,
+                        head_pruning=head_pruning,
+                        uniform_per_type=uniform_per_type,
                     )
                 )
                 self._repairs.append(

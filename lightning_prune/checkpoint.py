@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_prune._batch import to_device
+from lightning_prune.engine.attention import replay
 from lightning_prune.engine.companions import (
     Companion,
     as_companions,
@@ -40,9 +41,9 @@ from lightning_prune.engine.companions import (
     cut_companion,
 )
 from lightning_prune.engine.graph import build_dependency_graph
+from lightning_prune.engine.huggingface import sync_configs
 from lightning_prune.engine.pruner import layer_widths
 from lightning_prune.engine.surgery import ModuleSnapshot
-from lightning_prune.engine.tp_adapter import replay_history
 
 __all__ = [
     "CALLBACK_STATE_KEY",
@@ -150,10 +151,11 @@ def replay_surgery(
                     raise ValueError(f"pruning step {index + 1} names layer '{name}', which the model does not have")
             followers = averaged_submodules(model) + extra
             inputs = capture_companion_inputs(model, example_inputs, followers) if followers else []
-            replay_history(build_dependency_graph(model, example_inputs, output_transform=output_transform), step)
+            replay(build_dependency_graph(model, example_inputs, output_transform=output_transform), model, step)
             for follower, follower_inputs in zip(followers, inputs):
                 cut_companion(follower, follower_inputs, step, output_transform=output_transform)
                 check_companion_shapes(model, follower)
+        sync_configs(model)
     except ValueError:
         for snapshot in snapshots:
             snapshot.restore()

@@ -77,9 +77,23 @@ def merged_kwargs_arguments(args: Sequence[str]) -> list[str]:
         if parsed is None:
             out.extend([arg] if value is None or arg != _KWARGS_FLAG else [arg, value])
         else:
-            out.extend(f"{_KWARGS_FLAG}.{key}={json.dumps(item)}" for key, item in parsed.items())
+            out.extend(f"{_KWARGS_FLAG}.{key}={_cli_value(item)}" for key, item in parsed.items())
         index += 1
     return out
+
+
+def _cli_value(item: Any) -> str:
+    """``item`` as a command-line value the parser reads back as ``item``: a plain string as it is (the
+    parser keeps a JSON-quoted one with its quotes: ``'"cls"'``), anything else as JSON."""
+    import yaml
+
+    if isinstance(item, str):
+        try:
+            if yaml.safe_load(item) == item:
+                return item
+        except yaml.YAMLError:
+            pass
+    return json.dumps(item)
 
 
 def _mapping(text: str) -> dict[str, Any] | None:

@@ -36,8 +36,9 @@ class PruningRecord:
         samples: training samples the criterion's activation statistics come from (summed over
             all processes under DDP); None for weight-only criteria.
         surgery: what the step cut, as torch-pruning history entries ``[layer name, is output
-            channels, channel indices]``: replaying them on the model as it was before the step
-            restores its structure (:mod:`lightning_prune.checkpoint`).
+            channels, channel indices]`` and head cuts ``[attention module, "heads" | "head_dims",
+            channels]`` (:mod:`lightning_prune.engine.attention`): replaying them on the model as it
+            was before the step restores its structure (:mod:`lightning_prune.checkpoint`).
         corrections: per group root, how the criterion corrected the remaining weights (e.g.
             ``"interpolation absorbed by 2 consumer(s)"`` or ``"selection only: ..."``); empty when
             the criterion does not correct weights.

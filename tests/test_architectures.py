@@ -412,7 +412,9 @@ def test_attention_token_width_is_cut_by_whole_positions_of_every_head(allocatio
     x = _images(16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnprunableGroupWarning)  # nothing is refused
-        result = ChannelPruner(get_criterion("l1"), allocation=allocation).step(model, x[:2], Target("flops", 0.3))
+        # scope="all": a transformer's default scope keeps the token width (mlp + heads)
+        pruner = ChannelPruner(get_criterion("l1"), allocation=allocation, scope="all")
+        result = pruner.step(model, x[:2], Target("flops", 0.3))
     e, attn = model.patch.out_channels, model.attn
     assert e < 64 and e % 4 == 0  # whole positions: one channel of every head
     assert attn.num_heads == 4 and attn.embed_dim == e and attn.head_dim * 4 == e

@@ -152,7 +152,7 @@ def _conv_net(seed=0):
 def test_t_and_the_corrected_weights_equal_a_numpy_ridge_solution(criterion):
     model = _conv_net()
     dense = copy.deepcopy(model)
-    x = torch.randn(64, 3, 8, 8)  # 4096 rows: all of them in the Gram
+    x = torch.randn(8, 3, 8, 8)  # 512 rows (GRAM_ROWS_PER_BATCH): all of them in the Gram
     ridge = 1e-2  # large enough to matter
     pruner = ChannelPruner(get_criterion(criterion), ignored_layers=[model[3]], max_layer_ratio=0.95,
                            correction="least_squares", correction_ridge=ridge)

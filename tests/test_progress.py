@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import tqdm.auto
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_prune import StructuredPruningCallback
 from lightning_prune._progress import trainer_progress
@@ -28,7 +29,8 @@ def _fit(criterion: str, enable_progress_bar: bool, kwargs=None) -> None:
                                          collect_batches=2, criterion_kwargs=kwargs)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=enable_progress_bar,
-                        callbacks=[callback])
+                        # the tqdm bar named: Lightning's default is the rich one whenever rich is installed
+                        callbacks=[callback] + ([TQDMProgressBar()] if enable_progress_bar else []))
     trainer.fit(model, DigitsDataModule())
 
 
@@ -47,4 +49,8 @@ def test_pruning_work_shows_a_bar_only_when_the_trainer_does(monkeypatch, criter
 
 def test_trainer_progress_follows_the_progress_bar_callback():
     assert trainer_progress(L.Trainer(enable_progress_bar=False, logger=False)) is no_progress
-    assert trainer_progress(L.Trainer(enable_progress_bar=True, logger=False)) is tqdm_progress
+    assert trainer_progress(L.Trainer(callbacks=[TQDMProgressBar()], logger=False)) is tqdm_progress
+    rich = trainer_progress(L.Trainer(callbacks=[RichProgressBar()], logger=False))
+    assert rich is not tqdm_progress and rich is not no_progress
+    with rich(3, "lightning-prune: test") as advance:  # a rich bar that runs
+        advance(3)

@@ -1,11 +1,19 @@
 """The architecture refactor changed no decision: for a fixed seed every built-in criterion gives the
-same plan (widths per layer after each step) and bit-identical final weights as the values recorded
-on the code before it (``tests/data/reference_plans.json``, from ``tests/reference_fit.py``), and each
-pruning step analyses the model once."""
+same plan (widths per layer after each step) and the same final weights as the values recorded on the
+code before it (``tests/data/reference_plans.json``, from ``tests/reference_fit.py``), and each pruning
+step analyses the model once.
+
+The weights are compared by a fingerprint (sum and norm of every state entry) to within
+:data:`RTOL`, not by a hash of their bytes: on one machine the old and the new code give bit-identical
+weights, on Intel and on AMD alike, but the two CPUs' bytes differ (oneDNN's kernels round
+differently), so a hash would test the CI machine's CPU, not the code. The fingerprints were
+recorded by running the old code (9e77bc1 with ``tests/reference_fit.py`` of 3fc34d1) on an AMD EPYC;
+the widths it gave equal those first recorded on an Intel Xeon."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from reference_fit import CRITERIA, REFERENCE, run
@@ -40,11 +48,28 @@ EXPECTED_COUNTS = {
 CHANGED_ON_PURPOSE = {"id": "least-squares correction of residual groups (Gram statistic, pivoted Cholesky)"}
 
 
+#: Relative tolerance of the weight fingerprints (the sum of an entry is compared relative to its norm).
+#: Float rounding across CPUs moves them by ~1e-6 over this fit; a changed decision moves them by ~1e-1.
+RTOL = 1e-4
+
+
+def _weights_match(found: dict[str, list[float]], recorded: dict[str, list[float]]) -> list[str]:
+    """Names of the state entries whose sum or norm differ from the recorded ones beyond :data:`RTOL`."""
+    if set(found) != set(recorded):
+        return sorted(set(found) ^ set(recorded))
+    bad = []
+    for key, (total, norm) in recorded.items():
+        scale = max(norm, 1e-12)
+        if not (math.isclose(found[key][1], norm, rel_tol=RTOL, abs_tol=1e-12) and abs(found[key][0] - total) <= RTOL * scale):
+            bad.append(key)
+    return bad
+
+
 @pytest.mark.parametrize("criterion", list(CRITERIA))
 def test_same_plan_and_weights_as_recorded_and_one_analysis_per_step(criterion):
     result = run(criterion)
     assert result["steps"] == 2
     if criterion not in CHANGED_ON_PURPOSE:
         assert result["widths"] == RECORDED[criterion]["widths"]
-        assert result["weights_sha256"] == RECORDED[criterion]["weights_sha256"]
+        assert _weights_match(result["weights"], RECORDED[criterion]["weights"]) == []
     assert {k: result[k] for k in ("forwards", "traces")} == EXPECTED_COUNTS[criterion]

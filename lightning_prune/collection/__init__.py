@@ -16,16 +16,19 @@ from lightning_prune.collection.accumulators import (
     build_accumulators,
 )
 from lightning_prune.collection.collector import ActivationCollector, ActivationStore
-from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.collection.requests import TOKEN_POOLINGS, ActivationRequest, TokenPooling, check_token_pooling
 from lightning_prune.collection.statistics import (
     covariance_from_sums,
+    is_token_sequence,
     pool_channels,
+    pool_tokens,
     reservoir_merge,
     sample_rows,
 )
 
 __all__ = [
     "ACCUMULATORS",
+    "TOKEN_POOLINGS",
     "Accumulator",
     "AccumulatorContext",
     "ActivationCollector",
@@ -40,9 +43,13 @@ __all__ = [
     "PooledSamples",
     "RowReservoir",
     "SharedGenerator",
+    "TokenPooling",
     "build_accumulators",
+    "check_token_pooling",
     "covariance_from_sums",
+    "is_token_sequence",
     "pool_channels",
+    "pool_tokens",
     "reservoir_merge",
     "sample_rows",
 ]

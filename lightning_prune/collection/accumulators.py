@@ -262,7 +262,7 @@ class PooledReservoir(Accumulator):
 
     def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Stage the pooled values of ``x`` (``(N, C)``); they enter the reservoir at :meth:`end_batch`."""
-        self._staged[request] = pool_channels(x, request.pooling, self.channel_dims[request])
+        self._staged[request] = pool_channels(x, request.pooling, self.channel_dims[request], request.token_pooling)
         self._batch_labels = labels
 
     def end_batch(self) -> None:
@@ -427,6 +427,7 @@ class _RowSampling(Accumulator):
         return sample_rows(
             x, self.channel_dim, self.request.rows_per_batch,
             channels=self.request.channels, column_index=column_index, generator=self.generator,
+            token_pooling=self.request.token_pooling,
         )
 
     def _index_tensors(self) -> Iterator[torch.Tensor]:
@@ -547,7 +548,7 @@ class ClassMomentSums(Accumulator):
     def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if labels is None:
             raise ValueError(f"class_moments of '{request.module}' need the batch labels (begin_batch(labels))")
-        rows = pool_channels(x, request.pooling, self.channel_dim)
+        rows = pool_channels(x, request.pooling, self.channel_dim, request.token_pooling)
         if self._sums is None:
             self._sums = _Sums(rows.shape[1], rows.device)
             self._counts = torch.zeros(self.classes, dtype=torch.float64, device=rows.device)

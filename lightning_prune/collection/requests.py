@@ -5,11 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ActivationRequest", "Pooling", "Site", "Statistic"]
+__all__ = ["TOKEN_POOLINGS", "ActivationRequest", "Pooling", "Site", "Statistic", "TokenPooling", "check_token_pooling"]
 
 Site = Literal["output", "input"]
 Statistic = Literal["pooled", "covariance", "class_moments", "rows", "gram"]
 Pooling = Literal["max", "avg"]
+#: How a token sequence ``(batch, tokens, features)`` becomes one row per sample: the mean or the
+#: maximum over the tokens, or the class token (the first one).
+TokenPooling = Literal["avg", "max", "cls"]
+TOKEN_POOLINGS: tuple[str, ...] = ("avg", "max", "cls")
+
+
+def check_token_pooling(value: object, argument: str = "token_pooling", none: str = "") -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is None or one of :data:`TOKEN_POOLINGS`.
+
+    ``none`` says in the message what None means (e.g. ``"every token is a row"``).
+    """
+    if value is not None and value not in TOKEN_POOLINGS:
+        allowed = "'avg' (mean over the tokens), 'max' (maximum over the tokens), 'cls' (the class token, the first)"
+        meaning = f" ({none})" if none else ""
+        raise ValueError(f"{argument} must be {allowed} or None{meaning}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -32,7 +47,15 @@ class ActivationRequest:
             reservoir of at most ``max_rows`` of them (``rows_per_batch`` sampled per batch);
             ``"gram"``: the streamed Gram matrix ``Z^T Z`` of activation rows (with ``sum z`` and the
             row count), O(C^2) memory (``rows_per_batch`` sampled per batch).
-        pooling: ``"max"`` or ``"avg"`` (for ``"pooled"``).
+        pooling: ``"max"`` or ``"avg"`` (for ``"pooled"`` and ``"class_moments"``).
+        token_pooling: how a *token sequence* (a 3-D activation whose channels are the last dim:
+            ``(batch, tokens, features)``, as the linear layers, norms and activations of a batch-first
+            transformer see it) is reduced before the statistic: ``"avg"`` (mean over the tokens),
+            ``"max"`` (maximum over the tokens) or ``"cls"`` (the class token: the first token), one row
+            per sample for every statistic. None (default): the tokens are positions like those of a
+            feature map: ``pooling`` over them for ``"pooled"`` and ``"class_moments"``, every token of
+            every sample a row for ``"covariance"``, ``"rows"`` and ``"gram"``. Other activations (a
+            convolution's ``(N, C, H, W)``, a 2-D ``(N, C)``) ignore it.
         rows_per_batch: for ``"covariance"``, ``"rows"`` and ``"gram"``: rows sampled uniformly per batch (bounds the cost of
             the per-batch product; all rows when the batch has fewer).
         channel_dim: the channel dimension of the activation; None (default) lets the collector
@@ -58,6 +81,7 @@ class ActivationRequest:
     max_rows: int = 4096
     channels: int = 0
     channel_index: tuple[int, ...] = ()
+    token_pooling: TokenPooling | None = None
 
     def __post_init__(self) -> None:
         if self.site not in ("output", "input"):
@@ -69,6 +93,7 @@ class ActivationRequest:
             raise ValueError(f"statistic must be {', '.join(names[:-1])} or {names[-1]}, got {self.statistic!r}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        check_token_pooling(self.token_pooling)
         if self.rows_per_batch < 1:
             raise ValueError(f"rows_per_batch must be >= 1, got {self.rows_per_batch}")
         if self.channel_index and self.statistic not in ("rows", "gram"):

@@ -1,4 +1,5 @@
-"""Functional cores of the collected statistics: pooling, row sampling, reservoir merge, covariance from sums."""
+"""Functional cores of the collected statistics: pooling (over positions or tokens), row sampling,
+reservoir merge, covariance from sums."""
 
 from __future__ import annotations
 
@@ -6,13 +7,44 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["covariance_from_sums", "pool_channels", "reservoir_merge", "sample_rows"]
+__all__ = ["covariance_from_sums", "is_token_sequence", "pool_channels", "pool_tokens", "reservoir_merge", "sample_rows"]
 
 
-def pool_channels(x: torch.Tensor, pooling: str, channel_dim: int = 1) -> torch.Tensor:
-    """``(N, C, *rest)`` (or channels at ``channel_dim``) -> ``(N, C)`` by max or mean over ``rest``."""
+def is_token_sequence(x: torch.Tensor, channel_dim: int) -> bool:
+    """Whether ``x`` is a batch-first token sequence ``(batch, tokens, features)``: 3-D, channels last."""
+    return x.dim() == 3 and channel_dim % 3 == 2
+
+
+def pool_tokens(x: torch.Tensor, token_pooling: str) -> torch.Tensor:
+    """``(N, T, F)`` -> ``(N, F)``: ``"avg"`` the mean over the ``T`` tokens, ``"max"`` their maximum,
+    ``"cls"`` the class token (token 0).
+
+    Raises:
+        ValueError: ``x`` is not 3-D, or ``token_pooling`` is another value.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"pool_tokens needs a (batch, tokens, features) tensor, got shape {tuple(x.shape)}")
+    if token_pooling == "avg":
+        return x.mean(dim=1)
+    if token_pooling == "max":
+        return x.amax(dim=1)
+    if token_pooling == "cls":
+        return x[:, 0]
+    raise ValueError(f"token_pooling must be 'avg', 'max' or 'cls', got {token_pooling!r}")
+
+
+def pool_channels(
+    x: torch.Tensor, pooling: str, channel_dim: int = 1, token_pooling: str | None = None
+) -> torch.Tensor:
+    """``(N, C, *rest)`` (or channels at ``channel_dim``) -> ``(N, C)`` by max or mean over ``rest``.
+
+    A token sequence (:func:`is_token_sequence`) is reduced by ``token_pooling``
+    (:func:`pool_tokens`) when it is given; otherwise its tokens are pooled like any positions.
+    """
     x = x.detach()  # no autograd graph for the statistics
-    if x.dim() > 2:
+    if token_pooling is not None and is_token_sequence(x, channel_dim):
+        x = pool_tokens(x, token_pooling)
+    elif x.dim() > 2:
         if channel_dim % x.dim() != 1:
             x = x.movedim(channel_dim, 1)
         dims = tuple(range(2, x.dim()))
@@ -28,6 +60,7 @@ def sample_rows(
     channels: int = 0,
     column_index: torch.Tensor | None = None,
     generator: torch.Generator | Callable[[torch.device], torch.Generator] | None = None,
+    token_pooling: str | None = None,
 ) -> torch.Tensor:
     """Up to ``rows_per_batch`` rows (sample x position) of ``x``, one column per channel, float32.
 
@@ -42,12 +75,17 @@ def sample_rows(
             branch's slice of a concatenation.
         generator: the generator of the draws, or a function of the device returning it (called
             only when rows are subsampled); None uses the global generator.
+        token_pooling: when given and ``x`` is a token sequence (:func:`is_token_sequence`), the
+            tokens are first reduced to one row per sample (:func:`pool_tokens`); None (default):
+            every token of every sample is a row, drawn like the positions of a feature map.
 
     Returns:
         ``(M, C)`` float32 rows, ``M = min(rows_per_batch, N * positions)``.
     """
     dim = channel_dim
     x = x.detach()
+    if token_pooling is not None and is_token_sequence(x, dim):
+        x, dim = pool_tokens(x, token_pooling), 1
     if column_index is not None:  # the observed channels' part of a wider input (a concatenation)
         x = x.index_select(dim, column_index)
     if channels and x.dim() == 2 and x.shape[1] != channels:

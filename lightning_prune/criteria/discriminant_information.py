@@ -1,6 +1,7 @@
 """``"discriminant_information"`` (``"di"``): Hou & Kung, ICPR 2020.
 
-``docs/criteria.md`` section "Discriminant information". On a layer's pooled features ``X (N x C)``::
+``docs/criteria.md`` section "Discriminant information". On a layer's pooled features ``X (N x C)`` (a
+transformer's ``(batch, tokens, features)`` activation pooled over the tokens by ``token_pooling``)::
 
     S_bar = X~^T X~ / N                                 (centred scatter, per sample)
     S_B   = sum_c N_c (mu_c - mu)(mu_c - mu)^T / N       (between-class scatter, per sample)
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from lightning_prune.collection.collector import ClassMoments
-from lightning_prune.collection.requests import ActivationRequest, Pooling
+from lightning_prune.collection.requests import ActivationRequest, Pooling, TokenPooling, check_token_pooling
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.pls_vip import root_request
 from lightning_prune.criteria.registry import register_criterion
@@ -141,33 +142,54 @@ class DiscriminantInformation(Criterion):
 
     Args:
         rho: ridge added to the per-sample centred scatter (> 0). Default 1e-4.
-        pooling: ``"max"`` or ``"avg"`` (default) global pooling of each channel.
+        pooling: ``"max"`` or ``"avg"`` (default) global pooling of each channel over the positions
+            of its feature map. Another value raises ``ValueError``.
+        token_pooling: how a token sequence ``(batch, tokens, features)`` (a batch-first
+            transformer's linear layers) becomes one feature row per sample: ``"avg"`` or ``"max"``
+            over the tokens, or ``"cls"``, the class token (the first token). None (default): the
+            same as ``pooling`` (the mean over the tokens). Another value raises ``ValueError``.
         greedy: rank by repeated removal of the least influential channel (O(C^4) per layer)
             instead of the one-shot leave-one-out drops. Default False.
         num_classes: number of classes; default: the width of the model's output on the example
             inputs (classification logits). Labels outside ``[0, num_classes)`` raise at the prune.
+
+    Example::
+
+        StructuredPruningCallback("di", target_flops_reduction=0.4, criterion_kwargs={"token_pooling": "cls"})
     """
 
     requirements = Requirements(activations=True, labels=True)
     default_allocation = "uniform"
     width_losses_per_mac = True
 
-    def __init__(self, rho: float = 1e-4, pooling: Pooling = "avg", greedy: bool = False, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        rho: float = 1e-4,
+        pooling: Pooling = "avg",
+        greedy: bool = False,
+        num_classes: int | None = None,
+        token_pooling: TokenPooling | None = None,
+    ) -> None:
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
         if pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 or None, got {num_classes!r}")
+        check_token_pooling(token_pooling, none="the same as pooling")
         self.rho = float(rho)
         self.pooling = pooling
+        self.token_pooling = token_pooling
         self.greedy = bool(greedy)
         self.num_classes = num_classes
         self._orders: dict[str, list[int]] = {}
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
         return [
-            root_request(g, statistic="class_moments", pooling=self.pooling, num_classes=self.num_classes or 0)
+            root_request(
+                g, statistic="class_moments", pooling=self.pooling, num_classes=self.num_classes or 0,
+                token_pooling=self.token_pooling,
+            )
             for g in groups
         ]
 
@@ -200,6 +222,6 @@ class DiscriminantInformation(Criterion):
             curve = di_curve(s_bar, s_b, self.rho, order)
             full = curve[-1] if curve[-1] > 0 else torch.tensor(1.0, dtype=torch.float64)
             lost = 1.0 - curve / full
-            kept_channels = (torch.arange(group.positions + 1) * group.channel_groups).clamp_max(group.size)
+            kept_channels = (torch.arange(group.positions + 1) * group.unit).clamp_max(group.size)
             losses.append(lost[kept_channels])
         return losses

@@ -65,14 +65,23 @@ def ridge_coefficients(masks: torch.Tensor, outcomes: torch.Tensor, alpha: float
     return xc.T @ torch.linalg.solve(xc @ xc.T + alpha * torch.eye(s, dtype=x.dtype), yc)
 
 
-def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]]:
-    """Where a group's channels leave it: (module, module channel idxs, root idxs, module width) to zero.
+def _mask_points(
+    group: ChannelGroup, model: nn.Module, graph: Any
+) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, str]]:
+    """Where a group's channels leave it: (module, module channel idxs, root idxs, module width, site)
+    to zero, ``site`` being ``"output"`` or ``"input"``.
 
     Every producer of the group (a layer whose *output* channels belong to it and that owns
     parameters) is masked, unless its output feeds another producer of the same group (a conv
     followed by its BatchNorm: the BN is masked, so the channel is exactly zero, not BN's shift).
+    A group observed at a module's input (attention heads: the output projection's input, where the
+    heads' outputs are concatenated) is masked there instead.
     """
     modules = dict(model.named_modules())
+    name, site = group.observation
+    if site == "input" and name in modules:
+        everything = torch.arange(group.size)
+        return [(modules[name], everything, everything, group.size, "input")]
     producers: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...], int]] = {}
     for s in group.slices:
         if not s.is_output or not s.addressable:
@@ -85,7 +94,7 @@ def _mask_points(group: ChannelGroup, model: nn.Module, graph: Any) -> list[tupl
     for module, (idxs, roots, width) in producers.items():
         feeds_producer = graph is not None and any(m in producers for m in graph.downstream_modules(module))
         if not feeds_producer:
-            points.append((module, torch.tensor(idxs), torch.tensor(roots), width))
+            points.append((module, torch.tensor(idxs), torch.tensor(roots), width, "output"))
     return points
 
 
@@ -107,7 +116,7 @@ def channel_masking(
     handles = []
     for group, mask in zip(groups, masks):
         batched = mask.dim() == 2
-        for module, idxs, roots, width in _mask_points(group, model, graph):
+        for module, idxs, roots, width, site in _mask_points(group, model, graph):
             if batched:
                 module_mask = torch.ones(mask.shape[0], width)
                 module_mask[:, idxs] = mask.float()[:, roots]
@@ -137,7 +146,14 @@ def channel_masking(
                 shape[0], shape[dim % output.dim() + 1] = blocks, width
                 return (stacked * factor.view(shape)).reshape(output.shape)
 
-            handles.append(module.register_forward_hook(hook))
+            if site == "input":
+
+                def pre_hook(_m, inputs, hook=hook):
+                    return (hook(_m, inputs, inputs[0]),) + tuple(inputs[1:])
+
+                handles.append(module.register_forward_pre_hook(pre_hook))
+            else:
+                handles.append(module.register_forward_hook(hook))
     try:
         yield
     finally:

@@ -122,7 +122,7 @@ class InterpolativeDecomposition(Criterion):
     Args:
         max_rows: unused since the Gram statistic replaced the row reservoir (the Gram is O(C^2)
             whatever the rows); accepted so that existing configurations still load.
-        rows_per_batch: rows sampled per training batch into each Gram. Default 4096.
+        rows_per_batch: rows sampled per training batch into each Gram. Default 512.
         ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram
             (:data:`~lightning_prune.engine.correction.DEFAULT_RIDGE`); the callback's
             ``correction_ridge`` overrides it.
@@ -144,7 +144,8 @@ class InterpolativeDecomposition(Criterion):
 
     # ------------------------------------------------------------------ which tensors
     def _root_request(self, group: ChannelGroup) -> ActivationRequest:
-        return ActivationRequest(group.root_name, statistic="gram", rows_per_batch=self.rows_per_batch)
+        module, site = group.observation
+        return ActivationRequest(module, site=site, statistic="gram", rows_per_batch=self.rows_per_batch)
 
     def _requests(self, group: ChannelGroup, model: nn.Module | None) -> tuple[list[ActivationRequest], bool]:
         """The Gram requests the selection reads (every absorbing consumer's input, else the root's
@@ -202,7 +203,7 @@ class InterpolativeDecomposition(Criterion):
                 g, corrected = self._gram(group, context)
                 cached = (*gram_reconstruction_errors(g, corrected), corrected)
             error = np.maximum.accumulate(cached[1][::-1])[::-1]  # non-increasing in k (numerical safety)
-            kept = np.minimum(np.arange(group.positions + 1) * group.channel_groups, group.size)
+            kept = np.minimum(np.arange(group.positions + 1) * group.unit, group.size)
             losses.append(torch.from_numpy(error[kept].copy()))
         return losses
 

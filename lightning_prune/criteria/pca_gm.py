@@ -13,7 +13,10 @@ next width loses the least explained variance. ``variance_threshold`` gives the 
 effective threshold may be lower or higher.
 
 Activations are the root layer's output; only their channel covariance is collected (streamed
-over rows, ``rows_per_batch`` sampled per batch), O(C^2) memory per layer.
+over rows, ``rows_per_batch`` sampled per batch), O(C^2) memory per layer. On a transformer, a
+linear layer's ``(batch, tokens, features)`` activation gives one row per token by default (the
+tokens are the positions, as the next layer reads them); ``token_pooling`` pools them to one row
+per sample instead.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_prune.collection.requests import ActivationRequest
+from lightning_prune.collection.requests import ActivationRequest, TokenPooling, check_token_pooling
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.fpgm import FPGM
 from lightning_prune.criteria.pls_vip import root_request
@@ -55,23 +58,40 @@ class PCAGeometricMedian(Criterion):
         variance_threshold: fraction of variance the PCA widths keep (reported), in (0, 1].
             Default 0.999.
         rows_per_batch: activation rows (sample x position) sampled per batch for the covariance.
+            Default 512.
+        token_pooling: how a token sequence ``(batch, tokens, features)`` (a batch-first
+            transformer's linear layers) gives covariance rows: None (default): every token of every
+            sample is a row, like the positions of a feature map; ``"avg"`` or ``"max"`` over the
+            tokens, or ``"cls"`` (the class token, the first): one row per sample. Another value
+            raises ``ValueError``.
 
     Attributes:
         pca_widths: after a step, root layer -> the width PCA at ``variance_threshold`` gives.
+
+    Example::
+
+        StructuredPruningCallback("pca_gm", target_flops_reduction=0.4, criterion_kwargs={"token_pooling": "avg"})
     """
 
     requirements = Requirements(activations=True)
 
-    def __init__(self, variance_threshold: float = 0.999, rows_per_batch: int = 512) -> None:
+    def __init__(
+        self, variance_threshold: float = 0.999, rows_per_batch: int = 512, token_pooling: TokenPooling | None = None
+    ) -> None:
         if not 0.0 < variance_threshold <= 1.0:
             raise ValueError(f"variance_threshold must be in (0, 1], got {variance_threshold!r}")
+        check_token_pooling(token_pooling, none="every token is a row")
         self.variance_threshold = float(variance_threshold)
         self.rows_per_batch = int(rows_per_batch)
+        self.token_pooling = token_pooling
         self.pca_widths: dict[str, int] = {}
         self._fpgm = FPGM()
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
-        return [root_request(g, statistic="covariance", rows_per_batch=self.rows_per_batch) for g in groups]
+        return [
+            root_request(g, statistic="covariance", rows_per_batch=self.rows_per_batch, token_pooling=self.token_pooling)
+            for g in groups
+        ]
 
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         return self._fpgm.score(groups, context)
@@ -86,6 +106,6 @@ class PCAGeometricMedian(Criterion):
             covariance = store.covariance(request).cpu()
             curve = explained_variance_curve(covariance)
             self.pca_widths[group.root_name] = pca_width(covariance, self.variance_threshold)
-            kept_channels = torch.arange(group.positions + 1) * group.channel_groups
+            kept_channels = torch.arange(group.positions + 1) * group.unit
             losses.append(1.0 - curve[kept_channels.clamp_max(group.size)])
         return losses

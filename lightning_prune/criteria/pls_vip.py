@@ -1,7 +1,9 @@
 """``"pls_vip"``: Partial Least Squares + Variable Importance in Projection (Jordao et al., 2019).
 
 ``docs/criteria.md`` section "PLS + VIP". The pooled (global max, or avg) activation of every channel of
-every prunable layer is one feature; one PLS regression of all features against the one-hot labels
+every prunable layer is one feature (on a transformer, the ``(batch, tokens, features)`` activation of a
+linear layer is pooled over the tokens by ``token_pooling``: max, mean, or the class token); one PLS
+regression of all features against the one-hot labels
 (``n_components=2``, features scaled to unit variance) gives, for feature ``j``::
 
     s_a   = (t_a^T t_a) (q_a^T q_a)
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lightning_prune.collection.requests import ActivationRequest, Pooling
+from lightning_prune.collection.requests import ActivationRequest, Pooling, TokenPooling, check_token_pooling
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
 from lightning_prune.engine.graph import ChannelGroup
@@ -66,7 +68,8 @@ def fit_pls_vip(features: np.ndarray, labels: np.ndarray, n_components: int = 2,
 
 def root_request(group: ChannelGroup, **kwargs) -> ActivationRequest:
     """A request on the output of ``group``'s root layer (the layer whose channels are numbered)."""
-    return ActivationRequest(group.root_name, **kwargs)
+    module, site = group.observation
+    return ActivationRequest(module, site=site, **kwargs)
 
 
 @register_criterion("pls_vip", "pls")
@@ -75,27 +78,42 @@ class PLSVIP(Criterion):
 
     Args:
         n_components: PLS components. Default 2 (the paper's).
-        pooling: ``"max"`` (the paper's) or ``"avg"`` global pooling of each channel.
+        pooling: ``"max"`` (the paper's, default) or ``"avg"`` global pooling of each channel over the
+            positions of its feature map. Another value raises ``ValueError``.
         scale: scale features to unit variance before PLS. Default True.
+        token_pooling: how a token sequence ``(batch, tokens, features)`` (a batch-first
+            transformer's linear layers) becomes one feature row per sample: ``"max"`` or ``"avg"``
+            over the tokens, or ``"cls"``, the class token (the first token). None (default): the
+            same as ``pooling`` (max over the tokens). Another value raises ``ValueError``.
 
     Needs activations and labels: the callback collects them during the epoch before each step.
+
+    Example::
+
+        StructuredPruningCallback("pls_vip", target_flops_reduction=0.4, criterion_kwargs={"token_pooling": "cls"})
     """
 
     requirements = Requirements(activations=True, labels=True)
     comparable_across_layers = True
     default_allocation = "global"
 
-    def __init__(self, n_components: int = 2, pooling: Pooling = "max", scale: bool = True) -> None:
+    def __init__(
+        self, n_components: int = 2, pooling: Pooling = "max", scale: bool = True, token_pooling: TokenPooling | None = None
+    ) -> None:
         if n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}")
         if pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        check_token_pooling(token_pooling, none="the same as pooling")
         self.n_components = int(n_components)
         self.pooling = pooling
         self.scale = bool(scale)
+        self.token_pooling = token_pooling
 
     def activation_requests(self, groups: Sequence[ChannelGroup]) -> list[ActivationRequest]:
-        return [root_request(g, statistic="pooled", pooling=self.pooling) for g in groups]
+        return [
+            root_request(g, statistic="pooled", pooling=self.pooling, token_pooling=self.token_pooling) for g in groups
+        ]
 
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         store = context.activations

@@ -25,7 +25,7 @@ the error is at most half the cost of one event.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -68,7 +68,7 @@ class _Event:
 
 def _allowed_widths(group: ChannelGroup, original_size: int, max_layer_ratio: float, round_to: int | None) -> list[int]:
     """Admissible kept-position counts, descending, starting with the current width."""
-    g = group.channel_groups
+    g = group.unit
     current = group.positions
     min_channels = max(g, math.ceil((1.0 - max_layer_ratio) * original_size - 1e-9))
     min_positions = max(1, math.ceil(min_channels / g))
@@ -88,7 +88,7 @@ def _position_scores(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
         )
     if not torch.isfinite(scores).all():
         raise ValueError(f"criterion returned non-finite scores for group '{group.root_name}'")
-    return scores.view(group.channel_groups, group.positions).mean(0)
+    return group.position_scores(scores)
 
 
 def _events(
@@ -121,19 +121,19 @@ def _events(
                     lost = float(width_losses[gi][widths[k]]) - float(width_losses[gi][group.positions])
                 else:
                     lost = float(ranked[:removed].sum())
-                saved = seconds_saved(gi, removed * group.channel_groups)
+                saved = seconds_saved(gi, removed * group.unit)
                 running = max(running, lost / saved if saved > 0 else math.inf)
                 key = running
             elif width_losses is not None:
                 loss = float(width_losses[gi][widths[k]])
                 if macs_per_channel is not None:  # loss added per MAC saved by this event
                     added = loss - float(width_losses[gi][widths[k - 1]])
-                    saved = (widths[k - 1] - widths[k]) * group.channel_groups * macs_per_channel[gi]
+                    saved = (widths[k - 1] - widths[k]) * group.unit * macs_per_channel[gi]
                     loss = added / saved if saved > 0 else math.inf
                 running = max(running, loss)
                 key = running
             elif allocation == "uniform":
-                key = 1.0 - widths[k] * group.channel_groups / original
+                key = 1.0 - widths[k] * group.unit / original
             else:
                 chunk = ranked[group.positions - widths[k - 1] : group.positions - widths[k]]
                 running = max(running, float(chunk.mean()))
@@ -146,26 +146,40 @@ def _events(
 class _Prefix:
     """Evaluates the plan made of the first ``m`` events."""
 
-    def __init__(self, groups, events, cost_model, target, dense, original_sizes):
+    def __init__(self, groups, events, cost_model, target, dense, original_sizes, ties=None):
         self.groups = groups
         self.events = events
         self.cost_model = cost_model
         self.target = target
         self.dense = dense
         self.original_total = sum(original_sizes)
+        self.ties = _tie_classes(ties) if ties is not None else []
 
     def kept(self, m: int) -> list[int]:
         kept = [g.positions for g in self.groups]
         for event in self.events[:m]:
             kept[event.group] = event.kept_positions
+        for members in self.ties:  # tied groups all take the narrowest width any of them reached
+            narrowest = min(kept[i] for i in members)
+            for i in members:
+                kept[i] = narrowest
         return kept
+
 
     def __call__(self, m: int) -> tuple[float, Cost, list[int]]:
         kept = self.kept(m)
-        removed = [(g.positions - k) * g.channel_groups for g, k in zip(self.groups, kept)]
+        removed = [(g.positions - k) * g.unit for g, k in zip(self.groups, kept)]
         cost = self.cost_model.evaluate(removed)
-        kept_channels = sum(k * g.channel_groups for g, k in zip(self.groups, kept))
+        kept_channels = sum(k * g.unit for g, k in zip(self.groups, kept))
         return self.target.metric.reduction(cost, kept_channels, self.dense, self.original_total), cost, kept
+
+
+def _tie_classes(ties: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of the groups sharing each tie key (classes of two or more)."""
+    classes: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(ties):
+        classes.setdefault(key, []).append(index)
+    return [members for members in classes.values() if len(members) > 1]
 
 
 def _original_sizes(groups: Sequence[ChannelGroup], original_widths: Mapping[str, int] | None) -> list[int]:
@@ -206,6 +220,7 @@ def plan_pruning(
     width_losses: Sequence[torch.Tensor] | None = None,
     losses_per_mac: bool = False,
     tolerance: float = 0.02,
+    ties: Sequence[Hashable] | None = None,
 ) -> Plan:
     """Choose the channels to remove so that the model meets ``target`` (relative to ``dense``).
 
@@ -227,6 +242,9 @@ def plan_pruning(
         losses_per_mac: order width-loss events by the loss they add per MAC they save (each
             group's marginal MACs per channel, from ``cost_model``) instead of by the loss itself.
         tolerance: how far below the target the best plan may fall before it is an error.
+        ties: one key per group, or None; groups with equal keys always keep the same number of
+            positions (the narrowest any of them would keep), e.g. one width per layer type so that
+            a model's configuration can describe it. The lowest-scored positions of each go.
 
     Raises:
         TargetUnreachableError: when even removing everything the caps allow falls short.
@@ -244,9 +262,9 @@ def plan_pruning(
         macs_per_channel = []
         for gi, group in enumerate(groups):
             removed = [0] * len(groups)
-            removed[gi] = group.channel_groups
+            removed[gi] = group.unit
             saved = current - cost_model.evaluate(removed).macs
-            macs_per_channel.append(max(saved, 1) / group.channel_groups / max(1, dense.macs))
+            macs_per_channel.append(max(saved, 1) / group.unit / max(1, dense.macs))
     group_saving = getattr(cost_model, "group_saving", None)
     per_second = target.kind == "latency" and group_saving is not None and (allocation == "global" or width_losses is not None)
     events, orders = _events(
@@ -261,7 +279,9 @@ def plan_pruning(
         macs_per_channel,
         group_saving if per_second else None,
     )
-    prefix = _Prefix(groups, events, cost_model, target, dense, originals)
+    if ties is not None and len(ties) != len(groups):
+        raise ValueError(f"ties must hold one key per group ({len(groups)}), got {len(ties)}")
+    prefix = _Prefix(groups, events, cost_model, target, dense, originals, ties)
 
     lo_value, lo_cost, _ = prefix(0)
     if lo_value >= target.value:

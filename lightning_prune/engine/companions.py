@@ -29,8 +29,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from lightning_prune._batch import to_device
 from lightning_prune._model import eval_forward
+from lightning_prune.engine.attention import replay
 from lightning_prune.engine.graph import build_dependency_graph
-from lightning_prune.engine.tp_adapter import replay_history
 
 __all__ = [
     "Companion",
@@ -236,7 +236,7 @@ def cut_companion(
     graph = build_dependency_graph(
         module, example, forward_fn=forward_fn, output_transform=None if prefix else output_transform
     )
-    replay_history(graph, entries)
+    replay(graph, module, entries)
     for sub, sub_inputs in zip(inner, inner_inputs):
         cut_companion(sub, sub_inputs, entries)
         check_companion_shapes(module, sub)

@@ -1,7 +1,7 @@
 """What a model costs: multiply-accumulates (MACs) per sample and parameters.
 
 Definition (the one every number of this library uses): MACs are the multiply-accumulates of
-every convolution and linear layer of the whole model, per sample, counted from a real forward
+every convolution and linear layer (transformers' ``Conv1D`` included) of the whole model, per sample, counted from a real forward
 pass; a layer's count is ``positions * weight.numel()`` where ``positions`` is the number of
 output positions (input positions for transposed convolutions) per sample. The projections of
 ``nn.MultiheadAttention`` count as linear layers: q over the query tokens, k and v over the key
@@ -49,8 +49,13 @@ class Cost:
         return 1.0 - self.macs / max(1, dense.macs), 1.0 - self.params / max(1, dense.params)
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.") and hasattr(module, "nf")
+
+
 def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention))
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)) or _is_transposed_linear(module)
 
 
 def _positions(module: Any, inputs: tuple[Any, ...], output: torch.Tensor, batch: int) -> float:
@@ -59,6 +64,8 @@ def _positions(module: Any, inputs: tuple[Any, ...], output: torch.Tensor, batch
         return x.numel() / (batch * module.in_channels)
     if isinstance(module, nn.modules.conv._ConvNd):
         return output.numel() / (batch * module.out_channels)
+    if _is_transposed_linear(module):
+        return output.numel() / (batch * module.nf)
     return output.numel() / (batch * module.out_features)  # nn.Linear: tokens per sample
 
 
@@ -81,7 +88,8 @@ def _attention_positions(
     else:
         assert module.q_proj_weight is not None and module.k_proj_weight is not None and module.v_proj_weight is not None
         weights = {module.q_proj_weight: queries, module.k_proj_weight: keys, module.v_proj_weight: keys}
-    weights[module.out_proj.weight] = queries
+    if not getattr(module, "calls_out_proj", False):  # torch applies it functionally: no hook of its own
+        weights[module.out_proj.weight] = queries
     return weights
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from lightning_prune._model import preserved_training_modes
-from lightning_prune.engine.tp_adapter import GroupHandle, TracedGraph, trace
+from lightning_prune.engine.tp_adapter import TracedGraph, trace
 
 __all__ = [
     "ChannelGroup",
@@ -100,14 +100,27 @@ class ParamSlice:
         return selected.reshape(num_channels, -1)
 
 
+class Cutter(Protocol):
+    """Cuts root channels of one group from every layer it couples (a :class:`GroupHandle` for
+    torch-pruning's groups, :class:`~lightning_prune.engine.attention.HeadHandle` for attention heads)."""
+
+    def prune(self, channels: Sequence[int]) -> None: ...
+
+
+#: What a group's channels are, structurally (see :mod:`lightning_prune.engine.scope`).
+GroupKind = str
+
+
 @dataclass(frozen=True)
 class ChannelGroup:
     """One set of coupled channels, pruned together.
 
     ``size`` channels are numbered in the coordinates of the root layer. Layers with channel
-    groups (grouped convolutions) force the same positions to be pruned in each of the
-    ``channel_groups`` blocks, so the pruning unit is a *position*: ``size // channel_groups`` of
-    them, each worth ``channel_groups`` channels.
+    groups (grouped convolutions, the heads of an attention whose head width is narrowed) force the
+    same positions to be pruned in each of the ``channel_groups`` blocks; a ``block`` > 1 makes a
+    position ``block`` consecutive channels (a whole attention head of ``head_dim`` channels). The
+    pruning unit is a *position*: ``size // (channel_groups * block)`` of them, each worth
+    :attr:`unit` channels.
     """
 
     index: int
@@ -116,16 +129,43 @@ class ChannelGroup:
     channel_groups: int
     slices: tuple[ParamSlice, ...]
     module_names: tuple[str, ...]  #: every module the group touches
-    handle: GroupHandle  #: cuts the group's channels (torch-pruning's group, through the adapter)
+    handle: Cutter  #: cuts the group's channels (torch-pruning's group, through the adapter)
+    block: int = 1  #: consecutive channels per position (``head_dim`` for whole-head groups)
+    kind: GroupKind = "mlp"  #: ``"mlp"``, ``"heads"``, ``"embedding"`` or ``"other"`` (the ``scope`` classes)
+    #: (module, site) whose activation holds the channels; None: the root's output
+    observed: tuple[str, Literal["output", "input"]] | None = None
+
+    @property
+    def observation(self) -> tuple[str, Literal["output", "input"]]:
+        """Where activation criteria observe the group's channels: ``(module name, "output" | "input")``
+        (the root's output, or for a head group the output projection's input: the heads' outputs)."""
+        return self.observed if self.observed is not None else (self.root_name, "output")
 
     @property
     def positions(self) -> int:
-        return self.size // self.channel_groups
+        return self.size // (self.channel_groups * self.block)
+
+    @property
+    def unit(self) -> int:
+        """Channels removed per position removed."""
+        return self.channel_groups * self.block
 
     def channels_of_positions(self, positions: Sequence[int]) -> list[int]:
-        """Root channel indices of the given positions, repeated in every channel group."""
-        block = self.positions
-        return sorted(g * block + p for g in range(self.channel_groups) for p in positions)
+        """Root channel indices of the given positions, repeated in every channel group (each
+        position's ``block`` consecutive channels)."""
+        if self.block == 1:
+            block = self.positions
+            return sorted(g * block + p for g in range(self.channel_groups) for p in positions)
+        per_group = self.size // self.channel_groups
+        return sorted(
+            g * per_group + p * self.block + j for g in range(self.channel_groups) for p in positions for j in range(self.block)
+        )
+
+    def position_scores(self, scores: Any) -> Any:
+        """Per-channel scores (``size``) reduced to one per position: the mean over its channels."""
+        if self.block == 1:
+            return scores.view(self.channel_groups, self.positions).mean(0)
+        return scores.view(self.channel_groups, self.positions, self.block).mean(dim=(0, 2))
 
     def prune(self, channels: Sequence[int]) -> None:
         """Remove ``channels`` (root coordinates) from every coupled layer."""

@@ -37,6 +37,15 @@ from torch import nn
 
 from lightning_prune._model import preserved_training_modes
 from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, max_reduction, plan_pruning
+from lightning_prune.engine.attention import (
+    HEAD_MODES,
+    SyncedHandle,
+    find_attention,
+    head_groups,
+    head_projection_layers,
+    head_widths,
+    width_attribute_modules,
+)
 from lightning_prune.engine.companions import (
     Companion,
     as_companions,
@@ -55,10 +64,12 @@ from lightning_prune.engine.correction import (
 )
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
+from lightning_prune.engine.huggingface import sync_configs
 from lightning_prune.engine.latency import LatencyEstimator
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
 from lightning_prune.engine.probe import GraphSnapshot, UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.protocol import Criterion, ScoringContext
+from lightning_prune.engine.scope import Scope, classify_group, default_scope, resolve_scope
 from lightning_prune.engine.surgery import ModuleSnapshot, ParameterChange, apply_plan, unrecorded_changes
 from lightning_prune.engine.targets import Target, check_fraction
 from lightning_prune.engine.tp_adapter import TracedGraph
@@ -118,13 +129,16 @@ class StepResult:
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv and linear layer, by qualified name."""
+    """Output width of every conv and linear layer, and the inner width (heads x head width) of every
+    attention module, by qualified name."""
     widths = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             widths[name] = int(module.out_channels)
         elif isinstance(module, nn.Linear):
             widths[name] = int(module.out_features)
+    for name, width in head_widths(model).items():
+        widths.setdefault(name, width)
     return widths
 
 
@@ -134,6 +148,18 @@ def _names(names: Sequence[str], limit: int = 6) -> str:
 
 def _layer_of(parameter_name: str) -> str:
     return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
+
+
+def _head_entries(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[int]]) -> list[list[Any]]:
+    """Surgery records of the head cuts of a plan (torch-pruning's history does not see them)."""
+    entries = []
+    for index, channels in removed.items():
+        handle = groups[index].handle
+        handle = handle.inner if isinstance(handle, SyncedHandle) else handle
+        entry = getattr(handle, "entry", None)
+        if channels and entry is not None:
+            entries.append(entry(channels))
+    return entries
 
 
 def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
@@ -229,6 +255,17 @@ class ChannelPruner:
         latency_corrections: at most this many re-plans per step: the model is restored to the step's
             start and re-planned with the planning target moved by the measured miss (the scores are
             reused), the try closest to the target is kept. Default 3; not an integer >= 0: ``ValueError``.
+        scope: which widths may be cut (:mod:`lightning_prune.engine.scope`): ``"mlp"`` (feed-forward
+            hidden widths, and every width that is neither heads nor the token width), ``"heads"``
+            (whole attention heads), ``"embedding"`` (the token width), ``"all"``, or a combination
+            (``"mlp+heads"``, ``["mlp", "embedding"]``). Default None: ``"mlp+heads"`` for a
+            transformer (a model with an attention module), ``"all"`` otherwise. An unknown word raises
+            ``ValueError`` naming the allowed ones; another type ``TypeError``.
+        head_pruning: ``"heads"`` (default): attention heads are removed whole; ``"head_dims"``: every
+            head keeps but loses the same channels (narrower heads). Anything else: ``ValueError``.
+        uniform_per_type: every group of the same kind and original width keeps the same width (e.g.
+            the same number of heads and the same feed-forward width in every layer), so that a
+            Hugging Face ``config`` can express the pruned model. Default False.
     """
 
     def __init__(
@@ -249,6 +286,9 @@ class ChannelPruner:
         latency: LatencyEstimator | None = None,
         latency_tolerance: float = 0.02,
         latency_corrections: int = 3,
+        scope: Scope = None,
+        head_pruning: Literal["heads", "head_dims"] = "heads",
+        uniform_per_type: bool = False,
     ) -> None:
         if not isinstance(criterion, Criterion):
             raise TypeError(
@@ -282,6 +322,13 @@ class ChannelPruner:
             isinstance(correction_ridge, bool) or not isinstance(correction_ridge, (int, float)) or not correction_ridge >= 0
         ):
             raise ValueError(f"correction_ridge must be a number >= 0 or None, got {correction_ridge!r}")
+        self.scope = resolve_scope(scope)
+        if head_pruning not in HEAD_MODES:
+            raise ValueError(f"head_pruning must be one of {', '.join(HEAD_MODES)}, got {head_pruning!r}")
+        self.head_pruning = head_pruning
+        if not isinstance(uniform_per_type, bool):
+            raise TypeError(f"uniform_per_type must be True or False, got {uniform_per_type!r}")
+        self.uniform_per_type = uniform_per_type
         self.correction = correction
         self.residual_widths = bool(residual_widths)
         self.correction_ridge = None if correction_ridge is None else float(correction_ridge)
@@ -376,6 +423,7 @@ class ChannelPruner:
             )
         refused: dict[str, str] = {}
         groups = discover_groups(model, graph, ignored_modules=ignored, refused=refused)
+        groups = self._scoped_groups(model, groups, ignored, refused)
         positions, signature = profile(model, example_inputs)
         if self.probe and groups:
             bad = find_unprunable_groups(model, graph, groups, lambda: profile(model, example_inputs)[1], signature)
@@ -424,7 +472,7 @@ class ChannelPruner:
                 for group in groups:
                     low = max(1, math.ceil((1.0 - self.max_layer_ratio) * group.positions - 1e-9))
                     kept = max(low, group.positions // 2)
-                    counts.append((group.positions - kept) * group.channel_groups)
+                    counts.append((group.positions - kept) * group.unit)
                     if kept < group.positions:
                         group.prune(group.channels_of_positions(list(range(kept, group.positions))))
             seconds = self.latency.measure(model, example_inputs)
@@ -435,6 +483,40 @@ class ChannelPruner:
         finally:
             snapshot.restore()
         return counts, seconds
+    def scope_of(self, model: nn.Module) -> frozenset[str]:
+        """The kinds of groups pruned in ``model`` (``scope``, or its default for this model)."""
+        if self.scope is not None:
+            return self.scope
+        transformer = bool(find_attention(model)) or any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        return default_scope(transformer)
+
+    def _scoped_groups(
+        self, model: nn.Module, groups: list[ChannelGroup], ignored: Sequence[nn.Module], refused: dict[str, str]
+    ) -> list[ChannelGroup]:
+        """torch-pruning's groups classified, plus the attention-head groups, restricted to the scope
+        (out-of-scope groups are dropped silently, also from ``refused``)."""
+        scope = self.scope_of(model)
+        sites = [s for s in find_attention(model) if s.module not in ignored]
+        names = {m: n for n, m in model.named_modules()}
+        if sites:  # torch-pruning's groups over q/k/v outputs are superseded by the head groups
+            head_layers = {names[m] for m in head_projection_layers(sites)}
+            groups = [g for g in groups if not any(p.is_output and p.name.rpartition(".")[0] in head_layers for p in g.slices)]
+            for name in head_layers:
+                refused.pop(name, None)
+        blocks = [s.name.rpartition(".")[0] for s in find_attention(model)] or None
+        kinds = {g.root_name: classify_group(g, model, blocks) for g in groups}
+        for root in [r for r in refused if r in kinds and kinds[r] not in scope]:
+            del refused[root]
+        kept = [dataclasses.replace(g, kind=kinds[g.root_name]) for g in groups if kinds[g.root_name] in scope]
+        if "heads" in scope:
+            ignored_set = set(ignored)
+            sites = [s for s in sites if not any(p.layer in ignored_set for p in s.family.projections(s.module))]
+            if "embedding" in scope:  # torch-pruning cuts these heads' inner width with the token width
+                sites = [s for s in sites if s.family.owns_inner_width]
+            kept += head_groups(model, sites, whole_heads=self.head_pruning == "heads")
+        if width_attribute_modules(model):
+            kept = [dataclasses.replace(g, handle=SyncedHandle(g.handle, model)) for g in kept]
+        return [dataclasses.replace(g, index=i) for i, g in enumerate(kept)]
 
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
@@ -549,6 +631,7 @@ class ChannelPruner:
                     normalize_scores=not self.criterion.comparable_across_layers,
                     width_losses=width_losses,
                     losses_per_mac=per_mac,
+                    ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
                 )
                 if plan_hook is not None:
                     plan = plan_hook(plan)
@@ -556,7 +639,7 @@ class ChannelPruner:
                 reference = self._reference(model, example_inputs, plan, before)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
-                surgery = analysis.graph.pruning_history()
+                surgery = analysis.graph.pruning_history() + _head_entries(analysis.groups, plan.removed)
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
                 tries: list[list[float]] = []
                 if self.latency is not None:
@@ -590,6 +673,7 @@ class ChannelPruner:
             raise PruningError(f"pruning step failed, model, optimizers and companions left unchanged: {error}") from error
         for remap in remaps:
             remap.commit()
+        sync_configs(model)
         return StepResult(
             plan=plan,
             before=before,
@@ -659,6 +743,7 @@ class ChannelPruner:
                 allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=self.effective_round_to,
                 original_widths=original_widths, normalize_scores=not self.criterion.comparable_across_layers,
                 width_losses=width_losses, losses_per_mac=per_mac, tolerance=1.0,
+                ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
             )
             if plan_hook is not None:
                 plan = plan_hook(plan)
@@ -717,9 +802,14 @@ class ChannelPruner:
         """Surgery, weight correction and checks of ``plan`` (as in :meth:`step`)."""
         changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
         corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
-        surgery = analysis.graph.pruning_history()
+        surgery = analysis.graph.pruning_history() + _head_entries(analysis.groups, plan.removed)
         after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
         return changes, corrections, surgery, after
+    @staticmethod
+    def _ties(groups: Sequence[ChannelGroup], original_widths: Mapping[str, int] | None) -> list[Any]:
+        """``uniform_per_type``: groups of one kind, unit and original width keep one width."""
+        widths = original_widths or {}
+        return [(g.kind, g.unit, g.size, max(g.size, int(widths.get(g.root_name, g.size)))) for g in groups]
 
     def _uses_residual_widths(self, scoring: ScoringContext) -> bool:
         if self.resolved_correction != "least_squares" or scoring.activations is None:

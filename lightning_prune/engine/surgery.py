@@ -52,8 +52,12 @@ class ModuleSnapshot:
             self._saved.append(
                 (module, dict(module._parameters), dict(module._buffers), dict(module._modules), attrs)
             )
+        self._classes = [(module, type(module)) for module in model.modules()]  # a head cut may switch it
 
     def restore(self) -> None:
+        for module, cls in self._classes:
+            if type(module) is not cls:
+                module.__class__ = cls
         for module, params, buffers, modules, attrs in self._saved:
             module._parameters.clear()
             module._parameters.update(params)

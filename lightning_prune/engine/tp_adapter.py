@@ -74,6 +74,7 @@ def tolerant_reshape_mapping() -> Iterator[None]:
     from torch_pruning.dependency import index_mapping
 
     original = index_mapping.update_reshape_index_mapping
+    original_concat = index_mapping.update_concat_index_mapping
 
     def tolerant(graph: Any, node: Any) -> None:
         try:
@@ -81,11 +82,19 @@ def tolerant_reshape_mapping() -> Iterator[None]:
         except ArithmeticError:
             pass
 
+    def tolerant_concat(graph: Any, node: Any) -> None:
+        try:
+            original_concat(graph, node)
+        except TypeError:  # a channel size it could not infer (None): the concat becomes a barrier
+            pass
+
     index_mapping.update_reshape_index_mapping = tolerant
+    index_mapping.update_concat_index_mapping = tolerant_concat
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_concat_index_mapping = original_concat
 
 
 @contextlib.contextmanager
@@ -117,6 +126,12 @@ def cut_parameter(pruner: Any, weight: nn.Parameter, keep: list[int], dim: int) 
 _ORIGINAL_CUT = BasePruningFunc._prune_parameter_and_grad
 
 
+def cut_through_interception(weight: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+    """Cut ``weight`` as torch-pruning's layer pruners do, through :func:`intercept_parameter_pruning`
+    when it is active (for cuts made outside torch-pruning's groups, e.g. attention heads)."""
+    return BasePruningFunc._prune_parameter_and_grad(None, weight, keep, dim)
+
+
 # --------------------------------------------------------------------------------------------
 # Tracing
 # --------------------------------------------------------------------------------------------
@@ -143,14 +158,23 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
 def _mappable_reshape(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     """Whether torch-pruning's reshape mapping describes this reshape correctly.
 
-    It does for reshapes that keep the batch and channel axes (only trailing axes change) and for a
-    flatten of everything after the batch axis (``(B, C, H, W) -> (B, C*H*W)``).
+    It does for reshapes that keep the batch and channel axes (only trailing axes change), for a
+    flatten of everything after the batch axis (``(B, C, H, W) -> (B, C*H*W)``), and for the
+    token-major flatten of a channels-last sequence and back (``(B, T, C) <-> (B*T, C)``, as
+    transformers' ``Conv1D`` does around its matrix product: the channel axis is untouched).
     """
+    if _merges_tokens(before, after) or _merges_tokens(after, before):
+        return True
     if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
         return len(before) == len(after) and before == after
     if before[1] == after[1]:
         return True
     return len(after) == 2 and after[1] == math.prod(before[1:])
+
+
+def _merges_tokens(sequence: tuple[int, ...], rows: tuple[int, ...]) -> bool:
+    """``(B, T, C) -> (B*T, C)``: a 3-d channels-last sequence flattened to rows, channels kept."""
+    return len(sequence) == 3 and len(rows) == 2 and sequence[2] == rows[1] and sequence[0] * sequence[1] == rows[0]
 
 
 def _cut_unmappable_ops(
@@ -184,6 +208,46 @@ def _cut_unmappable_ops(
     return barriers
 
 
+class _TransposedLinearPruner(BasePruningFunc):
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)`` (``nx``,
+    ``nf``), unknown to torch-pruning; registered for it automatically by :func:`trace`."""
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        weight: Any = layer.weight
+        keep = sorted(set(range(int(weight.shape[1]))) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        weight: Any = layer.weight
+        keep = sorted(set(range(int(weight.shape[0]))) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        return int(layer.weight.shape[1])
+
+    def get_in_channels(self, layer: Any) -> int:
+        return int(layer.weight.shape[0])
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.") and hasattr(module, "nf")
+
+
+def _automatic_pruners(model: nn.Module, given: Mapping[Any, Any]) -> dict[Any, Any]:
+    """Pruners for layer types torch-pruning does not know but the library does (transformers' ``Conv1D``)."""
+    found = {}
+    for module in model.modules():
+        if _is_transposed_linear(module) and type(module) not in given:
+            found[type(module)] = _TransposedLinearPruner()
+    return found
+
+
 @dataclass
 class TracedGraph:
     """A traced model: torch-pruning's dependency graph and what was learnt while tracing it.
@@ -198,6 +262,7 @@ class TracedGraph:
     dependency_graph: tp.DependencyGraph
     barriers: dict[Any, str] = field(default_factory=dict)
     output_grad_fns: set[Any] = field(default_factory=set)
+    extra_root_types: tuple[type, ...] = ()  #: layer types given an automatic pruner, roots like linear layers
 
     def pruning_history(self) -> list[list[Any]]:
         """What was cut through this graph: ``[layer name, is output channels, channel indices]`` entries."""
@@ -245,7 +310,7 @@ class TracedGraph:
         outputs = self.output_nodes()
         visited: set[nn.Module] = set()
         for module in list(graph.module2node):
-            if module in ignored or module in visited or not isinstance(module, root_module_types):
+            if module in ignored or module in visited or not isinstance(module, root_module_types + self.extra_root_types):
                 continue
             pruner = graph.get_pruner_of_module(module)
             if pruner is None or pruner.get_out_channels(module) is None:
@@ -343,6 +408,7 @@ def trace(
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with torch.inference_mode(False), torch.enable_grad(), _all_requiring_grad(frozen), tolerant_reshape_mapping():
         graph = tp.DependencyGraph()
+        automatic = _automatic_pruners(model, customized_pruners or {})
         recorder = _ReshapeRecorder()
         outputs: set[Any] = set()
 
@@ -359,11 +425,13 @@ def trace(
                 example_inputs=example_inputs,
                 forward_fn=forward_fn,
                 output_transform=record_outputs,
-                customized_pruners=dict(customized_pruners or {}),
+                customized_pruners={**automatic, **dict(customized_pruners or {})},
                 verbose=False,
             )
         barriers = _cut_unmappable_ops(graph, recorder.shapes)
-    return TracedGraph(dependency_graph=graph, barriers=barriers, output_grad_fns=outputs)
+    return TracedGraph(
+        dependency_graph=graph, barriers=barriers, output_grad_fns=outputs, extra_root_types=tuple(automatic)
+    )
 
 
 # --------------------------------------------------------------------------------------------
