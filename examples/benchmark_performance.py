@@ -3,7 +3,8 @@
 1. Collection overhead of every criterion that reads activations, two ways (interleaved, min and median
    over repeats; goal: at most 3% more):
    a. per training step, worst case: the criterion's hooks collecting on every step against the same
-      steps with no hook;
+      steps with no hook, alternating step by step (medians per mode, and the median ratio of
+      adjacent pairs with its interquartile range);
    b. per fit: a whole fit with the hooks collecting on every step (no pruning, so the model stays the
       same) against the same fit with no callback. The callback itself only collects in the epoch
       before a pruning step, so this is its worst case.
@@ -93,12 +94,13 @@ def new_collector(model: nn.Module, criterion: str, example: torch.Tensor) -> Ac
     return ActivationCollector(model, requests, num_classes=NUM_CLASSES)
 
 
-def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> dict[str, Any]:
-    """Median time of a training step with the criterion's hooks collecting vs without (interleaved)."""
+def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30, bench: StepBench | None = None) -> dict[str, Any]:
+    """Median time of a training step with the criterion's hooks collecting vs without (interleaved);
+    on ``bench``'s model and data (default: the digits benchmark model)."""
     torch.manual_seed(seed)
-    net = make_model(1).net
-    datamodule = DigitsDataModule(seed=seed)
-    datamodule.setup()
+    net = (bench.model(1) if bench is not None else make_model(1)).net
+    datamodule = bench.datamodule(seed) if bench is not None else DigitsDataModule(seed=seed)
+    datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
     collector = new_collector(net, criterion, x[:2])
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -112,25 +114,32 @@ def step_overhead(criterion: str, repeats: int, seed: int, steps: int = 30) -> d
         if collect:
             collector.end_batch()
 
+    # Every step timed on its own, hooks on and off alternating step by step (the order flips every
+    # pair): on a shared or virtualised CPU the speed drifts by 10-30% over seconds, which blocks of
+    # steps per mode would read as overhead; adjacent steps see the same machine.
     times: dict[str, list[float]] = {"off": [], "on": []}
     cpu: dict[str, list[float]] = {"off": [], "on": []}
-    for _ in range(repeats):
-        for mode in ("off", "on"):
+    for mode in ("off", "on") * 3:  # warm-up, both modes
+        collector.attach() if mode == "on" else collector.detach()
+        step(mode == "on")
+    for i in range(repeats * steps):
+        for mode in (("off", "on") if i % 2 else ("on", "off")):
             collector.attach() if mode == "on" else collector.detach()
-            for _ in range(3):
-                step(mode == "on")
             start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                step(mode == "on")
-            times[mode].append((time.perf_counter() - start) / steps * 1e3)
-            cpu[mode].append((time.process_time() - start_cpu) / steps * 1e3)
+            step(mode == "on")
+            times[mode].append((time.perf_counter() - start) * 1e3)
+            cpu[mode].append((time.process_time() - start_cpu) * 1e3)
     collector.detach()
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    pairs = sorted(a / b for a, b in zip(times["on"], times["off"]))
     return {
         "ms_per_step_without": off,
         "ms_per_step_collecting": on,
         "ratio": on / off,
         "min_ratio": min(times["on"]) / min(times["off"]),
+        # median over adjacent (on, off) pairs of their ratio, and its interquartile range
+        "pair_ratio": statistics.median(pairs),
+        "pair_ratio_iqr": (pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]),
         # CPU time of this process: what other jobs on a shared machine disturb least
         "cpu_ratio": statistics.median(cpu["on"]) / statistics.median(cpu["off"]),
         "samples_ms": times,
@@ -436,7 +445,9 @@ def markdown(result: dict[str, Any]) -> str:
             "| per training step, every step collecting (ms without -> with) | "
             + " | ".join(
                 f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
-                f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x)"
+                f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x"
+                + (f", adjacent pairs {steps[c]['pair_ratio']:.3f}x [{steps[c]['pair_ratio_iqr'][0]:.3f}, "
+                   f"{steps[c]['pair_ratio_iqr'][1]:.3f}])" if "pair_ratio" in steps[c] else ")")
                 for c in criteria
             )
             + " |",
@@ -514,6 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
     parser.add_argument("--step-data", choices=("digits", "fashion-mnist"), default="digits",
                         help="prune_step: the model and data (fashion-mnist: the comparison's ResNet-20; see the module doc)")
+    parser.add_argument("--overhead-data", choices=("digits", "fashion-mnist"), default="digits",
+                        help="overhead: the per-step measurement's model and data (the whole-fit one stays on digits)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="fashion-mnist: where torchvision's layout is")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -535,7 +548,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "overhead" in sections:
         result["step_overhead"] = {}
         for crit in args.criteria:
-            result["step_overhead"][crit] = step_overhead(crit, 4 * args.repeats, args.seed, 5 if args.smoke else 30)
+            overhead_bench = None if args.overhead_data == "digits" else step_bench(args.overhead_data, args.data_dir, args.seed)
+            result["step_overhead"][crit] = step_overhead(crit, args.repeats, args.seed, 5 if args.smoke else 60, overhead_bench)
             log(f"step overhead {crit}: x{result['step_overhead'][crit]['ratio']:.3f}")
         result["fit_overhead"] = fit_overhead(args.criteria, args.overhead_epochs, args.repeats, args.seed)
         log("fit overhead: " + ", ".join(f"{c} x{r:.3f}" for c, r in result["fit_overhead"]["ratio"].items()))

@@ -17,6 +17,7 @@ from lightning_prune.collection.feeding import HeldoutEvaluation
 from lightning_prune.criteria import ScoringContext, get_criterion
 from lightning_prune.criteria.filter_ensembles import (
     MAX_PASS_ELEMENTS,
+    MAX_PASS_ELEMENTS_CPU,
     MAX_PASS_SAMPLES,
     channel_masking,
     per_sample_loss,
@@ -370,8 +371,14 @@ def test_masks_per_pass_rule():
     assert criterion.pass_size(forward) == MAX_PASS_SAMPLES // 64 == 16
     forward.batch_samples, forward.sample_elements = 2, 4
     assert criterion.pass_size(forward) == 256  # never above the budget
+    forward.batch_samples, forward.sample_elements = 128, 28 * 28  # Fashion-MNIST batches on the CPU
+    assert criterion.pass_size(forward) == MAX_PASS_ELEMENTS_CPU // (128 * 28 * 28) == 2
+    forward.device_type = "cuda"  # the accelerator's bound: up to the sample cap
+    assert criterion.pass_size(forward) == MAX_PASS_SAMPLES // 128 == 8
     forward.batch_samples, forward.sample_elements = 32, 3 * 224 * 224
     assert criterion.pass_size(forward) == max(1, MAX_PASS_ELEMENTS // (32 * 3 * 224 * 224)) == 3
+    forward.device_type = "cpu"
+    assert criterion.pass_size(forward) == 1
     forward.batch_samples = 4096
     assert criterion.pass_size(forward) == 1
     assert get_criterion("filter_ensembles", masks_per_pass=300).pass_size(forward) == 256

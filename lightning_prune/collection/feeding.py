@@ -59,6 +59,7 @@ class HeldoutEvaluation:
         batch_samples: samples in the largest held-out batch (the maximum over ranks).
         sample_elements: input elements (every tensor) per sample (the maximum over ranks), for sizing
             batched passes.
+        device_type: the type of the device the passes run on (``"cpu"``, ``"cuda"``, ...).
     """
 
     def __init__(
@@ -82,6 +83,9 @@ class HeldoutEvaluation:
             samples, elements = (int(v) for v in sizes.tolist())
         self.batch_samples = samples
         self.sample_elements = elements
+        self.device_type = next(  # where the batches (and so the passes) are
+            (leaf.device.type for inputs, _ in batches for leaf in leaves(inputs) if isinstance(leaf, torch.Tensor)), "cpu"
+        )
 
     def _reduce(self, value: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size > 1:  # every rank's held-out batches: the same outcome on all ranks
