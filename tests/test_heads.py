@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -244,6 +245,39 @@ def test_head_pruned_multihead_attention_forward_matches_torch(batch_first: bool
     got, got_w = mha(q, k, k, key_padding_mask=padding, attn_mask=attn_mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_w, expected_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "causal"])
+def test_need_weights_false_uses_fused_attention_and_matches_torch(batch_first: bool, mask: str) -> None:
+    """The need_weights=False path (ViTs' calls) runs torch's scaled_dot_product_attention: the same
+    output as torch's own module, for no mask, a boolean or additive 2-D mask and a causal one."""
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 6, 32) if batch_first else torch.randn(6, 3, 32)
+    kwargs: dict = {}
+    if mask == "bool":
+        kwargs["attn_mask"] = torch.zeros(6, 6, dtype=torch.bool)
+        kwargs["attn_mask"][2, :4] = True
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(6, 6)
+    elif mask == "causal":
+        kwargs["attn_mask"] = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    expected, _ = mha(x, x, x, need_weights=False, **kwargs)
+    unbatched, _ = mha(x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0],
+                       need_weights=False, **kwargs)  # fmt: skip
+    mha.scaling = 8**-0.5
+    mha.__class__ = HeadPrunedMultiheadAttention
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **k: calls.append(1) or fused(*a, **k)  # noqa: E731
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        got, weights = mha(x, x, x, need_weights=False, **kwargs)
+        got_unbatched, _ = mha(x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0],
+                               x[0] if batch_first else x[:, 0], need_weights=False, **kwargs)  # fmt: skip
+    assert calls == [1, 1] and weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_unbatched, unbatched, atol=1e-5, rtol=1e-5)
 
 
 def test_head_dims_option_narrows_every_head() -> None:

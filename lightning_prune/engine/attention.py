@@ -367,7 +367,22 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
         q = nn.functional.linear(query, w_q, b_q).reshape(length, batch * heads, head_dim).transpose(0, 1)
         k = nn.functional.linear(key, w_k, b_k).reshape(source, batch * heads, head_dim).transpose(0, 1)
         v = nn.functional.linear(value, w_v, b_v).reshape(source, batch * heads, head_dim).transpose(0, 1)
-        scores = torch.bmm(q * float(getattr(self, "scaling", head_dim**-0.5)), k.transpose(1, 2))
+        scale = float(getattr(self, "scaling", head_dim**-0.5))
+        if not need_weights and key_padding_mask is None and (attn_mask is None or attn_mask.dim() == 2):
+            # torch's fused attention (flash / memory-efficient kernels where the device has them): the
+            # path of ViTs' need_weights=False calls, as fast as the module this one replaced
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn_mask = ~attn_mask  # True: masked here, but "attends" for scaled_dot_product_attention
+            fused = nn.functional.scaled_dot_product_attention(
+                q.reshape(batch, heads, length, head_dim), k.reshape(batch, heads, source, head_dim),
+                v.reshape(batch, heads, source, head_dim), attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal and attn_mask is None, scale=scale,
+            )
+            out = self.out_proj(fused.transpose(1, 2).reshape(batch, length, heads * head_dim))
+            if not batched:
+                return out.squeeze(0), None
+            return (out if self.batch_first else out.transpose(0, 1)), None
+        scores = torch.bmm(q * scale, k.transpose(1, 2))
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).triu(1)
         for mask in (attn_mask, None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, source)):
