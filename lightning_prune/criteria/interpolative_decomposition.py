@@ -22,8 +22,12 @@ grouped or unsupported consumers are left to selection and the step's record say
 **Widths.** Keeping ``k`` channels costs the relative error it leaves in the activation the
 consumers read: the decomposition's residual ``||R_22||_F / ||R||_F`` (the Schur complement of the
 pivoted Cholesky) where the consumers absorb ``T``, the norm of the dropped channels where the group
-is pruned by selection only. The allocation removes, step by step, the width with the smallest
-error per MAC saved until the target is met.
+is pruned by selection only; a group that ``n`` consumers read (a residual stream, a layer and its
+shortcut) is charged ``n`` times that error, once per consumer that receives it (charged once, the
+error per MAC saved made the streams of the high-resolution stages look cheapest: the allocation cut
+them to the ``max_layer_ratio`` cap, and the errors of consecutive cut streams compound). The
+allocation removes, step by step, the width with the smallest error per MAC saved until the target
+is met.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ class InterpolativeDecomposition(Criterion):
         self.rows_per_batch = int(rows_per_batch)
         self.ridge = ridge
         self._order: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        self._consumers: dict[str, int] = {}  #: group root -> consumers whose Gram was found
 
     # ------------------------------------------------------------------ which tensors
     def _root_request(self, group: ChannelGroup) -> ActivationRequest:
@@ -159,12 +164,14 @@ class InterpolativeDecomposition(Criterion):
         return list(dict.fromkeys(r for g in groups for r in self._requests(g, None)[0]))
 
     def _gram(self, group: ChannelGroup, context: ScoringContext) -> tuple[np.ndarray, bool]:
-        """The selection's Gram: the consumers' Grams, each divided by its trace, summed."""
+        """The selection's Gram: the consumers' Grams, each divided by its trace, summed (so its trace
+        is the number of consumers whose Gram is non-zero)."""
         if context.activations is None:
             raise ValueError("interpolative_decomposition needs collected activations; use it through StructuredPruningCallback")
         requests, corrected = self._requests(group, context.model)
         total = np.zeros((group.size, group.size))
         found = False
+        consumers = 0
         for request in requests:
             stat = find_gram(context.activations, request)
             if stat is None:
@@ -178,14 +185,16 @@ class InterpolativeDecomposition(Criterion):
             trace = float(np.trace(g))
             total += g / trace if trace > 0 else g
             found = True
+            consumers += 1
         if not found:
             raise KeyError(f"no collected Gram for group '{group.root_name}' ({[r.module for r in requests]})")
+        self._consumers[group.root_name] = consumers
         return total, corrected
 
     # ------------------------------------------------------------------ scores and widths
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         scores = []
-        self._order = {}
+        self._order, self._consumers = {}, {}
         for group in groups:
             g, corrected = self._gram(group, context)
             pivots, error = gram_reconstruction_errors(g, corrected)
@@ -203,6 +212,7 @@ class InterpolativeDecomposition(Criterion):
                 g, corrected = self._gram(group, context)
                 cached = (*gram_reconstruction_errors(g, corrected), corrected)
             error = np.maximum.accumulate(cached[1][::-1])[::-1]  # non-increasing in k (numerical safety)
+            error = error * self._consumers.get(group.root_name, 1)  # every consumer receives the error
             kept = np.minimum(np.arange(group.positions + 1) * group.unit, group.size)
             losses.append(torch.from_numpy(error[kept].copy()))
         return losses
