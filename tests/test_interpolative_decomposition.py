@@ -241,3 +241,36 @@ def test_a_branch_read_through_a_concatenation_is_scored_on_its_own_columns():
     assert result.corrections["b"] == "interpolation absorbed by 1 consumer(s)"
     with torch.no_grad():
         assert float((model(x) - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_a_group_read_by_several_consumers_is_charged_once_per_consumer():
+    """Width losses: the relative error of the consumers' trace-normalised summed Gram (here from
+    SciPy's pivoted QR of a square root of it, independent of the pivoted Cholesky), times the number
+    of consumers that read the group (a residual stream is read by every block after it)."""
+    from types import SimpleNamespace
+
+    from nets import ResidualNet
+
+    from lightning_prune.engine.correction import find_gram
+
+    model = ResidualNet(seed=0).eval()
+    x = torch.randn(16, 1, 8, 8)
+    criterion = get_criterion("id")
+    graph = build_dependency_graph(model, x[:2])
+    groups = discover_groups(model, graph)
+    store = _store(model, criterion, x)
+    context = SimpleNamespace(activations=store, model=model)
+    criterion.score(groups, context)
+    losses = criterion.width_losses(groups, context)
+    counts = []
+    for group, loss in zip(groups, losses):
+        grams = [s.gram.double().numpy() for s in (find_gram(store, r) for r in criterion._requests(group, model)[0]) if s is not None]
+        total = sum(g / np.trace(g) for g in grams)
+        w, v = np.linalg.eigh(total)
+        z = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # z^T z = total
+        _, r, _ = qr(z, pivoting=True)
+        tail = [np.sqrt(np.sum(r[k:, k:] ** 2) / np.sum(r**2)) for k in range(group.size + 1)]
+        k = group.size // 2
+        assert float(loss[k // group.unit]) == pytest.approx(len(grams) * tail[k // group.unit * group.unit], rel=1e-4, abs=1e-7)
+        counts.append(len(grams))
+    assert max(counts) >= 2 and min(counts) == 1  # a residual stream and a block-internal layer
