@@ -5,6 +5,7 @@ and the forwards / traces lightning-prune makes per step. Shared by the referenc
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,29 @@ def run(criterion: str) -> dict[str, Any]:
     }
 
 
+def cpu_name() -> str:
+    """The CPU family the fingerprints are recorded under ("AMD EPYC", "Intel Xeon", else the vendor)."""
+    try:
+        vendor = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        vendor = platform.processor() or "unknown"
+    return {"AuthenticAMD": "AMD EPYC", "GenuineIntel": "Intel Xeon"}.get(vendor, vendor)
+
+
 def main() -> None:
+    """Record (or re-record) the given criteria, this machine's fingerprints under its CPU name."""
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(1)
     names = sys.argv[1:] or list(CRITERIA)
     results = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
-    for name in names:
-        results[name] = run(name)
-        print(name, {k: v for k, v in results[name].items() if k != "widths"}, flush=True)
+    with threadpool_limits(limits=1):  # as the tests run
+        for name in names:
+            found = run(name)
+            cpus = results.get(name, {}).get("weights_cpus", {})
+            cpus[cpu_name()] = found.pop("weights")
+            results[name] = {**found, "weights_cpus": cpus}
+            print(name, {k: v for k, v in found.items() if k != "widths"}, flush=True)
     REFERENCE.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 

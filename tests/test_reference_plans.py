@@ -6,9 +6,14 @@ step analyses the model once.
 The weights are compared by a fingerprint (sum and norm of every state entry) to within
 :data:`RTOL`, not by a hash of their bytes: on one machine the old and the new code give bit-identical
 weights, on Intel and on AMD alike, but the two CPUs' bytes differ (oneDNN's kernels round
-differently), so a hash would test the CI machine's CPU, not the code. The fingerprints were
-recorded by running the old code (9e77bc1 with ``tests/reference_fit.py`` of 3fc34d1) on an AMD EPYC;
-the widths it gave equal those first recorded on an Intel Xeon."""
+differently), so a hash would test the CI machine's CPU, not the code. Over this 3-epoch fit the
+difference does not stay at rounding level for every criterion: on the 2-core Intel Xeon and AMD EPYC
+machines CI runs on, l1, fpgm and pls_vip agree to ~1e-6, but l2, random, pca_gm, di and
+filter_ensembles end 0.1-40% apart (same widths; the fine-tune amplifies the first rounding
+difference). So the fingerprints were recorded on both CPUs, each by running the old code (9e77bc1 with
+``tests/reference_fit.py`` of 3fc34d1, one thread, as the tests run), and the new code must match one of
+them; the current code matched the old code on each CPU to the last bit (checked on both). The widths
+of every recording equal those first recorded on an Intel Xeon."""
 
 from __future__ import annotations
 
@@ -71,5 +76,6 @@ def test_same_plan_and_weights_as_recorded_and_one_analysis_per_step(criterion):
     assert result["steps"] == 2
     if criterion not in CHANGED_ON_PURPOSE:
         assert result["widths"] == RECORDED[criterion]["widths"]
-        assert _weights_match(result["weights"], RECORDED[criterion]["weights"]) == []
+        mismatches = {cpu: _weights_match(result["weights"], w) for cpu, w in RECORDED[criterion]["weights_cpus"].items()}
+        assert any(bad == [] for bad in mismatches.values()), f"weights match no recorded CPU: {mismatches}"
     assert {k: result[k] for k in ("forwards", "traces")} == EXPECTED_COUNTS[criterion]
