@@ -143,6 +143,10 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
             timed = interleaved_ms({"dense": dense, **pruned}, shape, batch, rounds=9 if not smoke else 3)
             dense_ms = timed["dense"]["median"]
             dense_macs = count_cost(dense, x).macs
+            # where the dense time goes (latency model): what widths cannot buy bounds the gain
+            dense_analysis = ChannelPruner(get_criterion("l1"), latency=est).analyse(dense, x)
+            model_of_dense, num_groups = dense_analysis.cost_model, len(dense_analysis.groups)
+            parts_dense = model_of_dense.breakdown([0] * num_groups)
             for label in variants:
                 result = info[label]["result"]
                 ms = timed[label]["median"]
@@ -150,6 +154,10 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                 latency_ratio = ms / dense_ms
                 min_ratio = timed[label]["min"] / timed["dense"]["min"]
                 predicted = result.latency_predicted
+                counts = [len(result.plan.removed.get(i, ())) for i in range(num_groups)]
+                parts = model_of_dense.breakdown(counts)
+                # the layers' time cut exactly in proportion to the MACs, the rest as the latency model says
+                bound = (parts_dense["layers"] * macs_ratio + parts["fixed"] + parts["activations"]) / sum(parts_dense.values())
                 rows.append({
                     "model": name, "batch": batch, "variant": label, "dense_ms": dense_ms, "pruned_ms": ms,
                     "latency_ratio": latency_ratio, "latency_ratio_of_minima": min_ratio, "macs_ratio": macs_ratio,
@@ -160,6 +168,9 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                     "prediction_error": None if predicted is None or result.latency_measured is None
                     else predicted / result.latency_measured - 1,
                     "tries": len(result.latency_tries), "round_to": info[label]["round_to"],
+                    "dense_share_fixed": parts_dense["fixed"] / sum(parts_dense.values()),
+                    "dense_share_activations": parts_dense["activations"] / sum(parts_dense.values()),
+                    "ideal_latency_ratio": bound, "ideal_gain_over_mac_gain": macs_ratio / bound,
                     "tables_cold_s": cold_s, "tables_cached_s": cached_s, "table_points": cold.measured_points,
                     "cached_points_measured": cached.measured_points,
                 })
@@ -264,18 +275,20 @@ def _table(result: dict[str, Any]) -> str:
     if result.get("latency"):
         lines += [
             "| model | batch | variant | latency pruned/dense (interleaved: medians; minima) | MACs | latency gain / MAC gain | "
+            "bound: latency gain / MAC gain with layers as fast as their MACs (fixed, activation share) | "
             "predicted vs measured (in step) | tries | round_to | tables cold / cached |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["latency"]:
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | | |")
+                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | | | |")
                 continue
             error = "—" if r["prediction_error"] is None else f"{r['prediction_error']:+.1%}"
             lines.append(
                 f"| {r['model']} | {r['batch']} | {r['variant']} | "
                 f"{r['latency_ratio']:.2f}x; {r['latency_ratio_of_minima']:.2f}x "
                 f"({r['pruned_ms']:.2f} / {r['dense_ms']:.2f} ms) | {r['macs_ratio']:.2f}x | {r['gain_over_mac_gain']:.2f} | "
+                f"{r['ideal_gain_over_mac_gain']:.2f} ({r['dense_share_fixed']:.0%}, {r['dense_share_activations']:.0%}) | "
                 f"{error} | {r['tries']} | {r['round_to']} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
             )
     if result.get("tables"):

@@ -100,7 +100,7 @@ class StructuredPruningCallback(Callback):
             (measured once per layer shape, cached on disk), events ordered by importance per second
             saved (``allocation`` defaults to ``"global"``); after the cut the model is timed and, if it
             misses by more than ``latency_tolerance``, re-planned from the step's start with the target
-            moved by the miss (at most 3 times, inside the atomic step).
+            moved by the miss (at most 5 times, inside the atomic step).
             Exactly one of the four targets must be given (``ValueError`` otherwise). The final
             model meets a MACs, parameters or channels target within 2 percentage points (MACs and
             parameters of the whole model, see :mod:`lightning_prune.engine.cost`).
@@ -370,6 +370,9 @@ class StructuredPruningCallback(Callback):
         self._example: Any = None
         self._num_classes: int | None = None
         self._analysis: Analysis | None = None  #: the current structure's analysis, until it changes
+        #: widths and seconds of the model after this process' last step (its latency timed interleaved
+        #: with the step's start, on the dense measurement's scale): the next analysis starts from it
+        self._latency_now: tuple[dict[str, int], float] | None = None
         self._collector: ActivationCollector | None = None
         self._window_start: int | None = None
         self._prepared = False
@@ -605,6 +608,8 @@ class StructuredPruningCallback(Callback):
     ) -> Analysis:
         """The analysis of the model as it is: made once per structure (setup, then after each step)."""
         if self._analysis is None or not self._analysis.describes(pl_module):
+            if measured is None and self._latency_now is not None and self._latency_now[0] == layer_widths(pl_module):
+                measured = self._latency_now[1]  # the last step's measurement, on the dense model's scale
             self._analysis = self.pruner.analyse(pl_module, self._inputs(trainer, pl_module), measured=measured)
         return self._analysis
 
@@ -722,11 +727,13 @@ class StructuredPruningCallback(Callback):
             generator=torch.Generator().manual_seed(self.seed + index),
             step_index=index,
             plan_hook=broadcast_plan(trainer),
-            analysis=self._analysis,
+            analysis=self._current_analysis(trainer, pl_module) if self.latency is not None else self._analysis,
             companions=averaged_copies(trainer, pl_module),
             recalibrate=extras.recalibrate,
         )
         self._analysis = None  # the structure changed: the next window analyses it afresh
+        if result.latency_measured is not None:
+            self._latency_now = (layer_widths(pl_module), result.latency_measured)
         rewrap_distributed(trainer, pl_module)
         record = record_step(
             result,

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_prune.criteria import get_criterion
 from lightning_prune.engine import ChannelPruner, PruningError, Target, plan_pruning
 from lightning_prune.engine.latency import LatencyEstimator, LayerSpec, fast_multiple_from_times
-from lightning_prune.engine.surgery import apply_plan
+from lightning_prune.engine.surgery import ModuleSnapshot, apply_plan
 from lightning_prune.reporting import PruningRecord, plot_latency, step_metrics, summary_table
 from tests.nets import MLP, ConcatNet, DepthwiseNet, GroupedNet, ResidualNet, image_inputs
 
@@ -97,6 +97,34 @@ def test_latency_model_predicts_the_pruned_model_exactly_for_bilinear_costs(make
         predicted = analysis.cost_model.evaluate(counts).latency
         apply_plan(groups, removed)
         assert predicted == pytest.approx(latency_fn(pruned, x), rel=1e-9)
+
+
+def test_latency_breakdown_separates_layers_fixed_rest_and_activation_rest(tmp_path):
+    """The three parts of the prediction against the synthetic model's own parts, counted with hooks:
+    the conv/linear layers (MACs + per-layer cost), the fixed rest and the per-activation rest."""
+    per_activation = 2e-8
+    net, x = ResidualNet(), image_inputs()
+
+    def latency_fn(model, inputs):
+        return reference_latency(model, inputs, per_activation)
+
+    layers, volume = [0.0], [0.0]
+
+    def hook(module, args, output):
+        layers[0] += PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER
+        volume[0] += output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net.eval()(x)
+    for h in handles:
+        h.remove()
+    analysis = ChannelPruner(get_criterion("l1"), latency=estimator(tmp_path, latency_fn=latency_fn)).analyse(net, x)
+    parts = analysis.cost_model.breakdown([0] * len(analysis.groups))
+    assert parts["layers"] == pytest.approx(layers[0], rel=1e-9)
+    assert parts["fixed"] == pytest.approx(FIXED, rel=1e-6)
+    assert parts["activations"] == pytest.approx(per_activation * volume[0], rel=1e-6)
+    assert sum(parts.values()) == pytest.approx(analysis.cost.latency, rel=1e-12)
 
 
 def test_interpolation_between_grid_points_and_grid_levels(tmp_path):
@@ -453,3 +481,82 @@ def test_monotone_grid_against_numpy_running_maxima():
     assert np.allclose(monotone_grid(grid.tolist()), expected)
     increasing = np.add.outer(np.arange(4.0), np.arange(5.0))
     assert monotone_grid(increasing.tolist()) == increasing.tolist()  # already monotone: unchanged
+
+
+class _DriftingClock:
+    """A fake ``time.perf_counter``: each "work" call advances it by its cost times the machine's
+    current slowness, which jumps every ``period`` seconds of fake time (a shared CPU whose speed drifts)."""
+
+    def __init__(self, slowness=(1.0, 1.6, 0.7, 1.3), period=0.35):
+        self.now, self.slowness, self.period = 0.0, slowness, period
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, cost: float) -> None:
+        self.now += cost * self.slowness[int(self.now / self.period) % len(self.slowness)]
+
+
+def test_interleaved_timing_cancels_a_drifting_machine_that_separate_timings_do_not(monkeypatch):
+    from lightning_prune.engine import latency as lat
+
+    clock = _DriftingClock()
+    monkeypatch.setattr(lat.time, "perf_counter", clock)
+    cpu = torch.device("cpu")
+    slow, fast = (lambda: clock.work(0.010)), (lambda: clock.work(0.005))  # true ratio 0.5
+    separate = lat.time_callable(fast, cpu, repeats=5, min_sample_seconds=0.05) / lat.time_callable(
+        slow, cpu, repeats=5, min_sample_seconds=0.05
+    )
+    samples = lat.time_interleaved([slow, fast], cpu, rounds=9, min_sample_seconds=0.05)
+    assert len(samples) == 9 and all(len(row) == 2 for row in samples)
+    assert abs(separate - 0.5) > 0.1  # the drift moves a ratio of separate measurements...
+    assert lat.median_ratio(samples) == pytest.approx(0.5, rel=1e-9)  # ...and not the interleaved one
+
+
+def test_interleaved_timing_switches_state_before_every_sample_in_rotated_order(monkeypatch):
+    from lightning_prune.engine import latency as lat
+
+    clock = _DriftingClock(slowness=(1.0,))
+    monkeypatch.setattr(lat.time, "perf_counter", clock)
+    log = []
+    state = {"width": 0}
+    entered = []
+    enter = [lambda: (entered.append("a"), state.update(width=8)), lambda: (entered.append("b"), state.update(width=2))]
+
+    def forward(tag):
+        def run():
+            assert state["width"] == {"a": 8, "b": 2}[tag]  # always timed in its own state
+            log.append(tag)
+            clock.work(0.001 * state["width"])
+        return run
+
+    samples = lat.time_interleaved([forward("a"), forward("b")], torch.device("cpu"), enter=enter, rounds=4,
+                                   warmup=1, min_sample_seconds=0.004)
+    assert lat.median_ratio(samples) == pytest.approx(0.25)
+    # each warmed up in its state, then sampled in rotated order (each goes first in turn)
+    assert entered == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert log[-1] == "a" and set(log) == {"a", "b"}
+    with pytest.raises(ValueError, match="enter needs one callable per fn"):
+        lat.time_interleaved([forward("a")], torch.device("cpu"), enter=enter)
+
+
+def test_relative_latency_of_two_model_states_and_the_state_it_leaves(tmp_path):
+    net = MLP()
+    x = net.example_inputs()
+    start = ModuleSnapshot(net)
+    groups = ChannelPruner(get_criterion("l1")).analyse(net, x).groups
+    fc1 = next(g for g in groups if g.root_name == "fc1")
+    apply_plan(groups, {groups.index(fc1): list(range(12))})
+    cut = ModuleSnapshot(net)
+    net.train()
+    seen = []
+
+    def timer(model, inputs):
+        seen.append(model.fc1.out_features)
+        return 1e-3 * model.fc1.out_features
+
+    ratio = estimator(tmp_path, latency_fn=timer).relative(net, x, start.restore, cut.restore)
+    assert seen == [32, 20]  # the reference state, then the candidate
+    assert ratio == pytest.approx(20 / 32)
+    assert net.fc1.out_features == 20 and net.fc1.weight.shape == (20, 16)  # left in the candidate state
+    assert all(m.training for m in net.modules())  # modes as they were

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -62,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune._model import batch_size_of, call_model, evaluating
+from lightning_prune._model import batch_size_of, call_model, evaluating, preserved_training_modes
 from lightning_prune._tree import tree_map
 from lightning_prune.engine.cost import Cost, CostModel
 from lightning_prune.engine.graph import ChannelGroup
@@ -81,7 +82,9 @@ __all__ = [
     "interpolate",
     "monotone_grid",
     "resize_batch",
+    "median_ratio",
     "time_callable",
+    "time_interleaved",
 ]
 
 #: Environment variable overriding the default cache folder.
@@ -154,6 +157,36 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _warm(fn: Callable[[], Any], device: torch.device, warmup: int, max_warmup_seconds: float) -> float:
+    """Call ``fn`` at least ``warmup`` times, and more while the calls still get faster (the first calls
+    at a new shape build kernels and allocate; on CPU they can be 10x slower), for at most
+    ``max_warmup_seconds``; return the fastest of the last two calls' seconds."""
+    started = time.perf_counter()
+    previous = took = math.inf
+    for i in range(warmup + 20):
+        tick = time.perf_counter()
+        fn()
+        _synchronize(device)
+        took = time.perf_counter() - tick
+        if i + 1 >= warmup and (took > 0.8 * previous or time.perf_counter() - started > max_warmup_seconds):
+            break
+        previous = took
+    return min(previous, took)
+
+
+def _calls_per_sample(seconds: float, min_sample_seconds: float) -> int:
+    return max(1, min(1000, math.ceil(min_sample_seconds / max(seconds, 1e-7))))
+
+
+def _sample(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``fn`` (synchronised once at the end)."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - started) / calls
+
+
 def time_callable(
     fn: Callable[[], Any],
     device: torch.device,
@@ -168,25 +201,46 @@ def time_callable(
     interruptions average out). Before: at least ``warmup`` calls, and more while they still get faster
     (the first calls at a new shape build kernels and allocate; on CPU they can be 10x slower), for at
     most ``max_warmup_seconds``."""
-    started = time.perf_counter()
-    previous = took = math.inf
-    for i in range(warmup + 20):
-        tick = time.perf_counter()
-        fn()
-        _synchronize(device)
-        took = time.perf_counter() - tick
-        if i + 1 >= warmup and (took > 0.8 * previous or time.perf_counter() - started > max_warmup_seconds):
-            break
-        previous = took
-    calls = max(1, min(1000, math.ceil(min_sample_seconds / max(min(previous, took), 1e-7))))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - started) / calls)
-    return float(statistics.median(times))
+    calls = _calls_per_sample(_warm(fn, device, warmup, max_warmup_seconds), min_sample_seconds)
+    return float(statistics.median(_sample(fn, device, calls) for _ in range(repeats)))
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    device: torch.device,
+    *,
+    enter: Sequence[Callable[[], None]] | None = None,
+    warmup: int = 2,
+    rounds: int = 9,
+    max_warmup_seconds: float = 2.0,
+    min_sample_seconds: float = 0.02,
+) -> list[list[float]]:
+    """Per round, one sample (seconds per call, as in :func:`time_callable`) of every callable in
+    ``fns``, taken in turn, the order rotated from round to round: a machine whose speed drifts over
+    seconds (shared CPUs, clocks that boost and throttle) slows every callable of a round alike, so
+    ratios within a round cancel the drift that separate measurements would keep. ``enter[i]()`` runs
+    before each of ``fns[i]``'s warm-ups and samples, untimed (e.g. switching a model into a state).
+    Returns ``rounds`` lists of ``len(fns)`` seconds."""
+    enter = list(enter) if enter is not None else [lambda: None] * len(fns)
+    if len(enter) != len(fns):
+        raise ValueError(f"enter needs one callable per fn ({len(fns)}), got {len(enter)}")
+    calls = []
+    for fn, switch in zip(fns, enter):
+        switch()
+        calls.append(_calls_per_sample(_warm(fn, device, warmup, max_warmup_seconds), min_sample_seconds))
+    samples = [[0.0] * len(fns) for _ in range(rounds)]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            enter[i]()
+            samples[r][i] = _sample(fns[i], device, calls[i])
+    return samples
+
+
+def median_ratio(samples: Sequence[Sequence[float]], numerator: int = 1, denominator: int = 0) -> float:
+    """The median over rounds of ``samples[r][numerator] / samples[r][denominator]`` (see
+    :func:`time_interleaved`)."""
+    return float(statistics.median(row[numerator] / row[denominator] for row in samples))
 
 
 def check_seconds(value: Any, argument: str) -> float:
@@ -542,6 +596,65 @@ class LatencyEstimator:
                     min_sample_seconds=self.sample_seconds,
                 )
 
+    def relative(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        enter_reference: Callable[[], None],
+        enter_candidate: Callable[[], None],
+    ) -> float:
+        """The candidate's seconds per forward over the reference's: ``model`` in two states that the
+        callables switch it into (e.g. the step's start and its cut, restored from snapshots), timed
+        interleaved round by round (:func:`time_interleaved`, ``model_repeats`` rounds; the median of the
+        per-round ratios), so that a machine whose speed drifts between two separate measurements does
+        not move the ratio. With ``latency_fn``: one call per state. When ``device`` is not the model's,
+        both states are copied there. The model is left in the candidate state.
+
+        Raises:
+            ValueError: as :meth:`measure`.
+        """
+        inputs = resize_batch(example_inputs, self._batch(example_inputs))
+        self.measurements += 2
+        device = self._device_of(model)
+        first = next(model.parameters(), None)
+        nets: list[nn.Module] = [model, model]
+        enter = [enter_reference, enter_candidate]
+        if first is not None and first.device != device:  # time copies there; the model stays home
+            nets = []
+            for switch in enter:
+                switch()
+                nets.append(copy.deepcopy(model).to(device))
+            enter = [lambda: None, lambda: None]
+        inputs = tree_map(lambda t: t.to(device), inputs)
+
+        def state(i: int) -> Callable[[], None]:
+            def switch() -> None:
+                enter[i]()
+                nets[i].eval()
+
+            return switch
+
+        try:
+            with preserved_training_modes(model), torch.no_grad():
+                if self.latency_fn is not None:
+                    seconds = []
+                    for i in (0, 1):  # the reference, then the candidate
+                        state(i)()
+                        try:
+                            value = self.latency_fn(nets[i], inputs)
+                        except Exception as error:
+                            raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
+                        seconds.append(check_seconds(value, "latency_fn"))
+                    return seconds[1] / seconds[0]
+                samples = time_interleaved(
+                    [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)], device,
+                    enter=[state(0), state(1)], warmup=self.warmup + 1, rounds=self.model_repeats,
+                    min_sample_seconds=self.sample_seconds,
+                )
+                return median_ratio(samples)
+        finally:
+            enter_candidate()
+
     # ------------------------------------------------------------------ tables
     def _cache(self, device: torch.device, dtype: torch.dtype) -> _DiskCache:
         key = environment_key(device, dtype)
@@ -795,8 +908,20 @@ class LatencyCostModel(CostModel):
 
     def latency(self, removed_channels: Sequence[int]) -> float:
         """Predicted seconds after removing ``removed_channels[g]`` channels from group ``g``."""
+        return sum(self.breakdown(removed_channels).values())
+
+    def breakdown(self, removed_channels: Sequence[int]) -> dict[str, float]:
+        """The predicted seconds of :meth:`latency` by part: ``"layers"`` (the tabled conv/linear
+        layers), ``"fixed"`` (``c0``: per-call overhead that no width changes) and ``"activations"``
+        (``c1`` times the activation volume: normalisation, activation functions, additions, which
+        shrink with the channels, not with the MACs). What widths can buy: with the layers' time cut in
+        proportion to the MACs, the other two parts still bound the latency gain from below."""
         scale, c0, c1 = self.rest
-        return scale * self._tables(removed_channels) + c0 + c1 * self._volume(removed_channels)
+        return {
+            "layers": scale * self._tables(removed_channels),
+            "fixed": c0,
+            "activations": c1 * self._volume(removed_channels),
+        }
 
     def group_saving(self, group: int, removed: int) -> float:
         """Seconds saved by removing ``removed`` channels of ``group`` alone (the others untouched)."""

@@ -254,7 +254,7 @@ class ChannelPruner:
             ``ValueError``.
         latency_corrections: at most this many re-plans per step: the model is restored to the step's
             start and re-planned with the planning target moved by the measured miss (the scores are
-            reused), the try closest to the target is kept. Default 3; not an integer >= 0: ``ValueError``.
+            reused), the try closest to the target is kept. Default 5; not an integer >= 0: ``ValueError``.
         scope: which widths may be cut (:mod:`lightning_prune.engine.scope`): ``"mlp"`` (feed-forward
             hidden widths, and every width that is neither heads nor the token width), ``"heads"``
             (whole attention heads), ``"embedding"`` (the token width), ``"all"``, or a combination
@@ -285,7 +285,7 @@ class ChannelPruner:
         residual_widths: bool = False,
         latency: LatencyEstimator | None = None,
         latency_tolerance: float = 0.02,
-        latency_corrections: int = 3,
+        latency_corrections: int = 5,
         scope: Scope = None,
         head_pruning: Literal["heads", "head_dims"] = "heads",
         uniform_per_type: bool = False,
@@ -636,14 +636,13 @@ class ChannelPruner:
                 if plan_hook is not None:
                     plan = plan_hook(plan)
                 before = analysis.cost
-                reference = self._reference(model, example_inputs, plan, before)
                 changes = apply_plan(analysis.groups, plan.removed) if not plan.empty else {}
                 corrections = self._correct(analysis.groups, plan.removed, changes, scoring) if changes else {}
                 surgery = analysis.graph.pruning_history() + _head_entries(analysis.groups, plan.removed)
                 after = self._check(model, example_inputs, params_before, changes, plan, analysis.signature) or analysis.cost
                 tries: list[list[float]] = []
                 if self.latency is not None:
-                    measured = self._paired(model, example_inputs, reference, before) if changes else before.latency
+                    measured = self._paired(model, example_inputs, snapshot, before) if changes else before.latency
                     assert measured is not None
                     predicted = plan.predicted.latency if plan.predicted is not None else None
                     tries.append([target.value, float(predicted if predicted is not None else measured), measured])
@@ -747,9 +746,8 @@ class ChannelPruner:
             )
             if plan_hook is not None:
                 plan = plan_hook(plan)
-            reference = self._reference(model, example_inputs, plan, first.cost)
             cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
-            measured = self._paired(model, example_inputs, reference, first.cost) if cut[0] else first.cost.latency
+            measured = self._paired(model, example_inputs, snapshot, first.cost) if cut[0] else first.cost.latency
             assert measured is not None and plan.predicted is not None and plan.predicted.latency is not None
             tries.append([planning, float(plan.predicted.latency), float(measured)])
             results.append((plan, (plan, *cut, analysis)))
@@ -763,21 +761,16 @@ class ChannelPruner:
             return (plan, *cut, analysis, tries[best][2])
         return (*results[best][1], tries[best][2])
 
-    def _reference(self, model: nn.Module, example_inputs: Any, plan: Plan, before: Cost) -> float | None:
-        """The step's start model timed right before a cut (None without latency or without a cut)."""
-        if self.latency is None or plan.empty or before.latency is None:
-            return None
-        return self.latency.measure(model, example_inputs)
-
-    def _paired(self, model: nn.Module, example_inputs: Any, reference: float | None, before: Cost) -> float:
-        """The pruned model's seconds on the scale of the analysis' measurement of the start model:
-        ``measured / reference * before.latency``, ``reference`` the start model timed just before the
-        cut, so that a load that changed since the analysis cancels out."""
+    def _paired(self, model: nn.Module, example_inputs: Any, start: ModuleSnapshot, before: Cost) -> float:
+        """The cut model's seconds on the scale of the analysis' measurement of the step's start model:
+        ``before.latency`` times the ratio cut / start, the two timed interleaved (the model switched
+        between ``start`` and the cut by restoring snapshots: no copy), so that a machine whose speed
+        changed since the analysis, or drifts while timing, does not move the result. Leaves the cut."""
         assert self.latency is not None
-        measured = self.latency.measure(model, example_inputs)
-        if reference is None or before.latency is None:
-            return measured
-        return measured / reference * before.latency
+        if before.latency is None:
+            return self.latency.measure(model, example_inputs)
+        cut = ModuleSnapshot(model)
+        return self.latency.relative(model, example_inputs, start.restore, cut.restore) * before.latency
 
     def _reanalyse(self, model: nn.Module, example_inputs: Any, first: Analysis) -> Analysis:
         """A fresh analysis of the restored model (its latency known: the step's start), checked to
