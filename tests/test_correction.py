@@ -11,6 +11,7 @@ from crash import SaveThenCrash
 from scipy.linalg import qr
 
 from lightning_prune.collection import ActivationCollector, ActivationRequest, GramSums, SharedGenerator
+from lightning_prune.collection.accumulators import _Sums
 from lightning_prune.engine.correction import pivoted_cholesky, reconstruction_residual, ridge_interpolation
 
 
@@ -54,6 +55,29 @@ def test_gram_of_a_flattened_map_and_of_one_branch_of_a_concatenation():
     torch.testing.assert_close(store.gram(flat).gram, z.T @ z, rtol=1e-6, atol=1e-4)
     zb = z[:, 2:4]
     torch.testing.assert_close(store.gram(branch).gram, zb.T @ zb, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("fold_rows", [1, 50, 4096])  # every batch, across batches, only when read
+def test_rows_folded_in_batches_give_the_same_gram_and_never_see_a_later_in_place_change(fold_rows, monkeypatch):
+    """Rows are kept and folded into the Gram several batches at a time; a linear layer's output is
+    read by an in-place ReLU right after the hook, and the Gram is still that of the pre-ReLU rows."""
+    monkeypatch.setattr(_Sums, "fold_rows", fold_rows)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(inplace=True))
+    request = ActivationRequest("0", statistic="gram", rows_per_batch=10_000)
+    collector = ActivationCollector(model, [request])
+    collector.attach()
+    xs = [torch.randn(7, 5) for _ in range(40)]  # past the float64 flush at 32 batches
+    with torch.no_grad():
+        for x in xs:
+            collector.begin_batch()
+            model(x)
+            collector.end_batch()
+        z = torch.cat([x @ model[0].weight.T + model[0].bias for x in xs]).double()
+    assert (z < 0).any()  # the ReLU did change the rows in place
+    stat = collector.store().gram(request)
+    torch.testing.assert_close(stat.gram, z.T @ z, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(stat.total, z.sum(0), rtol=1e-6, atol=1e-4)
+    assert stat.count == 7 * 40
 
 
 # ---------------------------------------------------------------------------------------------- pivoted Cholesky

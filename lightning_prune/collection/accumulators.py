@@ -363,10 +363,15 @@ class PooledReservoir(Accumulator):
 
 # ---------------------------------------------------------------------------------------------- streamed sums
 class _Sums:
-    """``sum x`` and ``sum x x^T`` over rows: float32 per batch (one ``addmm_``), flushed into float64
-    every ``flush_every`` batches so that long windows keep float64 accuracy."""
+    """``sum x`` and ``sum x x^T`` over rows. Rows are kept as they come and folded in together
+    (one ``cat`` and one ``addmm_`` per ``fold_rows`` rows, at most ``fold_elements`` values pending):
+    on small layers the fixed cost of a matrix product per batch, not its arithmetic, is what training
+    pays for collection. Folded into float32 sums, flushed into float64 every ``flush_every`` batches
+    so that long windows keep float64 accuracy. :meth:`flush` (before any read) folds what is pending."""
 
     flush_every = 32
+    fold_rows = 4096
+    fold_elements = 2**20
 
     def __init__(self, channels: int, device: torch.device) -> None:
         self.count = 0
@@ -375,23 +380,43 @@ class _Sums:
         self.outer32 = torch.zeros(channels, channels, device=device)
         self.total = torch.zeros(channels, dtype=torch.float64, device=device)
         self.outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
 
     def add(self, rows: torch.Tensor) -> None:
         self.count += int(rows.shape[0])
-        self.total32.add_(rows.sum(0))
-        self.outer32.addmm_(rows.T, rows)
+        self._pending.append(rows)
+        self._pending_rows += int(rows.shape[0])
         self.batches += 1
+        if self._pending_rows >= self.fold_rows or self._pending_rows * rows.shape[1] >= self.fold_elements:
+            self._fold()
         if self.batches % self.flush_every == 0:
             self.flush()
 
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        self._pending, self._pending_rows = [], 0
+        self.total32.add_(rows.sum(0))
+        self.outer32.addmm_(rows.T, rows)
+
     def flush(self) -> None:
+        self._fold()
         self.total += self.total32.double()
         self.outer += self.outer32.double()
         self.total32.zero_()
         self.outer32.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.total32, self.outer32, self.total, self.outer]
+        """Every tensor held, rows pending included (memory accounting)."""
+        return [self.total32, self.outer32, self.total, self.outer, *self._pending]
+
+
+def _owned(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``rows``, copied if they share memory with the activation ``x``: folded in batches later, they
+    must not see a later in-place change of ``x`` (an in-place ReLU after a linear layer)."""
+    return rows.clone() if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else rows
 
 
 def _all_reduce_sums(sums: _Sums | None, extra: Callable[[], list[torch.Tensor]], name: str) -> None:
@@ -460,7 +485,7 @@ class _StreamedRows(_RowSampling):
         rows = self._rows(x)
         if self._sums is None:
             self._sums = _Sums(rows.shape[1], rows.device)
-        self._sums.add(rows)
+        self._sums.add(_owned(rows, x))
 
     def sync(self) -> None:
         """All-reduce the sums and the row count."""
@@ -560,7 +585,7 @@ class ClassMomentSums(Accumulator):
         onehot = torch.nn.functional.one_hot(labels.clamp(0, self.classes - 1), self.classes).to(rows.dtype)
         counts += onehot.sum(0).double()
         class_sums += (onehot.T @ rows).double()
-        self._sums.add(rows)
+        self._sums.add(_owned(rows, x))
 
     def _state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Counts, class sums and invalid-label count (created together with the sums)."""
