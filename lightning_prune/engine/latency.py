@@ -574,6 +574,15 @@ class LatencyEstimator:
             if home != device:
                 model.to(home)
 
+    def _call_latency_fn(self, model: nn.Module, inputs: Any) -> float:
+        """``latency_fn(model, inputs)`` as checked seconds; its failures as a ``ValueError`` naming it."""
+        assert self.latency_fn is not None
+        try:
+            value = self.latency_fn(model, inputs)
+        except Exception as error:
+            raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
+        return check_seconds(value, "latency_fn")
+
     def measure(self, model: nn.Module, example_inputs: Any) -> float:
         """Seconds per forward pass of ``model`` at ``batch_size`` on ``device`` (eval mode, no grad).
 
@@ -586,11 +595,7 @@ class LatencyEstimator:
             inputs = tree_map(lambda t: t.to(device), inputs)
             with evaluating(model):
                 if self.latency_fn is not None:
-                    try:
-                        value = self.latency_fn(model, inputs)
-                    except Exception as error:
-                        raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
-                    return check_seconds(value, "latency_fn")
+                    return self._call_latency_fn(model, inputs)
                 return time_callable(
                     lambda: call_model(model, inputs), device, warmup=self.warmup + 1, repeats=self.model_repeats,
                     min_sample_seconds=self.sample_seconds,
@@ -640,11 +645,7 @@ class LatencyEstimator:
                     seconds = []
                     for i in (0, 1):  # the reference, then the candidate
                         state(i)()
-                        try:
-                            value = self.latency_fn(nets[i], inputs)
-                        except Exception as error:
-                            raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
-                        seconds.append(check_seconds(value, "latency_fn"))
+                        seconds.append(self._call_latency_fn(nets[i], inputs))
                     return seconds[1] / seconds[0]
                 samples = time_interleaved(
                     [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)], device,
