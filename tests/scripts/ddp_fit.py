@@ -39,5 +39,17 @@ def main(out: str, criterion: str) -> None:
         json.dump(result, f)
 
 
+def _teardown() -> None:
+    """Close the process group before the interpreter exits: left to exit-time destructors, gloo's
+    threads were once still joinable there ("terminate called without an active exception", SIGABRT
+    after the fit had finished and its results were written)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    _teardown()  # only after success: a failed rank must not leave the others waiting at a barrier
