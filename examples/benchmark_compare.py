@@ -104,13 +104,19 @@ REPAIR_GRID: dict[str, dict[str, Any]] = {
     "plain, bn": {"correction": "none", "recalibrate_bn": True},
     "ls, bn": {"correction": "least_squares", "recalibrate_bn": True},
 }
+#: Variants ``--repair-variants`` may also name (not in the default grid): ``rw`` = ``residual_widths``
+#: (widths by what the correction leaves, instead of the criterion's allocation).
+REPAIR_VARIANTS: dict[str, dict[str, Any]] = {
+    **REPAIR_GRID,
+    "ls+rw, bn": {"correction": "least_squares", "residual_widths": True, "recalibrate_bn": True},
+}
 
 
 def variant_of(method: str) -> tuple[str, dict[str, Any]]:
     """``"l1 [ls, bn]"`` -> ``("l1", {"correction": ..., "recalibrate_bn": ...})``; a plain name -> defaults."""
     if method.endswith("]") and " [" in method:
         name, label = method[:-1].split(" [", 1)
-        return name, dict(REPAIR_GRID[label])
+        return name, dict(REPAIR_VARIANTS[label])
     return method, {}
 
 
@@ -747,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
     parser.add_argument("--repair-grid", action="store_true", help="every criterion with/without correction and BN recalibration")
-    parser.add_argument("--repair-variants", nargs="+", choices=list(REPAIR_GRID), default=None,
+    parser.add_argument("--repair-variants", nargs="+", choices=list(REPAIR_VARIANTS), default=None,
                         help="--repair-grid: only these variants (default: all four)")
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")

@@ -169,6 +169,12 @@ class StructuredPruningCallback(Callback):
         correction_ridge: the correction's ridge, relative to the mean diagonal of each consumer's
             Gram. Default None: the criterion's ``ridge`` if it has one, else 1e-6 (a numerical
             safeguard that leaves exact reconstructions exact).
+        residual_widths: with ``correction="least_squares"``, choose the widths by what the correction
+            leaves unexplained: per group and width, the share of each consumer's input energy the
+            reconstruction misses (from the same Grams), summed over the consumers, the smallest loss
+            per MAC saved removed first, instead of ``allocation``. For criteria without a width rule
+            of their own (all but ``interpolative_decomposition``, ``discriminant_information`` and
+            ``pca_gm``). Default False. ``ValueError`` when True without the least-squares correction.
         recalibrate_bn: after each step, inside its atomic section, re-estimate the running
             statistics of every BatchNorm on ``recalibrate_batches`` training batches (no gradient,
             no weight change, other modules in eval mode, exact averages over all rows, all ranks
@@ -253,6 +259,7 @@ class StructuredPruningCallback(Callback):
         max_samples: int = 2048,
         correction: Literal["none", "least_squares"] | None = None,
         correction_ridge: float | None = None,
+        residual_widths: bool = False,
         recalibrate_bn: bool | None = None,
         recalibrate_batches: int = 20,
         measure_agreement: bool = True,
@@ -334,6 +341,7 @@ class StructuredPruningCallback(Callback):
                         output_transform=None if output_transform is None else self._feeders[0].traceable,
                         correction=correction,
                         correction_ridge=correction_ridge,
+                        residual_widths=residual_widths,
                         latency=self.latency,
                         latency_tolerance=latency_tolerance,
                         scope=scope,

@@ -374,6 +374,24 @@ def test_defaults_recalibrate_a_bn_model_and_do_not_correct_a_weight_criterion()
         StructuredPruningCallback("l1", target_flops_reduction=0.4, recalibrate_batches=0)
 
 
+def test_residual_widths_through_the_callback_choose_non_uniform_widths_and_need_the_correction():
+    with pytest.raises(ValueError, match="residual_widths.*correction='least_squares'"):
+        StructuredPruningCallback("l1", target_flops_reduction=0.4, residual_widths=True)
+    with pytest.raises(TypeError, match="residual_widths"):
+        StructuredPruningCallback("l1", target_flops_reduction=0.4, correction="least_squares", residual_widths="yes")
+    L.seed_everything(0)
+    model = _classifier()
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    cb = StructuredPruningCallback("l1", target_flops_reduction=0.5, epochs=[0], verbose=False,
+                                   correction="least_squares", residual_widths=True, recalibrate_batches=3)
+    assert cb.pruner.residual_widths
+    _fit_trainer([cb], 1).fit(model, DigitsDataModule())
+    kept = {n: m.out_channels / dense[n] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    # l1's own allocation is uniform (every group keeps the same share, up to rounding); these differ
+    assert max(kept.values()) - min(kept.values()) > 0.25, kept
+    assert cb.history[0].flops_reduction == pytest.approx(0.5, abs=0.03)
+
+
 def test_a_fault_after_correction_and_recalibration_inside_fit_leaves_model_and_optimizer_as_they_were(monkeypatch):
     import lightning_prune.engine.pruner as pruner_module
 
@@ -465,8 +483,8 @@ def test_with_correction_a_weight_criterion_allocates_by_the_residual_per_mac():
         order = torch.argsort(score, descending=True, stable=True).tolist()
         k = group.size // 2
         consumers = [r for r in pruner.correction_requests([group], model)]
-        expected = np.mean([reconstruction_residual(store.gram(r).gram.numpy(), order[:k], 1e-6) for r in consumers])
-        assert float(loss[k]) == pytest.approx(np.sqrt(expected), rel=1e-3)  # + lambda ||T_R||^2 in the loss
+        expected = np.sum([reconstruction_residual(store.gram(r).gram.numpy(), order[:k], 1e-6) for r in consumers])
+        assert float(loss[k]) == pytest.approx(expected, rel=1e-3)  # + lambda ||T_R||^2 in the loss
     uniform = ChannelPruner(get_criterion("l1"), correction="least_squares")  # default: the criterion's allocation
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     pruner.step(a, x[:2], Target("flops", 0.5), context={"activations": _grams(a, pruner, x)})

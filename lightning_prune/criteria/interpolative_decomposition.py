@@ -19,15 +19,17 @@ flattened map). For ``S`` = a pivot prefix and ``lambda -> 0`` this is ID's ``[I
 Residual groups are corrected too (every consumer of the stream reads it at its own point);
 grouped or unsupported consumers are left to selection and the step's record says so.
 
-**Widths.** Keeping ``k`` channels costs the relative error it leaves in the activation the
-consumers read: the decomposition's residual ``||R_22||_F / ||R||_F`` (the Schur complement of the
-pivoted Cholesky) where the consumers absorb ``T``, the norm of the dropped channels where the group
-is pruned by selection only; a group that ``n`` consumers read (a residual stream, a layer and its
-shortcut) is charged ``n`` times that error, once per consumer that receives it (charged once, the
-error per MAC saved made the streams of the high-resolution stages look cheapest: the allocation cut
-them to the ``max_layer_ratio`` cap, and the errors of consecutive cut streams compound). The
-allocation removes, step by step, the width with the smallest error per MAC saved until the target
-is met.
+**Widths.** Keeping ``k`` channels costs the share of the consumed activation's energy it leaves
+unexplained: the decomposition's squared relative residual ``||R_22||_F^2 / ||R||_F^2`` (the trace of
+the pivoted Cholesky's Schur complement over that of ``G``) where the consumers absorb ``T``, the
+dropped channels' share of ``trace(G)`` where the group is pruned by selection only; a group that ``n``
+consumers read (a residual stream, a layer and its shortcut) is charged ``n`` times that, once per
+consumer that receives it. The allocation removes, step by step, the width with the smallest loss per
+MAC saved until the target is met, so it minimises the summed energy lost over the network. Two
+earlier rules concentrated the cut: charging a stream once made the streams of the high-resolution
+stages look cheapest, and charging the relative error itself (its square root) made one deep cut
+look cheaper than several shallow ones of the same total energy (``sqrt`` is concave), so the
+allocation took groups one after another to the ``max_layer_ratio`` cap.
 """
 
 from __future__ import annotations
@@ -211,10 +213,10 @@ class InterpolativeDecomposition(Criterion):
             if cached is None:
                 g, corrected = self._gram(group, context)
                 cached = (*gram_reconstruction_errors(g, corrected), corrected)
-            error = np.maximum.accumulate(cached[1][::-1])[::-1]  # non-increasing in k (numerical safety)
-            error = error * self._consumers.get(group.root_name, 1)  # every consumer receives the error
+            energy = np.maximum.accumulate(cached[1][::-1] ** 2)[::-1]  # non-increasing in k (numerical safety)
+            energy = energy * self._consumers.get(group.root_name, 1)  # every consumer receives the error
             kept = np.minimum(np.arange(group.positions + 1) * group.unit, group.size)
-            losses.append(torch.from_numpy(error[kept].copy()))
+            losses.append(torch.from_numpy(energy[kept].copy()))
         return losses
 
     # ------------------------------------------------------------------ weight correction

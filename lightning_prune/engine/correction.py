@@ -411,10 +411,13 @@ def width_losses_from_grams(
     ridge: float = DEFAULT_RIDGE,
 ) -> list[torch.Tensor]:
     """Per group, the loss of keeping ``k`` positions (``positions + 1`` entries) when the criterion's
-    top-``k`` stay and the consumers absorb ``T``: the relative reconstruction error
-    ``sqrt(||Z - Z_S T||_F^2 / ||Z||_F^2)`` of each consumer's input (from its Gram), averaged over the
-    consumers that absorb ``T``. A group none of whose consumers can absorb ``T`` (no Gram collected) is
-    charged the fraction of its channels dropped. Non-increasing in ``k``, 0 at full width.
+    top-``k`` stay and the consumers absorb ``T``: the share of each consumer's input energy the
+    reconstruction leaves, ``||Z - Z_S T||_F^2 / ||Z||_F^2`` (from its Gram), summed over the consumers
+    that absorb ``T`` (each receives its own error). A group none of whose consumers can absorb ``T``
+    (no Gram collected) is charged the fraction of its channels dropped. Non-increasing in ``k``, 0 at
+    full width. Energies, not their square roots: they add over the network, so the allocation that
+    spends them per MAC spreads the cut, where summed norms (concave in the energy) favour emptying
+    one group after another.
     """
     losses = []
     for group, score in zip(groups, scores):
@@ -430,7 +433,7 @@ def width_losses_from_grams(
             gram = stat.gram.detach().double().cpu().numpy()
             residuals.append(ordered_residuals(gram, order, ridge))
         if residuals:
-            error = np.sqrt(np.clip(np.mean(residuals, axis=0), 0.0, None))
+            error = np.clip(np.sum(residuals, axis=0), 0.0, None)
         else:
             error = 1.0 - np.arange(group.size + 1) / group.size
         error = np.maximum.accumulate(error[::-1])[::-1]

@@ -239,12 +239,12 @@ class ChannelPruner:
         correction_ridge: ridge of the correction, relative to the mean diagonal of each consumer's
             Gram; None (default): the criterion's ``ridge`` attribute if it has one, else
             :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6).
-        residual_widths: with the least-squares correction, choose widths by the reconstruction error
-            the correction leaves (per group and width, for the criterion's top channels, from the
-            consumers' Grams), smallest error per MAC saved first, instead of ``allocation``, for
-            criteria without width losses of their own. Default False: opt-in, because on the digits
-            benchmark (l1, l2, fpgm, random at -50% MACs with recalibration) it gave 71-87% right after
-            the step where the criterion's own allocation gave 98-99%.
+        residual_widths: with the least-squares correction, choose widths by the share of each
+            consumer's input energy the correction leaves (per group and width, for the criterion's top
+            channels, from the consumers' Grams, summed over consumers), smallest loss per MAC saved
+            first, instead of ``allocation``, for criteria without width losses of their own. Default
+            False (the criterion's allocation). ``ValueError`` when True and the correction resolves to
+            ``"none"``.
         latency: a :class:`~lightning_prune.engine.latency.LatencyEstimator`: every analysis then builds a
             :class:`~lightning_prune.engine.latency.LatencyCostModel` (costs carry ``latency``) and every
             step measures the pruned model. Needed by ``Target("latency", ...)``; created with defaults
@@ -330,9 +330,16 @@ class ChannelPruner:
             raise TypeError(f"uniform_per_type must be True or False, got {uniform_per_type!r}")
         self.uniform_per_type = uniform_per_type
         self.correction = correction
-        self.residual_widths = bool(residual_widths)
+        if not isinstance(residual_widths, bool):
+            raise TypeError(f"residual_widths must be True or False, got {residual_widths!r}")
+        self.residual_widths = residual_widths
         self.correction_ridge = None if correction_ridge is None else float(correction_ridge)
         self.criterion = criterion
+        if residual_widths and self.resolved_correction != "least_squares":
+            raise ValueError(
+                "residual_widths=True chooses widths by what the least-squares correction leaves, but correction "
+                f"resolves to {self.resolved_correction!r} for {type(criterion).__name__}: pass correction='least_squares'"
+            )
         self.allocation = allocation
         self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio)
         self.round_to = round_to
