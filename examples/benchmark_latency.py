@@ -91,7 +91,7 @@ def _models(smoke: bool) -> dict[str, tuple[Any, tuple[int, int, int]]]:
 
 
 def _estimator(batch: int, cache: Path, smoke: bool, table_seconds: float) -> LatencyEstimator:
-    quick = {"model_repeats": 3, "sample_seconds": 0.005} if smoke else {}
+    quick = {"model_repeats": 3, "sample_seconds": 0.005, "precision": None} if smoke else {}
     return LatencyEstimator(batch_size=batch, device=_bench.device(), cache_dir=cache, table_seconds=table_seconds,
                             repeats=3 if not smoke else 2, levels=2 if not smoke else 1, **quick)
 
@@ -103,7 +103,8 @@ def _prune(make, shape, target: Target, estimator: LatencyEstimator, round_to: A
     allocation = "global" if target.kind == "latency" else "uniform"
     pruner = ChannelPruner(get_criterion("l1"), allocation=allocation, latency=estimator, round_to=round_to)
     result = pruner.step(model, x, target)
-    return model, {"result": result, "round_to": pruner.effective_round_to}
+    return model, {"result": result, "round_to": pruner.effective_round_to,
+                   "in_step_interval": estimator.last_interval, "in_step_rounds": estimator.last_rounds}
 
 
 def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
@@ -141,12 +142,13 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                     rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
                     del variants[label]
                     continue
-                _bench.log(f"  {label}: in-step {info[label]['result'].latency_tries}")
+                _bench.log(f"  {label}: in-step {info[label]['result'].latency_tries}, last timing "
+                           f"{info[label]['in_step_rounds']} rounds, 95% interval {info[label]['in_step_interval']}")
             # each pruned model in its own pair with the dense one: rotating all four at once lets the
             # others' cache footprints into each sample (one run: 0.80x for a pair that times 0.65-0.69x)
             timed = {}
             for label in pruned:
-                pair = interleaved_ms({"dense": dense, label: pruned[label]}, shape, batch, rounds=9 if not smoke else 3)
+                pair = interleaved_ms({"dense": dense, label: pruned[label]}, shape, batch, rounds=25 if not smoke else 3)
                 timed[label] = pair[label]
                 timed[label]["dense"] = pair["dense"]
             dense_macs = count_cost(dense, x).macs
@@ -175,6 +177,7 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                     "prediction_error": None if predicted is None or result.latency_measured is None
                     else predicted / result.latency_measured - 1,
                     "tries": len(result.latency_tries), "round_to": info[label]["round_to"],
+                    "in_step_interval": info[label]["in_step_interval"], "in_step_rounds": info[label]["in_step_rounds"],
                     "dense_share_fixed": parts_dense["fixed"] / sum(parts_dense.values()),
                     "dense_share_activations": parts_dense["activations"] / sum(parts_dense.values()),
                     "ideal_latency_ratio": bound, "ideal_gain_over_mac_gain": macs_ratio / bound,

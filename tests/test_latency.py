@@ -540,6 +540,83 @@ def test_interleaved_timing_switches_state_before_every_sample_in_rotated_order(
         lat.time_interleaved([forward("a")], torch.device("cpu"), enter=enter)
 
 
+@pytest.mark.parametrize("n", list(range(1, 61)))
+def test_median_interval_is_the_binomial_order_statistic_interval(n):
+    """Against SciPy's binomial: the widest-``j`` pair (x_(j), x_(n+1-j)) whose coverage
+    P(j <= B <= n-j), B ~ Binomial(n, 1/2), is at least 95%; the whole range when none is."""
+    import numpy as np
+    from scipy.stats import binom
+
+    from lightning_prune.engine.latency import median_interval
+
+    values = np.random.default_rng(n).normal(size=n)
+    ordered = np.sort(values)
+    j = max([k for k in range(1, n // 2 + 1) if binom.cdf(n - k, n, 0.5) - binom.cdf(k - 1, n, 0.5) >= 0.95], default=1)
+    assert median_interval(values.tolist()) == (ordered[j - 1], ordered[n - j])
+    with pytest.raises(ValueError, match="at least one value"):
+        median_interval([])
+
+
+def test_median_interval_covers_the_true_median_at_least_95_percent_of_the_time():
+    import numpy as np
+
+    from lightning_prune.engine.latency import median_interval
+
+    rng = np.random.default_rng(0)
+    trials = 4000
+    covered = sum(lo <= 0.0 <= hi for lo, hi in (median_interval(rng.standard_cauchy(30).tolist()) for _ in range(trials)))
+    assert covered / trials >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / trials)
+
+
+class _BurstyWork:
+    """``fast()`` costs 0.005 s of fake time, 1.3x that on every ``every``-th of its first ``noisy``
+    calls (a burst of noise); ``slow()`` always 0.010 s: the true ratio is 0.5."""
+
+    def __init__(self, clock, noisy, every=3):
+        self.clock, self.noisy, self.every, self.calls = clock, noisy, every, 0
+
+    def fast(self):
+        self.calls += 1
+        self.clock.work(0.005 * (1.3 if self.calls % self.every == 0 and self.calls <= self.noisy else 1.0))
+
+    def slow(self):
+        self.clock.work(0.010)
+
+
+def test_interleaved_timing_adds_rounds_until_the_median_ratio_is_precise(monkeypatch):
+    from lightning_prune.engine import latency as lat
+
+    cpu = torch.device("cpu")
+    for precision, noisy, max_seconds, expected in ((None, 40, math.inf, "9"), (0.01, 40, math.inf, "more"),
+                                                    (0.01, 10**6, math.inf, "45"), (0.01, 10**6, 0.3, "time")):
+        clock = _DriftingClock(slowness=(1.0,))
+        monkeypatch.setattr(lat.time, "perf_counter", clock)
+        work = _BurstyWork(clock, noisy, every=3 if noisy == 40 else 2)  # every other call: never precise
+        samples = lat.time_interleaved([work.slow, work.fast], cpu, rounds=9, warmup=1, min_sample_seconds=0.004,
+                                       precision=precision, max_seconds=max_seconds)
+        ratios = [row[1] / row[0] for row in samples]
+        low, high = lat.median_interval(ratios)
+        if expected == "9":  # no precision asked: exactly the rounds asked, however wide the interval
+            assert len(samples) == 9 and (high - low) / 2 > 0.05
+        elif expected == "more":  # rounds until the interval is within +-0.01, then stop
+            assert 9 < len(samples) < 45 and (high - low) / 2 <= 0.01
+            shorter = lat.median_interval(ratios[:-1])
+            assert (shorter[1] - shorter[0]) / 2 > 0.01  # one round fewer was not yet precise
+            assert lat.median_ratio(samples) == pytest.approx(0.5)
+        elif expected == "45":  # never precise: capped at 5 x rounds
+            assert len(samples) == 45
+        else:  # capped by the sampling time (each round costs 0.015 s of fake time)
+            assert 9 <= len(samples) <= 0.3 / 0.015 + 1
+
+
+def test_estimator_precision_arguments_are_validated():
+    for kw, name in (({"precision": 0}, "precision"), ({"precision": True}, "precision"),
+                     ({"max_model_repeats": 0}, "max_model_repeats"), ({"max_model_seconds": -1}, "max_model_seconds")):
+        with pytest.raises(ValueError, match=name):
+            LatencyEstimator(**kw)
+    assert LatencyEstimator(precision=None).precision is None
+
+
 def test_relative_latency_of_two_model_states_and_the_state_it_leaves(tmp_path):
     net = MLP()
     x = net.example_inputs()

@@ -81,8 +81,9 @@ __all__ = [
     "fast_multiple_from_times",
     "interpolate",
     "monotone_grid",
-    "resize_batch",
+    "median_interval",
     "median_ratio",
+    "resize_batch",
     "time_callable",
     "time_interleaved",
 ]
@@ -214,13 +215,22 @@ def time_interleaved(
     rounds: int = 9,
     max_warmup_seconds: float = 2.0,
     min_sample_seconds: float = 0.02,
+    precision: float | None = None,
+    max_rounds: int | None = None,
+    max_seconds: float = math.inf,
 ) -> list[list[float]]:
     """Per round, one sample (seconds per call, as in :func:`time_callable`) of every callable in
     ``fns``, taken in turn, the order rotated from round to round: a machine whose speed drifts over
     seconds (shared CPUs, clocks that boost and throttle) slows every callable of a round alike, so
     ratios within a round cancel the drift that separate measurements would keep. ``enter[i]()`` runs
     before each of ``fns[i]``'s warm-ups and samples, untimed (e.g. switching a model into a state).
-    Returns ``rounds`` lists of ``len(fns)`` seconds."""
+
+    With ``precision``: after ``rounds`` rounds, further rounds while the 95% confidence interval of
+    the median of the per-round ratios ``fns[i] / fns[0]`` (:func:`median_interval`) is wider than
+    ``± precision`` for some ``i``, up to ``max_rounds`` rounds in all (default ``5 * rounds``) and
+    for at most ``max_seconds`` of sampling (a burst of noise on a shared machine widens the
+    interval, and the rounds after it outvote it). Returns one list of ``len(fns)`` seconds per
+    round taken."""
     enter = list(enter) if enter is not None else [lambda: None] * len(fns)
     if len(enter) != len(fns):
         raise ValueError(f"enter needs one callable per fn ({len(fns)}), got {len(enter)}")
@@ -228,13 +238,50 @@ def time_interleaved(
     for fn, switch in zip(fns, enter):
         switch()
         calls.append(_calls_per_sample(_warm(fn, device, warmup, max_warmup_seconds), min_sample_seconds))
-    samples = [[0.0] * len(fns) for _ in range(rounds)]
-    for r in range(rounds):
+    limit = rounds if precision is None else max(rounds, max_rounds if max_rounds is not None else 5 * rounds)
+    started = time.perf_counter()
+    samples: list[list[float]] = []
+    for r in range(limit):
+        if r >= rounds and (
+            time.perf_counter() - started >= max_seconds or _precise(samples, precision)  # type: ignore[arg-type]
+        ):
+            break
+        row = [0.0] * len(fns)
         for k in range(len(fns)):
             i = (r + k) % len(fns)
             enter[i]()
-            samples[r][i] = _sample(fns[i], device, calls[i])
+            row[i] = _sample(fns[i], device, calls[i])
+        samples.append(row)
     return samples
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free ``confidence`` interval of the median of ``values``: the order statistics
+    ``(x_(j), x_(n+1-j))`` with the largest ``j`` such that a Binomial(n, 1/2) falls in
+    ``[j, n-j]`` with probability at least ``confidence``; the whole range when ``n`` is too small
+    for any narrower one (n <= 8 at 95%)."""
+    ordered = sorted(float(v) for v in values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    mass = [math.comb(n, k) / 2.0**n for k in range(n + 1)]
+    best = 1
+    for j in range(1, n // 2 + 1):
+        if sum(mass[j : n - j + 1]) >= confidence:
+            best = j
+        else:
+            break
+    # coverage of (x_(j), x_(n+1-j)) is P(j <= B <= n-j); j = 1 with too few values: the range
+    return ordered[best - 1], ordered[n - best]
+
+
+def _precise(samples: Sequence[Sequence[float]], precision: float) -> bool:
+    """Whether every ratio to ``samples[r][0]`` has a 95% median interval within ``± precision``."""
+    for i in range(1, len(samples[0])):
+        low, high = median_interval([row[i] / row[0] for row in samples])
+        if (high - low) / 2 > precision:
+            return False
+    return True
 
 
 def median_ratio(samples: Sequence[Sequence[float]], numerator: int = 1, denominator: int = 0) -> float:
@@ -490,6 +537,11 @@ class LatencyEstimator:
             Defaults 2 / 5.
         model_repeats / sample_seconds: samples, and the duration each fills with back-to-back calls, of
             the default model timing. Defaults 9 / 0.05 s.
+        precision: a pruned model timed against its start (:meth:`relative`) gets rounds beyond
+            ``model_repeats`` until the 95% confidence interval of the median ratio is within
+            ``± precision``, up to ``max_model_repeats`` rounds and ``max_model_seconds`` of sampling.
+            Defaults 0.01 / 45 / 20 s. None: exactly ``model_repeats`` rounds. The interval's
+            half-width is kept as :attr:`last_interval`.
         progress: ``progress(total, description)`` context manager yielding ``advance(n)`` (the
             callback's follows the Trainer's bar). Default: nothing shown.
 
@@ -512,6 +564,9 @@ class LatencyEstimator:
         repeats: int = 5,
         model_repeats: int = 9,
         sample_seconds: float = 0.05,
+        precision: float | None = 0.01,
+        max_model_repeats: int = 45,
+        max_model_seconds: float = 20.0,
         progress: ProgressFn | None = None,
     ) -> None:
         if latency_fn is not None and not callable(latency_fn):
@@ -538,6 +593,17 @@ class LatencyEstimator:
         self.levels = levels
         self.warmup, self.repeats = int(warmup), int(repeats)
         self.model_repeats, self.sample_seconds = int(model_repeats), float(sample_seconds)
+        bad_precision = isinstance(precision, bool) or not isinstance(precision, (int, float)) or not precision > 0
+        if precision is not None and bad_precision:
+            raise ValueError(f"precision must be a positive number (a latency ratio) or None, got {precision!r}")
+        if isinstance(max_model_repeats, bool) or not isinstance(max_model_repeats, int) or max_model_repeats < 1:
+            raise ValueError(f"max_model_repeats must be a positive integer, got {max_model_repeats!r}")
+        if isinstance(max_model_seconds, bool) or not isinstance(max_model_seconds, (int, float)) or not max_model_seconds > 0:
+            raise ValueError(f"max_model_seconds must be a positive number, got {max_model_seconds!r}")
+        self.precision = None if precision is None else float(precision)
+        self.max_model_repeats, self.max_model_seconds = max_model_repeats, float(max_model_seconds)
+        self.last_interval: tuple[float, float] | None = None  #: 95% interval of the last relative() ratio
+        self.last_rounds = 0  #: rounds the last relative() took
         self.progress: ProgressFn = progress or _no_progress
         self.measured_points = 0
         self.cached_points = 0
@@ -610,9 +676,10 @@ class LatencyEstimator:
     ) -> float:
         """The candidate's seconds per forward over the reference's: ``model`` in two states that the
         callables switch it into (e.g. the step's start and its cut, restored from snapshots), timed
-        interleaved round by round (:func:`time_interleaved`, ``model_repeats`` rounds; the median of the
-        per-round ratios), so that a machine whose speed drifts between two separate measurements does
-        not move the ratio. With ``latency_fn``: one call per state. When ``device`` is not the model's,
+        interleaved round by round (:func:`time_interleaved`, ``model_repeats`` rounds and more until the
+        median is known within ``precision``; the median of the per-round ratios), so that a machine
+        whose speed drifts between two separate measurements does not move the ratio.
+        With ``latency_fn``: one call per state. When ``device`` is not the model's,
         both states are copied there. The model is left in the candidate state.
 
         Raises:
@@ -650,8 +717,11 @@ class LatencyEstimator:
                 samples = time_interleaved(
                     [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)], device,
                     enter=[state(0), state(1)], warmup=self.warmup + 1, rounds=self.model_repeats,
-                    min_sample_seconds=self.sample_seconds,
+                    min_sample_seconds=self.sample_seconds, precision=self.precision,
+                    max_rounds=self.max_model_repeats, max_seconds=self.max_model_seconds,
                 )
+                self.last_interval = median_interval([row[1] / row[0] for row in samples])
+                self.last_rounds = len(samples)
                 return median_ratio(samples)
         finally:
             enter_candidate()
