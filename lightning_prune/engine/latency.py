@@ -540,8 +540,9 @@ class LatencyEstimator:
         precision: a pruned model timed against its start (:meth:`relative`) gets rounds beyond
             ``model_repeats`` until the 95% confidence interval of the median ratio is within
             ``± precision``, up to ``max_model_repeats`` rounds and ``max_model_seconds`` of sampling.
-            Defaults 0.01 / 45 / 20 s. None: exactly ``model_repeats`` rounds. The interval's
-            half-width is kept as :attr:`last_interval`.
+            Defaults 0.01 / 45 / 20 s. None: exactly ``model_repeats`` rounds. The last interval and
+            round count are kept as :attr:`last_interval` / :attr:`last_rounds`. Not a positive
+            number: ``ValueError``.
         progress: ``progress(total, description)`` context manager yielding ``advance(n)`` (the
             callback's follows the Trainer's bar). Default: nothing shown.
 
