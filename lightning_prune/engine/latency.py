@@ -242,8 +242,8 @@ def time_interleaved(
     started = time.perf_counter()
     samples: list[list[float]] = []
     for r in range(limit):
-        if r >= rounds and (
-            time.perf_counter() - started >= max_seconds or _precise(samples, precision)  # type: ignore[arg-type]
+        if r >= rounds and precision is not None and (
+            time.perf_counter() - started >= max_seconds or _precise(samples, precision)
         ):
             break
         row = [0.0] * len(fns)
