@@ -658,6 +658,7 @@ class StructuredPruningCallback(Callback):
             self.dense_cost = analysis.cost
             self._original_widths = layer_widths(pl_module)
         assert self.dense_cost is not None
+        self.pruner.fit_round_to(analysis, self.target, self.dense_cost, self._original_widths)  # "auto": a reachable multiple
         reachable = self.pruner.max_reduction(analysis, self.target, self.dense_cost, self._original_widths)
         if reachable < self.target.value - 0.02:
             raise ValueError(

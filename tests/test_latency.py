@@ -359,6 +359,38 @@ def test_round_to_auto_snaps_widths_for_a_macs_target(tmp_path):
     assert result.after.latency == pytest.approx(reference_latency(net, x))
 
 
+def _staircase_of(block):
+    return lambda spec: 1e-6 * math.ceil(spec.out_channels / block) * block * spec.in_channels + 1e-5
+
+
+def test_round_to_auto_steps_down_to_a_multiple_that_keeps_the_target_reachable(tmp_path):
+    """The tables of a narrow net say 16 is fast, but snapping 16/32-wide layers to 16 cannot lose half
+    the MACs (plan_pruning refuses round_to=16 outright): auto takes the largest smaller multiple that
+    reaches the target (8), and keeps it."""
+    from lightning_prune.engine import TargetUnreachableError
+
+    def net():
+        torch.manual_seed(0)
+        return ResidualNet(widths=(16, 32, 16, 32))
+
+    x = image_inputs()
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_staircase_of(16), latency_fn=reference_latency)
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    analysis = pruner.analyse(net_a := net(), x)
+    assert pruner.effective_round_to == 16  # what the tables say
+    scores = get_criterion("l1").score(analysis.groups, None)
+    with pytest.raises(TargetUnreachableError):
+        plan_pruning(analysis.groups, scores, analysis.cost_model, Target("flops", 0.5), analysis.cost, round_to=16)
+    result = pruner.step(net_a, x, Target("flops", 0.5), analysis=analysis)
+    assert pruner.effective_round_to == 8 and 1 - result.after.macs / analysis.cost.macs >= 0.48
+    assert all(w % 8 == 0 for n, w in result.widths.items() if n != "head")
+    # a target that 16 does reach keeps 16
+    again = ChannelPruner(get_criterion("l1"), round_to="auto", latency=LatencyEstimator(
+        cache_dir=tmp_path, layer_timer=_staircase_of(16), latency_fn=reference_latency))
+    again.step(net(), x, Target("flops", 0.2))
+    assert again.effective_round_to == 16
+
+
 # ----------------------------------------------------------------------------- reporting
 def test_record_logging_summary_and_plot(tmp_path):
     record = PruningRecord(step=0, epoch=1, criterion="l1", target_kind="latency", target=0.5, macs_before=100,

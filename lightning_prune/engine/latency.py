@@ -69,6 +69,7 @@ from lightning_prune.engine.cost import Cost, CostModel
 from lightning_prune.engine.graph import ChannelGroup
 
 __all__ = [
+    "AUTO_MULTIPLES",
     "CACHE_ENV",
     "LatencyCostModel",
     "LatencyEstimator",
@@ -91,7 +92,7 @@ __all__ = [
 #: Environment variable overriding the default cache folder.
 CACHE_ENV = "LIGHTNING_PRUNE_LATENCY_CACHE"
 #: Candidate multiples of ``round_to="auto"``, largest first.
-_MULTIPLES = (32, 16, 8, 4)
+AUTO_MULTIPLES = (32, 16, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ def monotone_grid(grid: Sequence[Sequence[float]]) -> list[list[float]]:
 
 
 def fast_multiple_from_times(
-    times: Mapping[int, float], multiples: Sequence[int] = _MULTIPLES, margin: float = 0.75
+    times: Mapping[int, float], multiples: Sequence[int] = AUTO_MULTIPLES, margin: float = 0.75
 ) -> int | None:
     """The largest multiple ``m`` for which a staircase (one time per block of widths ``(k m - m, k m]``)
     explains ``times`` (width -> seconds) better than a straight line: residual sum of squares at most

@@ -65,7 +65,7 @@ from lightning_prune.engine.correction import (
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.huggingface import sync_configs
-from lightning_prune.engine.latency import LatencyEstimator
+from lightning_prune.engine.latency import AUTO_MULTIPLES, LatencyEstimator
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
 from lightning_prune.engine.probe import GraphSnapshot, UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.protocol import Criterion, ScoringContext
@@ -525,6 +525,27 @@ class ChannelPruner:
             kept = [dataclasses.replace(g, handle=SyncedHandle(g.handle, model)) for g in kept]
         return [dataclasses.replace(g, index=i) for i, g in enumerate(kept)]
 
+    def fit_round_to(
+        self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
+    ) -> int | None:
+        """With ``round_to="auto"``: keep the multiple the tables chose only if ``target`` stays
+        reachable with it (within 0.02), else the largest smaller candidate that keeps it reachable,
+        else None (a narrow model cannot snap to 16 and still lose half its MACs). The choice is kept
+        for the rest of the fit, so every step snaps to the same multiple. Returns the multiple now in
+        force; any other ``round_to`` is returned as it is."""
+        if self.round_to != "auto" or self._auto_round_to is None:
+            return self.effective_round_to
+        chosen = self._auto_round_to
+        for multiple in [m for m in AUTO_MULTIPLES if m <= chosen] + [None]:
+            reachable = max_reduction(
+                analysis.groups, analysis.cost_model, target, dense,
+                max_layer_ratio=self.max_layer_ratio, round_to=multiple, original_widths=original_widths,
+            )
+            if reachable >= target.value - 0.02 or multiple is None:
+                self._auto_round_to = multiple
+                break
+        return self._auto_round_to
+
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
     ) -> float:
@@ -610,6 +631,7 @@ class ChannelPruner:
                     reason = "".join(f"; '{k}': {v}" for k, v in analysis.refused.items())
                     raise PruningError(f"the model has no prunable channel group left{reason}")
                 check_finite(analysis.groups, context)
+                self.fit_round_to(analysis, target, dense or analysis.cost, original_widths)
                 scoring = ScoringContext(
                     model=model,
                     example_inputs=example_inputs,
