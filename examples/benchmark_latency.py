@@ -8,9 +8,13 @@ Sections (one run, ``--sections`` picks some):
    widths and with ``round_to="auto"``. Every pruned model is timed *interleaved* with the dense one,
    in a pair of its own (rounds in rotated order, median over rounds): the latency ratio, the MAC ratio, latency gain / MAC
    gain, the latency model's prediction error, and the time to build the tables (cold, then cached).
-2. ``tables``: the time to build the latency tables of ResNet-18 and ResNet-50 (64 px, batch 64), cold
+2. ``onnxruntime``: ``target_latency_reduction=0.5`` aimed at onnxruntime (``OnnxRuntimeLatency`` as the
+   ``latency_fn``: the model exported to ONNX at every measurement) against the same target aimed at
+   eager PyTorch, on the same models and batch sizes; both pruned models timed in onnxruntime and in
+   eager PyTorch, each interleaved with the dense model.
+3. ``tables``: the time to build the latency tables of ResNet-18 and ResNet-50 (64 px, batch 64), cold
    (empty cache) and cached.
-3. ``accuracy``: at equal measured latency, accuracy of a latency-targeted model vs a MACs-targeted
+4. ``accuracy``: at equal measured latency, accuracy of a latency-targeted model vs a MACs-targeted
    one (MACs target searched so that its latency, timed interleaved with the latency-targeted model,
    matches within 2%), after the same fine-tune, 3 seeds. ``--accuracy-data fashion-mnist`` (default):
    a SmallResNet (16, 32, 64) with two blocks per stage on Fashion-MNIST, a quarter of each training
@@ -44,7 +48,8 @@ import _bench  # noqa: E402
 from lightning_prune import StructuredPruningCallback, count_cost, get_criterion  # noqa: E402
 from lightning_prune.data import DigitsDataModule, FashionMNISTDataModule  # noqa: E402
 from lightning_prune.engine import ChannelPruner, Target  # noqa: E402
-from lightning_prune.engine.latency import LatencyEstimator  # noqa: E402
+from lightning_prune.engine.latency import LatencyEstimator, time_interleaved  # noqa: E402
+from lightning_prune.engine.onnxruntime_latency import OnnxRuntimeLatency  # noqa: E402
 from lightning_prune.models import ImageClassifier, SmallResNet  # noqa: E402
 from lightning_prune.models.cifar_resnet import resnet56  # noqa: E402
 
@@ -90,10 +95,10 @@ def _models(smoke: bool) -> dict[str, tuple[Any, tuple[int, int, int]]]:
     }
 
 
-def _estimator(batch: int, cache: Path, smoke: bool, table_seconds: float) -> LatencyEstimator:
+def _estimator(batch: int, cache: Path, smoke: bool, table_seconds: float, latency_fn: Any = None) -> LatencyEstimator:
     quick = {"model_repeats": 3, "sample_seconds": 0.005, "precision": None} if smoke else {}
     return LatencyEstimator(batch_size=batch, device=_bench.device(), cache_dir=cache, table_seconds=table_seconds,
-                            repeats=3 if not smoke else 2, levels=2 if not smoke else 1, **quick)
+                            repeats=3 if not smoke else 2, levels=2 if not smoke else 1, latency_fn=latency_fn, **quick)
 
 
 def _prune(make, shape, target: Target, estimator: LatencyEstimator, round_to: Any = None) -> tuple[nn.Module, Any]:
@@ -186,6 +191,67 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                 })
                 _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
                            f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={info[label]['round_to']}")
+    return rows
+
+
+def interleaved_onnxruntime(latency: OnnxRuntimeLatency, models: dict[str, nn.Module], shape, batch: int,
+                            rounds: int) -> dict[str, float]:
+    """Per model: the median over ``rounds`` of ms per ``session.run``, every model exported once and
+    its session timed in turn in each round (rotated order)."""
+    x = torch.randn(batch, *shape)
+    runs = []
+    for model in models.values():
+        session, feeds = latency.session(copy.deepcopy(model).cpu(), x)
+        runs.append(lambda session=session, feeds=feeds: session.run(None, feeds))
+    samples = time_interleaved(runs, torch.device("cpu"), rounds=rounds, min_sample_seconds=0.05)
+    return {name: 1e3 * statistics.median(row[i] for row in samples) for i, name in enumerate(models)}
+
+
+def onnxruntime_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
+    """``target_latency_reduction=0.5`` aimed at onnxruntime (:class:`OnnxRuntimeLatency` as ``latency_fn``:
+    its layer tables, and the step's start and cut timed interleaved in onnxruntime) against the same target aimed at eager PyTorch, both pruned models then timed in onnxruntime
+    (interleaved with the dense model) and in eager PyTorch."""
+    rows = []
+    batches = (8,) if smoke else (1, 64)
+    for name, (make, shape) in _models(smoke).items():
+        for batch in batches:
+            cache = cache_root / f"{name}-{batch}".replace(" ", "_")
+            budget = 2.0 if smoke else (20.0 if batch == 1 else 45.0)
+            torch.manual_seed(0)
+            dense = make().to(_bench.device())
+            x = torch.randn(2, *shape, device=_bench.device())
+            ort = OnnxRuntimeLatency(repeats=3 if smoke else 9, min_sample_seconds=0.005 if smoke else 0.05)
+            aims = {"aimed at onnxruntime": ort, "aimed at eager torch": None}
+            for label, latency_fn in aims.items():
+                estimator = _estimator(batch, cache, smoke, budget, latency_fn)  # onnxruntime: its tables too
+                started = time.perf_counter()
+                try:
+                    pruned, info = _prune(make, shape, Target("latency", 0.5), estimator)
+                except Exception as error:
+                    _bench.log(f"{name} batch {batch} {label}: {error}")
+                    rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
+                    continue
+                step_s = time.perf_counter() - started
+                in_ort = interleaved_onnxruntime(ort, {"dense": dense, "pruned": pruned}, shape, batch,
+                                                 rounds=3 if smoke else 25)
+                eager = interleaved_ms({"dense": dense, "pruned": pruned}, shape, batch, rounds=3 if smoke else 25)
+                result = info["result"]
+                rows.append({
+                    "model": name, "batch": batch, "variant": label, "step_s": step_s,
+                    "ort_dense_ms": in_ort["dense"], "ort_pruned_ms": in_ort["pruned"],
+                    "ort_ratio": in_ort["pruned"] / in_ort["dense"],
+                    "eager_dense_ms": eager["dense"]["median"], "eager_pruned_ms": eager["pruned"]["median"],
+                    "eager_ratio": eager["pruned"]["median"] / eager["dense"]["median"],
+                    "macs_ratio": result.after.macs / count_cost(dense, x).macs, "tries": len(result.latency_tries),
+                    "predicted_ratio": None if result.latency_predicted is None or result.before.latency is None
+                    else result.latency_predicted / result.before.latency,
+                    "in_step_interval": info["in_step_interval"], "in_step_rounds": info["in_step_rounds"],
+                    "table_points": estimator.measured_points, "table_s": estimator.table_time,
+                    "in_step_ratio": None if result.latency_measured is None or result.before.latency is None
+                    else result.latency_measured / result.before.latency,
+                })
+                _bench.log(f"{name} batch {batch} {label}: onnxruntime {rows[-1]['ort_ratio']:.2f}x, eager "
+                           f"{rows[-1]['eager_ratio']:.2f}x, MACs {rows[-1]['macs_ratio']:.2f}x, {step_s:.0f} s")
     return rows
 
 
@@ -337,6 +403,21 @@ def _table(result: dict[str, Any]) -> str:
                 f"{r['ideal_gain_over_mac_gain']:.2f} ({r['dense_share_fixed']:.0%}, {r['dense_share_activations']:.0%}) | "
                 f"{error} | {r['tries']} | {r['round_to']} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
             )
+    if result.get("onnxruntime"):
+        lines += ["", "| model | batch | target_latency_reduction=0.5 | onnxruntime pruned/dense (ms) | "
+                  "eager torch pruned/dense (ms) | the step's own measurement | MACs | tries | step |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["onnxruntime"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | |")
+                continue
+            in_step = "—" if r["in_step_ratio"] is None else f"{r['in_step_ratio']:.2f}x"
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ort_ratio']:.2f}x "
+                f"({r['ort_pruned_ms']:.2f} / {r['ort_dense_ms']:.2f}) | {r['eager_ratio']:.2f}x "
+                f"({r['eager_pruned_ms']:.2f} / {r['eager_dense_ms']:.2f}) | {in_step} | {r['macs_ratio']:.2f}x | "
+                f"{r['tries']} | {r['step_s']:.0f} s |"
+            )
     if result.get("tables"):
         lines += ["", "| model | batch, px | budget | cold | points | cached | measured when cached |",
                   "|---|---|---:|---:|---:|---:|---:|"]
@@ -388,6 +469,33 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_onnxruntime(rows: list[dict[str, Any]], path: Path) -> None:
+    """Latency in onnxruntime (pruned / dense) per model and batch: aimed at onnxruntime vs at eager torch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _bench.log("matplotlib missing: no plot")
+        return
+    ok = [r for r in rows if "error" not in r]
+    configs = list(dict.fromkeys(f"{r['model'].split(' ')[0]} b{r['batch']}" for r in ok))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (variant, color) in enumerate((("aimed at onnxruntime", "tab:blue"), ("aimed at eager torch", "tab:gray"))):
+        values = {f"{r['model'].split(' ')[0]} b{r['batch']}": r["ort_ratio"] for r in ok if r["variant"] == variant}
+        xs = [i + (k - 0.5) * 0.38 for i in range(len(configs))]
+        ax.bar(xs, [values.get(c, 0.0) for c in configs], width=0.38, color=color, label=variant)
+    ax.axhspan(0.47, 0.53, color="tab:green", alpha=0.15, label="target 0.5 ± 0.03")
+    ax.set_xticks(range(len(configs)), configs, fontsize=8)
+    ax.set_ylabel("onnxruntime latency, pruned / dense")
+    ax.set_title("target_latency_reduction=0.5, timed in onnxruntime", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _has_fashion(data_dir: Path) -> bool:
     """Whether Fashion-MNIST's files are there (the smoke run falls back to digits without them)."""
     try:
@@ -401,7 +509,8 @@ def _has_fashion(data_dir: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_common_arguments(parser, "tiny models and one seed: a few seconds (the test suite runs it)")
-    parser.add_argument("--sections", default="latency,tables,accuracy", help="comma-separated sections to run")
+    parser.add_argument("--sections", default="latency,onnxruntime,tables,accuracy",
+                        help="comma-separated sections to run")
     parser.add_argument("--accuracy-data", choices=("digits", "fashion-mnist"), default="fashion-mnist",
                         help="the accuracy section's data (default fashion-mnist; digits for a quick run)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
@@ -418,6 +527,8 @@ def main() -> None:
                               "device": str(_bench.device()), "note": "CPU shared with other work: interleaved medians"}
     if "latency" in sections:
         result["latency"] = latency_section(args.smoke, cache_root)
+    if "onnxruntime" in sections:
+        result["onnxruntime"] = onnxruntime_section(args.smoke, cache_root)
     if "tables" in sections:
         result["tables"] = tables_section(args.smoke, cache_root)
     if "accuracy" in sections:
@@ -433,6 +544,8 @@ def main() -> None:
     _bench.write_outputs(out, "latency", result, table)
     if result.get("latency"):
         _plot(result["latency"], out / "latency.png")
+    if result.get("onnxruntime"):
+        _plot_onnxruntime(result["onnxruntime"], out / "latency_onnxruntime.png")
     _bench.log(f"wrote {out}/latency.json, latency.md, latency.png in {result['seconds']:.0f} s")
 
 

@@ -183,8 +183,9 @@ class StructuredPruningCallback(Callback):
             agreement. Default 20.
         measure_agreement: log ``prune/agreement``, the share of those batches' samples whose
             predicted class is unchanged by the step (kept in the record). Default True.
-        latency_fn: ``latency_fn(model, example_inputs) -> seconds`` measuring the whole model (e.g. an
-            onnxruntime session); ``example_inputs`` come at ``latency_batch_size`` on ``latency_device``.
+        latency_fn: ``latency_fn(model, example_inputs) -> seconds`` measuring the whole model, e.g.
+            :class:`~lightning_prune.engine.OnnxRuntimeLatency` (the model exported to ONNX and timed in
+            onnxruntime at every measurement); ``example_inputs`` come at ``latency_batch_size`` on ``latency_device``.
             Called once in ``setup`` to validate it: raising, or returning anything but a finite positive
             number, is a ``ValueError`` naming ``latency_fn`` before training. Default None: timed forward
             passes (warm-up, then the median of repeats).

@@ -173,6 +173,12 @@ def test_latency_benchmark_smoke(tmp_path):
     assert abs(macs["macs_ratio"] - 0.5) <= 0.02
     (tables,) = result["tables"]
     assert tables["cold_points"] > 0 and tables["cached_measured"] == 0
+    ort = {r["variant"]: r for r in result["onnxruntime"]}
+    assert set(ort) == {"aimed at onnxruntime", "aimed at eager torch"} and not any("error" in r for r in ort.values())
+    for r in ort.values():
+        assert r["ort_ratio"] == pytest.approx(r["ort_pruned_ms"] / r["ort_dense_ms"]) and 0 < r["macs_ratio"] < 1
+        assert r["eager_ratio"] == pytest.approx(r["eager_pruned_ms"] / r["eager_dense_ms"])
+    assert ort["aimed at onnxruntime"]["table_points"] > 0  # its own (onnxruntime) tables, another cache key
     (acc,) = result["accuracy"]
     assert 0 < acc["acc_latency_targeted"] <= 1 and 0 < acc["acc_macs_targeted"] <= 1
     assert (tmp_path / "latency.md").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0

@@ -669,3 +669,73 @@ def test_relative_latency_of_two_model_states_and_the_state_it_leaves(tmp_path):
     assert ratio == pytest.approx(20 / 32)
     assert net.fc1.out_features == 20 and net.fc1.weight.shape == (20, 16)  # left in the candidate state
     assert all(m.training for m in net.modules())  # modes as they were
+
+
+class _PreparingTimer:
+    """A latency_fn with the optional ``runner`` and ``layer_timer``: runs cost 1 ms per fc1 channel of
+    the model as it was when prepared, on the fake clock."""
+
+    def __init__(self, clock, cache_key="runtime-a"):
+        self.clock, self.cache_key = clock, cache_key
+        self.prepared, self.called, self.layer_points = [], 0, 0
+
+    def __call__(self, model, inputs):
+        self.called += 1
+        return 1e-3 * model.fc1.out_features
+
+    def runner(self, model, inputs):
+        width = model.fc1.out_features
+        self.prepared.append(width)
+        return lambda: self.clock.work(1e-3 * width)
+
+    def layer_timer(self, spec):
+        self.layer_points += 1
+        return layer_timer(spec)
+
+
+def test_a_latency_fn_with_a_runner_is_timed_interleaved_round_by_round(monkeypatch, tmp_path):
+    from lightning_prune.engine import latency as lat
+
+    clock = _DriftingClock()
+    monkeypatch.setattr(lat.time, "perf_counter", clock)
+    net = MLP()
+    x = net.example_inputs()
+    start = ModuleSnapshot(net)
+    groups = ChannelPruner(get_criterion("l1")).analyse(net, x).groups
+    fc1 = next(g for g in groups if g.root_name == "fc1")
+    apply_plan(groups, {groups.index(fc1): list(range(12))})
+    cut = ModuleSnapshot(net)
+    timer = _PreparingTimer(clock)
+    est = LatencyEstimator(cache_dir=tmp_path, latency_fn=timer, precision=None)
+    ratio = est.relative(net, x, start.restore, cut.restore)
+    assert timer.prepared == [32, 20] and timer.called == 0  # both states prepared, then only runs timed
+    assert ratio == pytest.approx(20 / 32, rel=1e-9)  # the drifting clock cancels within rounds
+    assert est.last_rounds == est.model_repeats
+    assert net.fc1.out_features == 20  # left in the candidate state
+
+    def broken(model, inputs):
+        raise RuntimeError("no session")
+
+    timer.runner = broken
+    with pytest.raises(ValueError, match="latency_fn.runner raised RuntimeError: no session"):
+        est.relative(net, x, start.restore, cut.restore)
+    timer.runner = lambda model, inputs: None
+    with pytest.raises(ValueError, match="latency_fn.runner must return a callable"):
+        est.relative(net, x, start.restore, cut.restore)
+
+
+def test_a_latency_fn_layer_timer_builds_the_tables_under_its_own_cache_key(tmp_path):
+    net = ResidualNet()
+    x = image_inputs()
+    groups = ChannelPruner(get_criterion("l1")).analyse(net, x).groups
+    first = _PreparingTimer(None, cache_key="runtime-a")
+    LatencyEstimator(cache_dir=tmp_path, latency_fn=first).layers(net, groups, x)
+    assert first.layer_points > 0  # the tables were timed by the latency_fn's layer timer
+    same = _PreparingTimer(None, cache_key="runtime-a")
+    LatencyEstimator(cache_dir=tmp_path, latency_fn=same).layers(net, groups, x)
+    assert same.layer_points == 0  # cached under its key
+    other = _PreparingTimer(None, cache_key="runtime-b")
+    LatencyEstimator(cache_dir=tmp_path, latency_fn=other).layers(net, groups, x)
+    assert other.layer_points == first.layer_points  # another runtime (version, threads) measures again
+    explicit = _Counting()
+    assert LatencyEstimator(cache_dir=tmp_path, latency_fn=first, layer_timer=explicit).layer_timer is explicit

@@ -527,7 +527,9 @@ class LatencyEstimator:
             (the callback passes the training batch size). Not a positive integer: ``ValueError``.
         device: where to measure (``"cpu"``, ``"cuda"``, a ``torch.device``). Default None: the model's
             device. The model is moved there for the measurement and back.
-        layer_timer: ``layer_timer(spec) -> seconds`` for one table point. Default: builds the layer
+        layer_timer: ``layer_timer(spec) -> seconds`` for one table point. Default: ``latency_fn``'s
+            own ``layer_timer`` method when it has one (the tables then time layers in its runtime;
+            its ``cache_key`` attribute joins the cache key), else builds the layer
             (:meth:`LayerSpec.build`) and times it like the model.
         cache_dir: folder of the on-disk cache. Default None: :func:`default_cache_dir`; ``False``: no
             disk cache (points are still shared within this estimator).
@@ -585,6 +587,9 @@ class LatencyEstimator:
             raise ValueError(f"table_seconds must be a positive number, got {table_seconds!r}")
         if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= 4:
             raise ValueError(f"levels must be an integer in [0, 4], got {levels!r}")
+        own_timer = getattr(latency_fn, "layer_timer", None)
+        if layer_timer is None and callable(own_timer):  # the tables in the latency_fn's runtime
+            layer_timer = own_timer
         self.latency_fn = latency_fn
         self.batch_size = batch_size
         self.layer_timer = layer_timer
@@ -651,6 +656,17 @@ class LatencyEstimator:
             raise ValueError(f"latency_fn raised {type(error).__name__}: {error}") from error
         return check_seconds(value, "latency_fn")
 
+    @staticmethod
+    def _call_runner(runner: Callable[[nn.Module, Any], Callable[[], Any]], model: nn.Module, inputs: Any) -> Callable[[], Any]:
+        """``latency_fn.runner(model, inputs)``: a call that runs the prepared model; failures name ``latency_fn``."""
+        try:
+            run = runner(model, inputs)
+        except Exception as error:
+            raise ValueError(f"latency_fn.runner raised {type(error).__name__}: {error}") from error
+        if not callable(run):
+            raise ValueError(f"latency_fn.runner must return a callable that runs the model once, got {run!r}")
+        return run
+
     def measure(self, model: nn.Module, example_inputs: Any) -> float:
         """Seconds per forward pass of ``model`` at ``batch_size`` on ``device`` (eval mode, no grad).
 
@@ -681,7 +697,9 @@ class LatencyEstimator:
         interleaved round by round (:func:`time_interleaved`, ``model_repeats`` rounds and more until the
         median is known within ``precision``; the median of the per-round ratios), so that a machine
         whose speed drifts between two separate measurements does not move the ratio.
-        With ``latency_fn``: one call per state. When ``device`` is not the model's,
+        With ``latency_fn``: one call per state, unless it also has ``runner(model, example_inputs) ->
+        run`` (a zero-argument call running the model as prepared, e.g. an onnxruntime session):
+        then both states are prepared and their runs timed interleaved, as forwards are. When ``device`` is not the model's,
         both states are copied there. The model is left in the candidate state.
 
         Raises:
@@ -710,6 +728,20 @@ class LatencyEstimator:
 
         try:
             with preserved_training_modes(model), torch.no_grad():
+                runner = getattr(self.latency_fn, "runner", None)
+                if callable(runner):  # both states prepared, then timed interleaved like forwards
+                    runs = []
+                    for i in (0, 1):
+                        state(i)()
+                        runs.append(self._call_runner(runner, nets[i], inputs))
+                    samples = time_interleaved(
+                        runs, device, warmup=self.warmup + 1, rounds=self.model_repeats,
+                        min_sample_seconds=self.sample_seconds, precision=self.precision,
+                        max_rounds=self.max_model_repeats, max_seconds=self.max_model_seconds,
+                    )
+                    self.last_interval = median_interval([row[1] / row[0] for row in samples])
+                    self.last_rounds = len(samples)
+                    return median_ratio(samples)
                 if self.latency_fn is not None:
                     seconds = []
                     for i in (0, 1):  # the reference, then the candidate
@@ -729,8 +761,14 @@ class LatencyEstimator:
             enter_candidate()
 
     # ------------------------------------------------------------------ tables
+    def _timer_key(self) -> str:
+        """What the layer timer adds to the cache key (its ``cache_key``, e.g. a runtime and its version)."""
+        owner = getattr(self.layer_timer, "__self__", self.layer_timer)
+        key = getattr(owner, "cache_key", None)
+        return f"|{key}" if key else ""
+
     def _cache(self, device: torch.device, dtype: torch.dtype) -> _DiskCache:
-        key = environment_key(device, dtype)
+        key = environment_key(device, dtype) + self._timer_key()
         if key not in self._caches:
             self._caches[key] = _DiskCache(self.cache_dir, key)
         return self._caches[key]
