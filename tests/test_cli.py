@@ -267,6 +267,26 @@ def test_a_criterion_instance_by_class_path():
     assert type(cli.pruning.criterion).__name__ == "PLSVIP" and cli.pruning.criterion.n_components == 3
 
 
+def test_an_onnxruntime_latency_fn_by_class_path():
+    cli = main(
+        [
+            "--config",
+            str(CONFIGS / "cifar10_resnet56_pls_vip_5steps.yaml"),
+            "--trainer.logger=false",
+            "--pruning.channel_ratio=null",
+            "--pruning.target_latency_reduction=0.3",
+            '--pruning.latency_fn={"class_path": "lightning_prune.engine.OnnxRuntimeLatency", '
+            '"init_args": {"intra_op_num_threads": 1, "graph_optimization": "basic"}}',
+        ],
+        run=False,
+        return_cli=True,
+    )
+    assert cli is not None and cli.pruning is not None
+    latency_fn = cli.pruning.latency.latency_fn
+    assert type(latency_fn).__name__ == "OnnxRuntimeLatency" and latency_fn.graph_optimization == "basic"
+    assert cli.pruning.latency.layer_timer == latency_fn.layer_timer  # its tables are onnxruntime's too
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
