@@ -729,28 +729,25 @@ class LatencyEstimator:
         try:
             with preserved_training_modes(model), torch.no_grad():
                 runner = getattr(self.latency_fn, "runner", None)
-                if callable(runner):  # both states prepared, then timed interleaved like forwards
+                runs: list[Callable[[], Any]]
+                switches: list[Callable[[], None]] | None
+                if callable(runner):  # both states prepared (e.g. exported), then their runs timed interleaved
                     runs = []
                     for i in (0, 1):
                         state(i)()
                         runs.append(self._call_runner(runner, nets[i], inputs))
-                    samples = time_interleaved(
-                        runs, device, warmup=self.warmup + 1, rounds=self.model_repeats,
-                        min_sample_seconds=self.sample_seconds, precision=self.precision,
-                        max_rounds=self.max_model_repeats, max_seconds=self.max_model_seconds,
-                    )
-                    self.last_interval = median_interval([row[1] / row[0] for row in samples])
-                    self.last_rounds = len(samples)
-                    return median_ratio(samples)
-                if self.latency_fn is not None:
+                    switches = None
+                elif self.latency_fn is not None:
                     seconds = []
                     for i in (0, 1):  # the reference, then the candidate
                         state(i)()
                         seconds.append(self._call_latency_fn(nets[i], inputs))
                     return seconds[1] / seconds[0]
+                else:
+                    runs = [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)]
+                    switches = [state(0), state(1)]
                 samples = time_interleaved(
-                    [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)], device,
-                    enter=[state(0), state(1)], warmup=self.warmup + 1, rounds=self.model_repeats,
+                    runs, device, enter=switches, warmup=self.warmup + 1, rounds=self.model_repeats,
                     min_sample_seconds=self.sample_seconds, precision=self.precision,
                     max_rounds=self.max_model_repeats, max_seconds=self.max_model_seconds,
                 )

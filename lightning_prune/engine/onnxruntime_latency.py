@@ -136,11 +136,10 @@ class OnnxRuntimeLatency:
     onnxruntime's too (cached under :attr:`cache_key`: onnxruntime version, providers, threads).
 
     Attributes:
-        calls: how many models were exported and timed so far.
+        calls: how many models were exported and prepared (:meth:`runner`, ``__call__``) so far.
         export_seconds: seconds spent exporting and opening sessions so far (not part of the latency).
-        last_path: the ONNX file of the last call (in a temporary folder removed afterwards; None
-            before the first call). ``last_initializer_shapes`` maps its initializers' names to shapes,
-            so a caller can see which widths were timed.
+        last_initializer_shapes: the last export's initializers, name -> shape (which widths were
+            timed); the ONNX file itself lives in a temporary folder removed after the export.
 
     Raises:
         ImportError (at construction): onnxruntime is not installed (``pip install 'lightning-prune[onnx]'``).
@@ -196,7 +195,6 @@ class OnnxRuntimeLatency:
         self.export_kwargs = dict(export_kwargs or {})
         self.calls = 0
         self.export_seconds = 0.0
-        self.last_path: Path | None = None
         self.last_initializer_shapes: dict[str, tuple[int, ...]] = {}
 
     def _options(self) -> Any:
@@ -241,7 +239,6 @@ class OnnxRuntimeLatency:
                 session = self._ort.InferenceSession(str(path), self._options(), providers=self.providers)
             except Exception as error:
                 raise ValueError(f"the ONNX export or onnxruntime session failed: {type(error).__name__}: {error}") from error
-            self.last_path = path
             names = [i.name for i in session.get_inputs()]
             tensors = _tensors(example_inputs)
             if len(names) != len(tensors):
