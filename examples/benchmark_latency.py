@@ -10,8 +10,9 @@ Sections (one run, ``--sections`` picks some):
    gain, the latency model's prediction error, and the time to build the tables (cold, then cached).
 2. ``onnxruntime``: ``target_latency_reduction=0.5`` aimed at onnxruntime (``OnnxRuntimeLatency`` as the
    ``latency_fn``: the model exported to ONNX at every measurement) against the same target aimed at
-   eager PyTorch, on the same models and batch sizes; both pruned models timed in onnxruntime and in
-   eager PyTorch, each interleaved with the dense model.
+   eager PyTorch, and ``target_flops_reduction=0.5`` with default widths and with ``round_to="auto"`` read
+   from onnxruntime's tables, on the same models and batch sizes; every pruned model timed in onnxruntime
+   and in eager PyTorch, each interleaved with the dense model.
 3. ``tables``: the time to build the latency tables of ResNet-18 and ResNet-50 (64 px, batch 64), cold
    (empty cache) and cached.
 4. ``accuracy``: at equal measured latency, accuracy of a latency-targeted model vs a MACs-targeted
@@ -36,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,85 +114,90 @@ def _prune(make, shape, target: Target, estimator: LatencyEstimator, round_to: A
                    "in_step_interval": estimator.last_interval, "in_step_rounds": estimator.last_rounds}
 
 
-def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
-    rows = []
-    batches = (8,) if smoke else (1, 64)
+def _configurations(smoke: bool, cache_root: Path) -> Iterator[tuple[str, Any, Any, int, Path, float, nn.Module, torch.Tensor]]:
+    """Every (model, batch size) of the latency sections: name, constructor, input shape, batch, its
+    table cache, its table budget, the dense model (seed 0) and example inputs."""
     for name, (make, shape) in _models(smoke).items():
-        for batch in batches:
-            cache = cache_root / f"{name}-{batch}".replace(" ", "_")
-            budget = 2.0 if smoke else (20.0 if batch == 1 else 45.0)
+        for batch in (8,) if smoke else (1, 64):
             torch.manual_seed(0)
             dense = make().to(_bench.device())
             x = torch.randn(2, *shape, device=_bench.device())
-            cold = _estimator(batch, cache, smoke, budget)
-            started = time.perf_counter()
-            ChannelPruner(get_criterion("l1"), latency=cold).analyse(dense, x)
-            cold_s = time.perf_counter() - started
-            cached = _estimator(batch, cache, smoke, budget)
-            started = time.perf_counter()
-            ChannelPruner(get_criterion("l1"), latency=cached).analyse(dense, x)
-            cached_s = time.perf_counter() - started
-            _bench.log(f"{name} batch {batch}: tables {cold_s:.1f}s cold ({cold.measured_points} points), "
-                       f"{cached_s:.1f}s cached ({cached.measured_points} measured)")
-            est = _estimator(batch, cache, smoke, budget)
-            variants = {
-                "latency 0.5": (Target("latency", 0.5), None),
-                "MACs 0.5": (Target("flops", 0.5), None),
-                "MACs 0.5, round_to=auto": (Target("flops", 0.5), "auto"),
-            }
-            pruned, info = {}, {}
-            for label, (target, round_to) in list(variants.items()):
-                try:
-                    pruned[label], info[label] = _prune(make, shape, target, est, round_to)
-                except Exception as error:  # a latency target the caps and fixed costs make unreachable
-                    _bench.log(f"  {label}: {error}")
-                    rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
-                    del variants[label]
-                    continue
-                _bench.log(f"  {label}: in-step {info[label]['result'].latency_tries}, last timing "
-                           f"{info[label]['in_step_rounds']} rounds, 95% interval {info[label]['in_step_interval']}")
-            # each pruned model in its own pair with the dense one: rotating all four at once lets the
-            # others' cache footprints into each sample (one run: 0.80x for a pair that times 0.65-0.69x)
-            timed = {}
-            for label in pruned:
-                pair = interleaved_ms({"dense": dense, label: pruned[label]}, shape, batch, rounds=25 if not smoke else 3)
-                timed[label] = pair[label]
-                timed[label]["dense"] = pair["dense"]
-            dense_macs = count_cost(dense, x).macs
-            # where the dense time goes (latency model): what widths cannot buy bounds the gain
-            dense_analysis = ChannelPruner(get_criterion("l1"), latency=est).analyse(dense, x)
-            model_of_dense, num_groups = dense_analysis.cost_model, len(dense_analysis.groups)
-            parts_dense = model_of_dense.breakdown([0] * num_groups)
-            for label in variants:
-                result = info[label]["result"]
-                ms = timed[label]["median"]
-                macs_ratio = result.after.macs / dense_macs
-                latency_ratio = ms / timed[label]["dense"]["median"]
-                min_ratio = timed[label]["min"] / timed[label]["dense"]["min"]
-                predicted = result.latency_predicted
-                counts = [len(result.plan.removed.get(i, ())) for i in range(num_groups)]
-                parts = model_of_dense.breakdown(counts)
-                # the layers' time cut exactly in proportion to the MACs, the rest as the latency model says
-                bound = (parts_dense["layers"] * macs_ratio + parts["fixed"] + parts["activations"]) / sum(parts_dense.values())
-                rows.append({
-                    "model": name, "batch": batch, "variant": label, "dense_ms": timed[label]["dense"]["median"], "pruned_ms": ms,
-                    "latency_ratio": latency_ratio, "latency_ratio_of_minima": min_ratio, "macs_ratio": macs_ratio,
-                    "gain_over_mac_gain": (1 / latency_ratio) / (1 / macs_ratio),
-                    "predicted_ms": None if predicted is None else 1000 * predicted,
-                    "in_step_measured_ms": None if result.latency_measured is None else 1000 * result.latency_measured,
-                    "in_step_dense_ms": None if result.before.latency is None else 1000 * result.before.latency,
-                    "prediction_error": None if predicted is None or result.latency_measured is None
-                    else predicted / result.latency_measured - 1,
-                    "tries": len(result.latency_tries), "round_to": info[label]["round_to"],
-                    "in_step_interval": info[label]["in_step_interval"], "in_step_rounds": info[label]["in_step_rounds"],
-                    "dense_share_fixed": parts_dense["fixed"] / sum(parts_dense.values()),
-                    "dense_share_activations": parts_dense["activations"] / sum(parts_dense.values()),
-                    "ideal_latency_ratio": bound, "ideal_gain_over_mac_gain": macs_ratio / bound,
-                    "tables_cold_s": cold_s, "tables_cached_s": cached_s, "table_points": cold.measured_points,
-                    "cached_points_measured": cached.measured_points,
-                })
-                _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
-                           f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={info[label]['round_to']}")
+            budget = 2.0 if smoke else (20.0 if batch == 1 else 45.0)
+            yield name, make, shape, batch, cache_root / f"{name}-{batch}".replace(" ", "_"), budget, dense, x
+
+
+def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for name, make, shape, batch, cache, budget, dense, x in _configurations(smoke, cache_root):
+        cold = _estimator(batch, cache, smoke, budget)
+        started = time.perf_counter()
+        ChannelPruner(get_criterion("l1"), latency=cold).analyse(dense, x)
+        cold_s = time.perf_counter() - started
+        cached = _estimator(batch, cache, smoke, budget)
+        started = time.perf_counter()
+        ChannelPruner(get_criterion("l1"), latency=cached).analyse(dense, x)
+        cached_s = time.perf_counter() - started
+        _bench.log(f"{name} batch {batch}: tables {cold_s:.1f}s cold ({cold.measured_points} points), "
+                   f"{cached_s:.1f}s cached ({cached.measured_points} measured)")
+        est = _estimator(batch, cache, smoke, budget)
+        variants = {
+            "latency 0.5": (Target("latency", 0.5), None),
+            "MACs 0.5": (Target("flops", 0.5), None),
+            "MACs 0.5, round_to=auto": (Target("flops", 0.5), "auto"),
+        }
+        pruned, info = {}, {}
+        for label, (target, round_to) in list(variants.items()):
+            try:
+                pruned[label], info[label] = _prune(make, shape, target, est, round_to)
+            except Exception as error:  # a latency target the caps and fixed costs make unreachable
+                _bench.log(f"  {label}: {error}")
+                rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
+                del variants[label]
+                continue
+            _bench.log(f"  {label}: in-step {info[label]['result'].latency_tries}, last timing "
+                       f"{info[label]['in_step_rounds']} rounds, 95% interval {info[label]['in_step_interval']}")
+        # each pruned model in its own pair with the dense one: rotating all four at once lets the
+        # others' cache footprints into each sample (one run: 0.80x for a pair that times 0.65-0.69x)
+        timed = {}
+        for label in pruned:
+            pair = interleaved_ms({"dense": dense, label: pruned[label]}, shape, batch, rounds=25 if not smoke else 3)
+            timed[label] = pair[label]
+            timed[label]["dense"] = pair["dense"]
+        dense_macs = count_cost(dense, x).macs
+        # where the dense time goes (latency model): what widths cannot buy bounds the gain
+        dense_analysis = ChannelPruner(get_criterion("l1"), latency=est).analyse(dense, x)
+        model_of_dense, num_groups = dense_analysis.cost_model, len(dense_analysis.groups)
+        parts_dense = model_of_dense.breakdown([0] * num_groups)
+        for label in variants:
+            result = info[label]["result"]
+            ms = timed[label]["median"]
+            macs_ratio = result.after.macs / dense_macs
+            latency_ratio = ms / timed[label]["dense"]["median"]
+            min_ratio = timed[label]["min"] / timed[label]["dense"]["min"]
+            predicted = result.latency_predicted
+            counts = [len(result.plan.removed.get(i, ())) for i in range(num_groups)]
+            parts = model_of_dense.breakdown(counts)
+            # the layers' time cut exactly in proportion to the MACs, the rest as the latency model says
+            bound = (parts_dense["layers"] * macs_ratio + parts["fixed"] + parts["activations"]) / sum(parts_dense.values())
+            rows.append({
+                "model": name, "batch": batch, "variant": label, "dense_ms": timed[label]["dense"]["median"], "pruned_ms": ms,
+                "latency_ratio": latency_ratio, "latency_ratio_of_minima": min_ratio, "macs_ratio": macs_ratio,
+                "gain_over_mac_gain": (1 / latency_ratio) / (1 / macs_ratio),
+                "predicted_ms": None if predicted is None else 1000 * predicted,
+                "in_step_measured_ms": None if result.latency_measured is None else 1000 * result.latency_measured,
+                "in_step_dense_ms": None if result.before.latency is None else 1000 * result.before.latency,
+                "prediction_error": None if predicted is None or result.latency_measured is None
+                else predicted / result.latency_measured - 1,
+                "tries": len(result.latency_tries), "round_to": info[label]["round_to"],
+                "in_step_interval": info[label]["in_step_interval"], "in_step_rounds": info[label]["in_step_rounds"],
+                "dense_share_fixed": parts_dense["fixed"] / sum(parts_dense.values()),
+                "dense_share_activations": parts_dense["activations"] / sum(parts_dense.values()),
+                "ideal_latency_ratio": bound, "ideal_gain_over_mac_gain": macs_ratio / bound,
+                "tables_cold_s": cold_s, "tables_cached_s": cached_s, "table_points": cold.measured_points,
+                "cached_points_measured": cached.measured_points,
+            })
+            _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
+                       f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={info[label]['round_to']}")
     return rows
 
 
@@ -209,49 +216,50 @@ def interleaved_onnxruntime(latency: OnnxRuntimeLatency, models: dict[str, nn.Mo
 
 def onnxruntime_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
     """``target_latency_reduction=0.5`` aimed at onnxruntime (:class:`OnnxRuntimeLatency` as ``latency_fn``:
-    its layer tables, and the step's start and cut timed interleaved in onnxruntime) against the same target aimed at eager PyTorch, both pruned models then timed in onnxruntime
-    (interleaved with the dense model) and in eager PyTorch."""
+    its layer tables, and the step's start and cut timed interleaved in onnxruntime) against the same
+    target aimed at eager PyTorch, and a MACs target with default widths and ``round_to="auto"`` on
+    onnxruntime's tables; every pruned model timed in onnxruntime and in eager PyTorch (interleaved
+    with the dense model)."""
     rows = []
-    batches = (8,) if smoke else (1, 64)
-    for name, (make, shape) in _models(smoke).items():
-        for batch in batches:
-            cache = cache_root / f"{name}-{batch}".replace(" ", "_")
-            budget = 2.0 if smoke else (20.0 if batch == 1 else 45.0)
-            torch.manual_seed(0)
-            dense = make().to(_bench.device())
-            x = torch.randn(2, *shape, device=_bench.device())
-            ort = OnnxRuntimeLatency(repeats=3 if smoke else 9, min_sample_seconds=0.005 if smoke else 0.05)
-            aims = {"aimed at onnxruntime": ort, "aimed at eager torch": None}
-            for label, latency_fn in aims.items():
-                estimator = _estimator(batch, cache, smoke, budget, latency_fn)  # onnxruntime: its tables too
-                started = time.perf_counter()
-                try:
-                    pruned, info = _prune(make, shape, Target("latency", 0.5), estimator)
-                except Exception as error:
-                    _bench.log(f"{name} batch {batch} {label}: {error}")
-                    rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
-                    continue
-                step_s = time.perf_counter() - started
-                in_ort = interleaved_onnxruntime(ort, {"dense": dense, "pruned": pruned}, shape, batch,
-                                                 rounds=3 if smoke else 25)
-                eager = interleaved_ms({"dense": dense, "pruned": pruned}, shape, batch, rounds=3 if smoke else 25)
-                result = info["result"]
-                rows.append({
-                    "model": name, "batch": batch, "variant": label, "step_s": step_s,
-                    "ort_dense_ms": in_ort["dense"], "ort_pruned_ms": in_ort["pruned"],
-                    "ort_ratio": in_ort["pruned"] / in_ort["dense"],
-                    "eager_dense_ms": eager["dense"]["median"], "eager_pruned_ms": eager["pruned"]["median"],
-                    "eager_ratio": eager["pruned"]["median"] / eager["dense"]["median"],
-                    "macs_ratio": result.after.macs / count_cost(dense, x).macs, "tries": len(result.latency_tries),
-                    "predicted_ratio": None if result.latency_predicted is None or result.before.latency is None
-                    else result.latency_predicted / result.before.latency,
-                    "in_step_interval": info["in_step_interval"], "in_step_rounds": info["in_step_rounds"],
-                    "table_points": estimator.measured_points, "table_s": estimator.table_time,
-                    "in_step_ratio": None if result.latency_measured is None or result.before.latency is None
-                    else result.latency_measured / result.before.latency,
-                })
-                _bench.log(f"{name} batch {batch} {label}: onnxruntime {rows[-1]['ort_ratio']:.2f}x, eager "
-                           f"{rows[-1]['eager_ratio']:.2f}x, MACs {rows[-1]['macs_ratio']:.2f}x, {step_s:.0f} s")
+    for name, make, shape, batch, cache, budget, dense, x in _configurations(smoke, cache_root):
+        ort = OnnxRuntimeLatency(repeats=3 if smoke else 9, min_sample_seconds=0.005 if smoke else 0.05)
+        variants = {  # label: target, latency_fn (onnxruntime: its tables too), round_to
+            "aimed at onnxruntime": (Target("latency", 0.5), ort, None),
+            "aimed at eager torch": (Target("latency", 0.5), None, None),
+            "MACs 0.5": (Target("flops", 0.5), ort, None),
+            "MACs 0.5, round_to=auto (onnxruntime tables)": (Target("flops", 0.5), ort, "auto"),
+        }
+        for label, (target, latency_fn, round_to) in variants.items():
+            estimator = _estimator(batch, cache, smoke, budget, latency_fn)
+            started = time.perf_counter()
+            try:
+                pruned, info = _prune(make, shape, target, estimator, round_to)
+            except Exception as error:
+                _bench.log(f"{name} batch {batch} {label}: {error}")
+                rows.append({"model": name, "batch": batch, "variant": label, "error": str(error)})
+                continue
+            step_s = time.perf_counter() - started
+            in_ort = interleaved_onnxruntime(ort, {"dense": dense, "pruned": pruned}, shape, batch,
+                                             rounds=3 if smoke else 25)
+            eager = interleaved_ms({"dense": dense, "pruned": pruned}, shape, batch, rounds=3 if smoke else 25)
+            result = info["result"]
+            rows.append({
+                "model": name, "batch": batch, "variant": label, "step_s": step_s,
+                "ort_dense_ms": in_ort["dense"], "ort_pruned_ms": in_ort["pruned"],
+                "ort_ratio": in_ort["pruned"] / in_ort["dense"],
+                "eager_dense_ms": eager["dense"]["median"], "eager_pruned_ms": eager["pruned"]["median"],
+                "eager_ratio": eager["pruned"]["median"] / eager["dense"]["median"],
+                "macs_ratio": result.after.macs / count_cost(dense, x).macs, "tries": len(result.latency_tries),
+                "round_to": info["round_to"],
+                "predicted_ratio": None if result.latency_predicted is None or result.before.latency is None
+                else result.latency_predicted / result.before.latency,
+                "in_step_interval": info["in_step_interval"], "in_step_rounds": info["in_step_rounds"],
+                "table_points": estimator.measured_points, "table_s": estimator.table_time,
+                "in_step_ratio": None if result.latency_measured is None or result.before.latency is None
+                else result.latency_measured / result.before.latency,
+            })
+            _bench.log(f"{name} batch {batch} {label}: onnxruntime {rows[-1]['ort_ratio']:.2f}x, eager "
+                       f"{rows[-1]['eager_ratio']:.2f}x, MACs {rows[-1]['macs_ratio']:.2f}x, {step_s:.0f} s")
     return rows
 
 
@@ -404,19 +412,20 @@ def _table(result: dict[str, Any]) -> str:
                 f"{error} | {r['tries']} | {r['round_to']} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
             )
     if result.get("onnxruntime"):
-        lines += ["", "| model | batch | target_latency_reduction=0.5 | onnxruntime pruned/dense (ms) | "
-                  "eager torch pruned/dense (ms) | the step's own measurement | MACs | tries | step |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| model | batch | variant (latency: target_latency_reduction=0.5) | onnxruntime pruned/dense (ms) | "
+                  "eager torch pruned/dense (ms) | the step's own measurement | MACs | "
+                  "onnxruntime latency gain / MAC gain | round_to | tries | step |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["onnxruntime"]:
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | |")
+                lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['error'][:140]} | | | | | | | |")
                 continue
             in_step = "—" if r["in_step_ratio"] is None else f"{r['in_step_ratio']:.2f}x"
             lines.append(
                 f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ort_ratio']:.2f}x "
                 f"({r['ort_pruned_ms']:.2f} / {r['ort_dense_ms']:.2f}) | {r['eager_ratio']:.2f}x "
                 f"({r['eager_pruned_ms']:.2f} / {r['eager_dense_ms']:.2f}) | {in_step} | {r['macs_ratio']:.2f}x | "
-                f"{r['tries']} | {r['step_s']:.0f} s |"
+                f"{r['macs_ratio'] / r['ort_ratio']:.2f} | {r.get('round_to')} | {r['tries']} | {r['step_s']:.0f} s |"
             )
     if result.get("tables"):
         lines += ["", "| model | batch, px | budget | cold | points | cached | measured when cached |",
@@ -442,7 +451,8 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (logged) without matplotlib."""
     try:
         import matplotlib
 
@@ -450,6 +460,13 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         _bench.log("matplotlib missing: no plot")
+        return None
+    return plt
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"latency 0.5": "o", "MACs 0.5": "s", "MACs 0.5, round_to=auto": "^"}
@@ -471,15 +488,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _plot_onnxruntime(rows: list[dict[str, Any]], path: Path) -> None:
     """Latency in onnxruntime (pruned / dense) per model and batch: aimed at onnxruntime vs at eager torch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _bench.log("matplotlib missing: no plot")
+    plt = _pyplot()
+    if plt is None:
         return
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and r["variant"].startswith("aimed at")]
     configs = list(dict.fromkeys(f"{r['model'].split(' ')[0]} b{r['batch']}" for r in ok))
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, (variant, color) in enumerate((("aimed at onnxruntime", "tab:blue"), ("aimed at eager torch", "tab:gray"))):

@@ -174,7 +174,9 @@ def test_latency_benchmark_smoke(tmp_path):
     (tables,) = result["tables"]
     assert tables["cold_points"] > 0 and tables["cached_measured"] == 0
     ort = {r["variant"]: r for r in result["onnxruntime"]}
-    assert set(ort) == {"aimed at onnxruntime", "aimed at eager torch"} and not any("error" in r for r in ort.values())
+    assert set(ort) == {"aimed at onnxruntime", "aimed at eager torch", "MACs 0.5", "MACs 0.5, round_to=auto (onnxruntime tables)"}
+    assert not any("error" in r for r in ort.values())
+    assert abs(ort["MACs 0.5"]["macs_ratio"] - 0.5) <= 0.02
     for r in ort.values():
         assert r["ort_ratio"] == pytest.approx(r["ort_pruned_ms"] / r["ort_dense_ms"]) and 0 < r["macs_ratio"] < 1
         assert r["eager_ratio"] == pytest.approx(r["eager_pruned_ms"] / r["eager_dense_ms"])

@@ -203,9 +203,9 @@ def test_a_table_layer_graph_computes_the_torch_layer(spec):
 
 
 def test_the_estimator_builds_onnxruntime_tables_and_times_the_step_interleaved(tmp_path):
+    from lightning_prune.criteria import get_criterion
     from lightning_prune.engine import ChannelPruner, Target
     from lightning_prune.engine.latency import LatencyEstimator
-    from lightning_prune.criteria import get_criterion
 
     latency = OnnxRuntimeLatency(intra_op_num_threads=1, repeats=2, min_sample_seconds=0.005, export_kwargs=LEGACY)
     estimator = LatencyEstimator(latency_fn=latency, cache_dir=tmp_path, table_seconds=3.0, levels=0, precision=None,
