@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["leaves", "tree_map"]
+__all__ = ["leaves", "tensors", "tree_map"]
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], data: Any, other: Callable[[Any], Any] | None = None) -> Any:
@@ -35,3 +35,8 @@ def leaves(data: Any) -> Iterator[Any]:
             yield from leaves(value)
     else:
         yield data
+
+
+def tensors(data: Any) -> list[torch.Tensor]:
+    """The tensors among the leaves of ``data`` (nested mappings, tuples and lists), in order."""
+    return [leaf for leaf in leaves(data) if isinstance(leaf, torch.Tensor)]

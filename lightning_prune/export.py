@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_prune._model import call_model, evaluating
+from lightning_prune._tree import tensors
 
 __all__ = ["Format", "export_pruned"]
 
@@ -75,20 +76,10 @@ def export_pruned(
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
             got = [torch.from_numpy(o) for o in session.run(None, feeds)]
-            expected = [t.detach().cpu() for t in _flat(expected)]
+            expected = [t.detach().cpu() for t in tensors(expected)]
         else:
             raise ValueError(f"format must be 'torchscript', 'torch_export' or 'onnx', got {format!r}")
-    for a, b in zip(_flat(expected), _flat(got)):
+    for a, b in zip(tensors(expected), tensors(got)):
         if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=0):
             raise ValueError(f"the {format} export's outputs differ from the module's by more than atol={atol}")
     return path
-
-
-def _flat(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flat(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _flat(v)]
-    return []

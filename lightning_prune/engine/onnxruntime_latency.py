@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lightning_prune._model import call_model, evaluating
-from lightning_prune._tree import leaves
+from lightning_prune._tree import tensors
 from lightning_prune.engine.latency import LayerSpec, time_callable
 
 __all__ = ["OnnxRuntimeLatency"]
@@ -55,10 +55,6 @@ def _arguments(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     return (example_inputs,), {}
-
-
-def _tensors(data: Any) -> list[torch.Tensor]:
-    return [t for t in leaves(data) if isinstance(t, torch.Tensor)]
 
 
 def _input_shape(spec: LayerSpec) -> tuple[int, ...]:
@@ -240,13 +236,13 @@ class OnnxRuntimeLatency:
             except Exception as error:
                 raise ValueError(f"the ONNX export or onnxruntime session failed: {type(error).__name__}: {error}") from error
             names = [i.name for i in session.get_inputs()]
-            tensors = _tensors(example_inputs)
-            if len(names) != len(tensors):
-                raise ValueError(f"the ONNX graph takes {len(names)} inputs but the example inputs hold {len(tensors)} tensors")
-            feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+            given = tensors(example_inputs)
+            if len(names) != len(given):
+                raise ValueError(f"the ONNX graph takes {len(names)} inputs but the example inputs hold {len(given)} tensors")
+            feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, given)}
             self.export_seconds += time.perf_counter() - started
             if self.rtol is not None:
-                self._check(session.run(None, feeds), _tensors(call_model(model, example_inputs)))
+                self._check(session.run(None, feeds), tensors(call_model(model, example_inputs)))
         return session, feeds
 
     def _check(self, got: Sequence[Any], expected: Sequence[torch.Tensor]) -> None:
