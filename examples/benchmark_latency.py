@@ -5,13 +5,14 @@ Sections (one run, ``--sections`` picks some):
 1. ``latency``: CIFAR ResNet-56 (32 px), torchvision ResNet-18 and MobileNetV2 (64 px), at batch 1 and
    64 on this machine's CPU (``--accelerator gpu`` for a GPU): the dense model, then (l1, from the same
    random initialisation) ``target_latency_reduction=0.5``, ``target_flops_reduction=0.5`` with default
-   widths and with ``round_to="auto"``. Every pruned model is timed *interleaved* with the dense one,
+   widths and with ``round_to="auto"`` (the step times its cut with free widths and with every multiple
+   that reaches the target, and keeps the fastest). Every pruned model is timed *interleaved* with the dense one,
    in a pair of its own (rounds in rotated order, median over rounds): the latency ratio, the MAC ratio, latency gain / MAC
    gain, the latency model's prediction error, and the time to build the tables (cold, then cached).
 2. ``onnxruntime``: ``target_latency_reduction=0.5`` aimed at onnxruntime (``OnnxRuntimeLatency`` as the
    ``latency_fn``: the model exported to ONNX at every measurement) against the same target aimed at
-   eager PyTorch, and ``target_flops_reduction=0.5`` with default widths and with ``round_to="auto"`` read
-   from onnxruntime's tables, on the same models and batch sizes; every pruned model timed in onnxruntime
+   eager PyTorch, and ``target_flops_reduction=0.5`` with default widths and with ``round_to="auto"`` timed
+   in onnxruntime, on the same models and batch sizes; every pruned model timed in onnxruntime
    and in eager PyTorch, each interleaved with the dense model.
 3. ``tables``: the time to build the latency tables of ResNet-18 and ResNet-50 (64 px, batch 64), cold
    (empty cache) and cached.
@@ -194,6 +195,7 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                 "dense_share_activations": parts_dense["activations"] / sum(parts_dense.values()),
                 "ideal_latency_ratio": bound, "ideal_gain_over_mac_gain": macs_ratio / bound,
                 "tables_cold_s": cold_s, "tables_cached_s": cached_s, "table_points": cold.measured_points,
+                "round_to_trials": result.round_to_trials,
                 "cached_points_measured": cached.measured_points,
             })
             _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
@@ -217,8 +219,8 @@ def interleaved_onnxruntime(latency: OnnxRuntimeLatency, models: dict[str, nn.Mo
 def onnxruntime_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
     """``target_latency_reduction=0.5`` aimed at onnxruntime (:class:`OnnxRuntimeLatency` as ``latency_fn``:
     its layer tables, and the step's start and cut timed interleaved in onnxruntime) against the same
-    target aimed at eager PyTorch, and a MACs target with default widths and ``round_to="auto"`` on
-    onnxruntime's tables; every pruned model timed in onnxruntime and in eager PyTorch (interleaved
+    target aimed at eager PyTorch, and a MACs target with default widths and ``round_to="auto"`` timed in
+    onnxruntime; every pruned model timed in onnxruntime and in eager PyTorch (interleaved
     with the dense model)."""
     rows = []
     for name, make, shape, batch, cache, budget, dense, x in _configurations(smoke, cache_root):
@@ -227,7 +229,7 @@ def onnxruntime_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
             "aimed at onnxruntime": (Target("latency", 0.5), ort, None),
             "aimed at eager torch": (Target("latency", 0.5), None, None),
             "MACs 0.5": (Target("flops", 0.5), ort, None),
-            "MACs 0.5, round_to=auto (onnxruntime tables)": (Target("flops", 0.5), ort, "auto"),
+            "MACs 0.5, round_to=auto (onnxruntime)": (Target("flops", 0.5), ort, "auto"),
         }
         for label, (target, latency_fn, round_to) in variants.items():
             estimator = _estimator(batch, cache, smoke, budget, latency_fn)
@@ -250,7 +252,7 @@ def onnxruntime_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                 "eager_dense_ms": eager["dense"]["median"], "eager_pruned_ms": eager["pruned"]["median"],
                 "eager_ratio": eager["pruned"]["median"] / eager["dense"]["median"],
                 "macs_ratio": result.after.macs / count_cost(dense, x).macs, "tries": len(result.latency_tries),
-                "round_to": info["round_to"],
+                "round_to": info["round_to"], "round_to_trials": result.round_to_trials,
                 "predicted_ratio": None if result.latency_predicted is None or result.before.latency is None
                 else result.latency_predicted / result.before.latency,
                 "in_step_interval": info["in_step_interval"], "in_step_rounds": info["in_step_rounds"],
@@ -427,6 +429,8 @@ def _table(result: dict[str, Any]) -> str:
                 f"({r['eager_pruned_ms']:.2f} / {r['eager_dense_ms']:.2f}) | {in_step} | {r['macs_ratio']:.2f}x | "
                 f"{r['macs_ratio'] / r['ort_ratio']:.2f} | {r.get('round_to')} | {r['tries']} | {r['step_s']:.0f} s |"
             )
+    for section, runtime in (("latency", "eager torch"), ("onnxruntime", "onnxruntime")):
+        lines += _trials_table([r for r in result.get(section) or [] if r.get("round_to_trials")], runtime)
     if result.get("tables"):
         lines += ["", "| model | batch, px | budget | cold | points | cached | measured when cached |",
                   "|---|---|---:|---:|---:|---:|---:|"]
@@ -449,6 +453,23 @@ def _table(result: dict[str, Any]) -> str:
             f"{_bench.fmt([r['acc_macs_targeted'] for r in acc], digits=2)} | | |"
         )
     return "\n".join(lines)
+
+
+def _trials_table(rows: list[dict[str, Any]], runtime: str) -> list[str]:
+    """What ``round_to="auto"`` timed at its step: the whole model cut with free widths and with each
+    candidate multiple that reaches the target, relative to the dense model (interleaved in the step)."""
+    if not rows:
+        return []
+    candidates = ["none", "4", "8", "16", "32"]
+    lines = ["", f"round_to=\"auto\", {runtime}: the step's cut at each candidate, timed against the dense model "
+             "(interleaved, medians of ratios; — = that multiple cannot reach the target)", "",
+             "| model | batch | " + " | ".join(f"round_to={c}" for c in candidates) + " | kept |",
+             "|---|---:|" + "---:|" * (len(candidates) + 1)]
+    for r in rows:
+        trials = r["round_to_trials"]
+        cells = [f"{trials[c]:.2f}x" if c in trials else "—" for c in candidates]
+        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {r['round_to']} |")
+    return lines
 
 
 def _pyplot() -> Any:

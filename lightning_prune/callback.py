@@ -598,9 +598,19 @@ class StructuredPruningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [PruningRecord.from_dict(r) for r in state_dict.get("history", [])]
+        self._keep_chosen_round_to()
         if state_dict.get("dense"):
             self.dense_cost = Cost(**state_dict["dense"])
             self._original_widths = dict(state_dict.get("original_widths", {}))
+
+    def _keep_chosen_round_to(self) -> None:
+        """``round_to="auto"``: the multiple a step chose by timing (its record's ``round_to_trials``)
+        holds for every pruner of the fit, and for the rest of a resumed one."""
+        chosen = next((r for r in self.history if r.round_to_trials), None)
+        if chosen is not None:
+            for pruner in self._pruners:
+                if pruner.round_to == "auto":
+                    pruner.keep_round_to(chosen.round_to)
 
     def summary(self) -> str:
         """The table of completed steps (empty string before the first one)."""
@@ -630,9 +640,10 @@ class StructuredPruningCallback(Callback):
         if self.latency.batch_size is None:
             self.latency.batch_size = batch_size
         self.latency.progress = trainer_progress(trainer)
-        if trainer.world_size > 1:  # each process measures its own latency: no per-process re-plans
+        if trainer.world_size > 1:  # each process measures its own latency: no per-process re-plans or choices
             for pruner in self._pruners:
                 pruner.latency_corrections = 0
+                pruner.measure_round_to = False
         return self.latency.measure(pl_module, self._inputs(trainer, pl_module))
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -757,6 +768,7 @@ class StructuredPruningCallback(Callback):
         )
         extras.finish(trainer, pl_module, record)
         self.history.append(record)
+        self._keep_chosen_round_to()
         log_step(trainer, record, self.num_steps, self.verbose)
         ratio = record.latency_ratio
         if target.kind == "latency" and ratio is not None and abs(1 - ratio - target.value) > self.pruner.latency_tolerance:

@@ -62,6 +62,11 @@ class PruningRecord:
         latency_predicted: what the latency model predicted for the kept plan, seconds.
         latency_tries: the latency correction's tries, ``[planning target, predicted s, measured s]``
             (the first is the plan for the step's target; one entry without a latency target).
+        round_to: the multiple the kept widths snap to at this step (``round_to="auto"`` resolved;
+            None: any width).
+        round_to_trials: when ``round_to="auto"`` chose its multiple at this step by timing the whole
+            model cut with each candidate: candidate (``"none"``, ``"4"``, ...) -> seconds relative to the
+            model before the step. A resumed fit keeps the choice. Empty otherwise.
     """
 
     step: int
@@ -90,6 +95,8 @@ class PruningRecord:
     latency_after: float | None = None
     latency_predicted: float | None = None
     latency_tries: list[list[float]] = field(default_factory=list)
+    round_to: int | None = None
+    round_to_trials: dict[str, float] = field(default_factory=dict)
 
     @property
     def latency_ratio(self) -> float | None:
@@ -144,6 +151,8 @@ def record_step(
         latency_after=result.latency_measured,
         latency_predicted=result.latency_predicted,
         latency_tries=[list(map(float, t)) for t in result.latency_tries],
+        round_to=result.round_to,
+        round_to_trials=dict(result.round_to_trials),
     )
 
 

@@ -174,13 +174,17 @@ def test_latency_benchmark_smoke(tmp_path):
     (tables,) = result["tables"]
     assert tables["cold_points"] > 0 and tables["cached_measured"] == 0
     ort = {r["variant"]: r for r in result["onnxruntime"]}
-    assert set(ort) == {"aimed at onnxruntime", "aimed at eager torch", "MACs 0.5", "MACs 0.5, round_to=auto (onnxruntime tables)"}
+    assert set(ort) == {"aimed at onnxruntime", "aimed at eager torch", "MACs 0.5", "MACs 0.5, round_to=auto (onnxruntime)"}
     assert not any("error" in r for r in ort.values())
     assert abs(ort["MACs 0.5"]["macs_ratio"] - 0.5) <= 0.02
     for r in ort.values():
         assert r["ort_ratio"] == pytest.approx(r["ort_pruned_ms"] / r["ort_dense_ms"]) and 0 < r["macs_ratio"] < 1
         assert r["eager_ratio"] == pytest.approx(r["eager_pruned_ms"] / r["eager_dense_ms"])
     assert ort["aimed at onnxruntime"]["table_points"] > 0  # its own (onnxruntime) tables, another cache key
+    auto = [next(r for r in rows if r["variant"] == "MACs 0.5, round_to=auto"), ort["MACs 0.5, round_to=auto (onnxruntime)"]]
+    for r in auto:  # the step timed its cut with free widths and each reachable multiple
+        assert "none" in r["round_to_trials"] and all(0 < v < 1.5 for v in r["round_to_trials"].values())
+    assert "the step's cut at each candidate" in (tmp_path / "latency.md").read_text()
     (acc,) = result["accuracy"]
     assert 0 < acc["acc_latency_targeted"] <= 1 and 0 < acc["acc_macs_targeted"] <= 1
     assert (tmp_path / "latency.md").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0

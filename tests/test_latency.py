@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_prune.criteria import get_criterion
 from lightning_prune.engine import ChannelPruner, PruningError, Target, plan_pruning
-from lightning_prune.engine.latency import LatencyEstimator, LayerSpec, fast_multiple_from_times
+from lightning_prune.engine.latency import LatencyEstimator, LayerSpec, fast_multiple_from_times, fastest_multiple
 from lightning_prune.engine.surgery import ModuleSnapshot, apply_plan
 from lightning_prune.reporting import PruningRecord, plot_latency, step_metrics, summary_table
 from tests.nets import MLP, ConcatNet, DepthwiseNet, GroupedNet, ResidualNet, image_inputs
@@ -348,11 +348,13 @@ def test_fast_multiple_reads_the_staircase():
     assert fast_multiple_from_times({w: 0.1 * w + 1 for w in range(1, 65)}) is None
 
 
-def test_round_to_auto_snaps_widths_for_a_macs_target(tmp_path):
+def test_round_to_auto_from_the_tables_snaps_widths_for_a_macs_target(tmp_path):
     net, x = ResidualNet(widths=(32, 48, 40, 64)), image_inputs()
     est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_staircase, latency_fn=reference_latency)
     pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    pruner.measure_round_to = False  # the tables' multiple, as under DDP
     result = pruner.step(net, x, Target("flops", 0.4))
+    assert result.round_to_trials == {} and result.round_to == 8
     assert pruner.effective_round_to == 8
     for name in ("stem.0", "block1.conv1", "block2.conv1", "block2.conv2"):
         assert result.widths[name] % 8 == 0
@@ -376,6 +378,7 @@ def test_round_to_auto_steps_down_to_a_multiple_that_keeps_the_target_reachable(
     x = image_inputs()
     est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_staircase_of(16), latency_fn=reference_latency)
     pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    pruner.measure_round_to = False
     analysis = pruner.analyse(net_a := net(), x)
     assert pruner.effective_round_to == 16  # what the tables say
     scores = get_criterion("l1").score(analysis.groups, None)
@@ -387,8 +390,122 @@ def test_round_to_auto_steps_down_to_a_multiple_that_keeps_the_target_reachable(
     # a target that 16 does reach keeps 16
     again = ChannelPruner(get_criterion("l1"), round_to="auto", latency=LatencyEstimator(
         cache_dir=tmp_path, layer_timer=_staircase_of(16), latency_fn=reference_latency))
+    again.measure_round_to = False
     again.step(net(), x, Target("flops", 0.2))
     assert again.effective_round_to == 16
+
+
+def test_fastest_multiple_keeps_finer_widths_unless_a_coarser_multiple_is_faster_by_the_margin():
+    assert fastest_multiple({None: 1.0, 8: 0.995, 16: 0.992}) is None  # within 1%: the free widths
+    assert fastest_multiple({None: 1.0, 8: 0.95, 16: 0.945}) == 8  # 16 is not 1% faster than 8
+    assert fastest_multiple({None: 1.0, 8: 0.95, 16: 0.90}) == 16
+    assert fastest_multiple({16: 0.7, 4: 0.9}) == 16
+    assert fastest_multiple({None: 1.0, 4: 0.5}, margin=0.6) is None
+    with pytest.raises(ValueError, match="at least one candidate"):
+        fastest_multiple({})
+
+
+def staircase_latency(block: int):
+    """A whole model whose layers compute blocks of ``block`` output channels: a width costs what the
+    next multiple of ``block`` costs (what single-layer tables that are smooth do not show)."""
+
+    def latency(model: nn.Module, inputs) -> float:
+        total = [FIXED]
+
+        def hook(module, args, output):
+            out = module.weight.shape[0]
+            padded = math.ceil(out / block) * block
+            total[0] += PER_MAC * output.numel() / out * padded * module.weight[0].numel() + PER_LAYER
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                model.eval()
+                model(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return total[0]
+
+    return latency
+
+
+def _residual_net():
+    torch.manual_seed(0)
+    return ResidualNet(widths=(32, 48, 40, 64))
+
+
+def test_round_to_auto_times_the_whole_model_at_every_candidate_and_keeps_the_fastest(tmp_path):
+    """Smooth tables (no multiple looks fast) but a whole model that pays for unaligned widths: the
+    step's cut at free widths and at every multiple that reaches the target is timed, each ratio
+    equals the same step pruned with that multiple fixed and timed alone (brute force), the fastest
+    is kept and the widths snap to it."""
+    from lightning_prune import count_cost
+
+    x, whole, target = image_inputs(), staircase_latency(8), Target("flops", 0.4)
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=layer_timer, latency_fn=whole)
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    net = _residual_net()
+    assert est.fast_multiple(net, x) is None  # the tables see no staircase
+    result = pruner.step(net, x, target)
+    dense_seconds, dense_macs = whole(_residual_net(), x), count_cost(_residual_net(), x).macs
+    expected = {}
+    for multiple in (None, 4, 8, 16, 32):
+        alone = _residual_net()
+        try:
+            ChannelPruner(get_criterion("l1"), round_to=multiple).step(alone, x, target)
+        except PruningError:  # unreachable with this multiple
+            continue
+        if 1 - count_cost(alone, x).macs / dense_macs >= target.value - 0.02:
+            expected["none" if multiple is None else str(multiple)] = whole(alone, x) / dense_seconds
+    assert len(expected) >= 3
+    assert result.round_to_trials == pytest.approx(expected, rel=1e-9)
+    chosen = result.round_to
+    assert chosen is not None and chosen == pruner.effective_round_to
+    assert expected[str(chosen)] <= min(expected.values()) * 1.01
+    assert expected["none"] > 1.02 * expected[str(chosen)]  # unaligned widths are clearly slower here
+    assert all(w % chosen == 0 for name, w in result.widths.items() if name != "head")
+    assert result.after.latency == pytest.approx(whole(net, x))
+    # the choice holds: the next step times nothing more and snaps to the same multiple
+    calls = est.measurements
+    later = pruner.step(net, x, Target("flops", 0.6), dense=result.before)
+    assert later.round_to_trials == {} and later.round_to == chosen
+    assert est.measurements - calls <= 4  # its analysis (2) and its cut against its start (2), no candidates
+    assert all(w % chosen == 0 for name, w in later.widths.items() if name != "head")
+
+
+def test_round_to_auto_never_times_a_multiple_the_final_target_cannot_reach(tmp_path):
+    """fit_round_to with the fit's final target first (as the callback does in setup): 16 cannot lose
+    half the MACs of this narrow net, so the first, smaller step times only free widths, 4 and 8."""
+    def net():
+        torch.manual_seed(0)
+        return ResidualNet(widths=(16, 32, 16, 32))
+
+    x = image_inputs()
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=layer_timer, latency_fn=staircase_latency(16))
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    model = net()
+    analysis = pruner.analyse(model, x)
+    pruner.fit_round_to(analysis, Target("flops", 0.5), analysis.cost)
+    result = pruner.step(model, x, Target("flops", 0.2), analysis=analysis)
+    assert set(result.round_to_trials) <= {"none", "4", "8"} and "none" in result.round_to_trials
+
+
+def test_round_to_auto_with_a_latency_target_keeps_the_tables_multiple(tmp_path):
+    net, x = _residual_net(), image_inputs()
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_staircase, latency_fn=reference_latency)
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est, allocation="global")
+    result = pruner.step(net, x, Target("latency", 0.3))
+    assert result.round_to_trials == {} and result.round_to == 8
+
+
+def test_keep_round_to_validates_the_multiple():
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto")
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="multiple must be a positive integer or None"):
+            pruner.keep_round_to(bad)
+    pruner.keep_round_to(None)
+    assert pruner.effective_round_to is None
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -479,6 +596,57 @@ def test_fit_with_a_latency_target_meets_the_measured_target_and_reuses_the_cach
     assert counting.calls == 0 and again.latency.measured_points == 0
 
 
+
+
+@pytest.mark.slow
+def test_a_fit_keeps_the_multiple_its_first_step_timed_and_a_resumed_fit_keeps_it_too(tmp_path):
+    """round_to="auto" over two steps: the first step times the candidates and chooses, the second
+    snaps to the same multiple without timing them; a fit stopped after the first step and resumed
+    keeps the choice (read from the record) instead of choosing again."""
+    import lightning as L
+
+    from lightning_prune import StructuredPruningCallback
+    from lightning_prune.data import DigitsDataModule
+    from lightning_prune.models import ImageClassifier, SmallResNet
+
+    def callback():
+        cb = StructuredPruningCallback("l1", target_flops_reduction=0.5, epochs=[0, 2], round_to="auto",
+                                       latency_fn=staircase_latency(8), latency_batch_size=2,
+                                       latency_cache_dir=str(tmp_path), verbose=False)
+        cb.latency.layer_timer = layer_timer
+        return cb
+
+    def fit(cb, extra=(), ckpt_path=None, model=None):
+        L.seed_everything(0)
+        model = model or ImageClassifier(SmallResNet(widths=(16, 32), blocks_per_stage=1), lr=0.02, max_epochs=3)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", callbacks=[cb, *extra], limit_train_batches=3,
+                            limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
+        return model
+
+    whole = callback()
+    fit(whole)
+    first, second = whole.history
+    assert first.round_to_trials and "none" in first.round_to_trials
+    assert first.round_to is not None and second.round_to == first.round_to and second.round_to_trials == {}
+    assert all(w % first.round_to == 0 for name, w in second.widths.items() if name != "net.fc")
+
+    path = tmp_path / "after-first-step.ckpt"
+
+    class StopAfterEpoch1(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.save_checkpoint(path)
+                trainer.should_stop = True
+
+    interrupted = callback()
+    model = fit(interrupted, [StopAfterEpoch1()])
+    assert len(interrupted.history) == 1 and interrupted.history[0].round_to == first.round_to
+    resumed = callback()
+    fit(resumed, ckpt_path=path, model=model)
+    assert [r.round_to for r in resumed.history] == [first.round_to, first.round_to]
+    assert resumed.history[1].round_to_trials == {}
 
 
 @pytest.mark.slow
@@ -721,6 +889,29 @@ def test_a_latency_fn_with_a_runner_is_timed_interleaved_round_by_round(monkeypa
     timer.runner = lambda model, inputs: None
     with pytest.raises(ValueError, match="latency_fn.runner must return a callable"):
         est.relative(net, x, start.restore, cut.restore)
+
+
+def test_compare_times_every_state_interleaved_against_the_first(monkeypatch, tmp_path):
+    """Three states of one model (fc1 at 32, 20 and 8 channels): eager forwards on the drifting clock
+    give the exact ratios to the first, and the model is left in the last state; with a runner every
+    state is prepared once."""
+    from lightning_prune.engine import latency as lat
+
+    clock = _DriftingClock()
+    monkeypatch.setattr(lat.time, "perf_counter", clock)
+    net, x, start, cut = _two_states()
+    groups = ChannelPruner(get_criterion("l1")).analyse(net, x).groups
+    fc1 = next(g for g in groups if g.root_name == "fc1")
+    apply_plan(groups, {groups.index(fc1): list(range(12))})
+    narrow = ModuleSnapshot(net)
+    timer = _PreparingTimer(clock)
+    est = LatencyEstimator(cache_dir=tmp_path, latency_fn=timer, precision=None)
+    ratios = est.compare(net, x, [start.restore, cut.restore, narrow.restore])
+    assert timer.prepared == [32, 20, 8] and timer.called == 0
+    assert ratios == pytest.approx([1.0, 20 / 32, 8 / 32], rel=1e-9)
+    assert net.fc1.out_features == 8
+    with pytest.raises(ValueError, match="at least two states"):
+        est.compare(net, x, [start.restore])
 
 
 def test_a_latency_fn_layer_timer_builds_the_tables_under_its_own_cache_key(tmp_path):

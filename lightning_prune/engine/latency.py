@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -80,6 +81,7 @@ __all__ = [
     "default_cache_dir",
     "environment_key",
     "fast_multiple_from_times",
+    "fastest_multiple",
     "interpolate",
     "monotone_grid",
     "median_interval",
@@ -406,6 +408,21 @@ def fast_multiple_from_times(
     return None
 
 
+def fastest_multiple(times: Mapping[int | None, float], margin: float = 0.01) -> int | None:
+    """The candidate of ``times`` (multiple, or None for unsnapped widths -> seconds of the whole model
+    cut with it) to keep: the finest (None, then the smallest multiple) unless a coarser one is faster
+    by more than ``margin`` (relative), in which case that one, and so on up the multiples; ties keep
+    the finer widths, which constrain the allocation less. Raises ``ValueError`` on an empty mapping."""
+    if not times:
+        raise ValueError("fastest_multiple needs at least one candidate")
+    order = sorted(times, key=lambda m: 0 if m is None else m)
+    best = order[0]
+    for multiple in order[1:]:
+        if times[multiple] < times[best] * (1.0 - margin):
+            best = multiple
+    return best
+
+
 @dataclass
 class _Layer:
     """One tabled layer of a model: its spec at the current widths, the grid, and how groups change it."""
@@ -694,29 +711,42 @@ class LatencyEstimator:
     ) -> float:
         """The candidate's seconds per forward over the reference's: ``model`` in two states that the
         callables switch it into (e.g. the step's start and its cut, restored from snapshots), timed
-        interleaved round by round (:func:`time_interleaved`, ``model_repeats`` rounds and more until the
-        median is known within ``precision``; the median of the per-round ratios), so that a machine
-        whose speed drifts between two separate measurements does not move the ratio.
-        With ``latency_fn``: one call per state, unless it also has ``runner(model, example_inputs) ->
-        run`` (a zero-argument call running the model as prepared, e.g. an onnxruntime session):
-        then both states are prepared and their runs timed interleaved, as forwards are. When ``device`` is not the model's,
-        both states are copied there. The model is left in the candidate state.
+        interleaved round by round (:meth:`compare`). The model is left in the candidate state.
 
         Raises:
             ValueError: as :meth:`measure`.
         """
+        return self.compare(model, example_inputs, [enter_reference, enter_candidate])[1]
+
+    def compare(self, model: nn.Module, example_inputs: Any, states: Sequence[Callable[[], None]]) -> list[float]:
+        """Seconds per forward of ``model`` in each of ``states`` (callables that switch it into a state,
+        e.g. restoring snapshots) over its seconds in ``states[0]``, all timed interleaved round by round
+        (:func:`time_interleaved`, ``model_repeats`` rounds and more until every median ratio is known
+        within ``precision``; medians of the per-round ratios), so that a machine whose speed drifts
+        between separate measurements does not move the ratios.
+        With ``latency_fn``: one call per state, unless it also has ``runner(model, example_inputs) ->
+        run`` (a zero-argument call running the model as prepared, e.g. an onnxruntime session): then
+        every state is prepared and their runs timed interleaved, as forwards are. When ``device`` is not
+        the model's, every state is copied there. The model is left in the last state.
+        :attr:`last_interval` is the 95% interval of the last state's ratio.
+
+        Raises:
+            ValueError: as :meth:`measure`; fewer than two states.
+        """
+        if len(states) < 2:
+            raise ValueError(f"compare needs at least two states, got {len(states)}")
         inputs = resize_batch(example_inputs, self._batch(example_inputs))
-        self.measurements += 2
+        self.measurements += len(states)
         device = self._device_of(model)
         first = next(model.parameters(), None)
-        nets: list[nn.Module] = [model, model]
-        enter = [enter_reference, enter_candidate]
+        nets: list[nn.Module] = [model] * len(states)
+        enter = list(states)
         if first is not None and first.device != device:  # time copies there; the model stays home
             nets = []
-            for switch in enter:
+            for switch in states:
                 switch()
                 nets.append(copy.deepcopy(model).to(device))
-            enter = [lambda: None, lambda: None]
+            enter = [lambda: None] * len(states)
         inputs = tree_map(lambda t: t.to(device), inputs)
 
         def state(i: int) -> Callable[[], None]:
@@ -726,36 +756,37 @@ class LatencyEstimator:
 
             return switch
 
+        indices = range(len(states))
         try:
             with preserved_training_modes(model), torch.no_grad():
                 runner = getattr(self.latency_fn, "runner", None)
                 runs: list[Callable[[], Any]]
                 switches: list[Callable[[], None]] | None
-                if callable(runner):  # both states prepared (e.g. exported), then their runs timed interleaved
+                if callable(runner):  # every state prepared (e.g. exported), then their runs timed interleaved
                     runs = []
-                    for i in (0, 1):
+                    for i in indices:
                         state(i)()
                         runs.append(self._call_runner(runner, nets[i], inputs))
                     switches = None
                 elif self.latency_fn is not None:
                     seconds = []
-                    for i in (0, 1):  # the reference, then the candidate
+                    for i in indices:  # the reference first
                         state(i)()
                         seconds.append(self._call_latency_fn(nets[i], inputs))
-                    return seconds[1] / seconds[0]
+                    return [s / seconds[0] for s in seconds]
                 else:
-                    runs = [lambda: call_model(nets[0], inputs), lambda: call_model(nets[1], inputs)]
-                    switches = [state(0), state(1)]
+                    runs = [functools.partial(call_model, net, inputs) for net in nets]
+                    switches = [state(i) for i in indices]
                 samples = time_interleaved(
                     runs, device, enter=switches, warmup=self.warmup + 1, rounds=self.model_repeats,
                     min_sample_seconds=self.sample_seconds, precision=self.precision,
                     max_rounds=self.max_model_repeats, max_seconds=self.max_model_seconds,
                 )
-                self.last_interval = median_interval([row[1] / row[0] for row in samples])
+                self.last_interval = median_interval([row[-1] / row[0] for row in samples])
                 self.last_rounds = len(samples)
-                return median_ratio(samples)
+                return [1.0] + [median_ratio(samples, i) for i in indices[1:]]
         finally:
-            enter_candidate()
+            states[-1]()
 
     # ------------------------------------------------------------------ tables
     def _timer_key(self) -> str:

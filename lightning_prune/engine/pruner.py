@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from lightning_prune._model import preserved_training_modes
-from lightning_prune.engine.allocation import ALLOCATIONS, Allocation, Plan, max_reduction, plan_pruning
+from lightning_prune.engine.allocation import (
+    ALLOCATIONS,
+    Allocation,
+    Plan,
+    TargetUnreachableError,
+    max_reduction,
+    plan_pruning,
+)
 from lightning_prune.engine.attention import (
     HEAD_MODES,
     SyncedHandle,
@@ -65,7 +72,7 @@ from lightning_prune.engine.correction import (
 from lightning_prune.engine.cost import Cost, CostModel, cost_from_positions, profile
 from lightning_prune.engine.graph import ChannelGroup, build_dependency_graph, discover_groups
 from lightning_prune.engine.huggingface import sync_configs
-from lightning_prune.engine.latency import AUTO_MULTIPLES, LatencyEstimator
+from lightning_prune.engine.latency import AUTO_MULTIPLES, LatencyEstimator, fastest_multiple
 from lightning_prune.engine.optimizer import prepare_optimizer_remap
 from lightning_prune.engine.probe import GraphSnapshot, UnprunableGroupWarning, find_unprunable_groups, unprunable_message
 from lightning_prune.engine.protocol import Criterion, ScoringContext
@@ -126,6 +133,10 @@ class StepResult:
     latency_measured: float | None = None  #: seconds measured on the pruned model (``after.latency``)
     #: every try of the latency correction: [planning target, predicted seconds, measured seconds]
     latency_tries: list[list[float]] = field(default_factory=list)
+    round_to: int | None = None  #: the multiple the kept widths snap to (``round_to="auto"`` resolved)
+    #: ``round_to="auto"`` timed at this step: candidate ("none", "4", ...) -> whole-model seconds cut
+    #: with it, relative to the step's start (empty when the step did not choose)
+    round_to_trials: dict[str, float] = field(default_factory=dict)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -313,6 +324,11 @@ class ChannelPruner:
         self.latency_corrections = latency_corrections
         self._auto_round_to: int | None = None
         self._auto_resolved = False
+        self._auto_limit: int | None = max(AUTO_MULTIPLES)  #: the largest multiple every target seen can reach
+        self._round_to_measured = False
+        #: ``round_to="auto"`` with a MACs or parameter target: the first step times its cut at every
+        #: candidate multiple (False: the tables' multiple; e.g. under DDP, where each process would time its own)
+        self.measure_round_to = True
         for layer in ignored_layers:
             if not isinstance(layer, (str, nn.Module)):
                 raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
@@ -528,23 +544,93 @@ class ChannelPruner:
     def fit_round_to(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
     ) -> int | None:
-        """With ``round_to="auto"``: keep the multiple the tables chose only if ``target`` stays
-        reachable with it (within 0.02), else the largest smaller candidate that keeps it reachable,
-        else None (a narrow model cannot snap to 16 and still lose half its MACs). The choice is kept
-        for the rest of the fit, so every step snaps to the same multiple. Returns the multiple now in
-        force; any other ``round_to`` is returned as it is."""
-        if self.round_to != "auto" or self._auto_round_to is None:
+        """With ``round_to="auto"``: keep the multiple chosen so far only if ``target`` stays reachable
+        with it (within 0.02), else the largest smaller candidate that keeps it reachable, else None (a
+        narrow model cannot snap to 16 and still lose half its MACs). The largest reachable multiple is
+        remembered: the candidates a step times never exceed it, so a fit that checked its final target
+        here first never has to change multiple later. Returns the multiple now in force; any other
+        ``round_to`` is returned as it is."""
+        if self.round_to != "auto":
             return self.effective_round_to
-        chosen = self._auto_round_to
-        for multiple in [m for m in AUTO_MULTIPLES if m <= chosen] + [None]:
+        for multiple in [m for m in sorted(AUTO_MULTIPLES, reverse=True) if self._auto_limit and m <= self._auto_limit]:
             reachable = max_reduction(
                 analysis.groups, analysis.cost_model, target, dense,
                 max_layer_ratio=self.max_layer_ratio, round_to=multiple, original_widths=original_widths,
             )
-            if reachable >= target.value - 0.02 or multiple is None:
-                self._auto_round_to = multiple
+            if reachable >= target.value - 0.02:
+                self._auto_limit = multiple
                 break
+        else:
+            self._auto_limit = None
+        if self._auto_round_to is not None and (self._auto_limit is None or self._auto_round_to > self._auto_limit):
+            self._auto_round_to = self._auto_limit
         return self._auto_round_to
+
+    def keep_round_to(self, multiple: int | None) -> None:
+        """Fix ``round_to="auto"``'s multiple (e.g. the one a resumed fit's first step chose): nothing is
+        measured or read from the tables for it any more."""
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+            raise ValueError(f"multiple must be a positive integer or None, got {multiple!r}")
+        self._auto_round_to = multiple
+        self._auto_resolved = self._round_to_measured = True
+
+    def _measures_round_to(self, target: Target) -> bool:
+        return (
+            self.round_to == "auto" and self.latency is not None and self.measure_round_to
+            and not self._round_to_measured and target.kind != "latency"
+        )
+
+    def _time_round_to(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        target: Target,
+        dense: Cost,
+        original_widths: Mapping[str, int] | None,
+        analysis: Analysis,
+        scores: Sequence[torch.Tensor],
+        width_losses: Any,
+        per_mac: bool,
+    ) -> dict[str, float]:
+        """``round_to="auto"`` with a MACs or parameter target, at the first step with a cut: the step's
+        plan with free widths and with every candidate multiple that reaches the target (within 0.02),
+        each cut on trial, then all timed interleaved with the step's start
+        (:meth:`~lightning_prune.engine.latency.LatencyEstimator.compare`, in the ``latency_fn``'s
+        runtime when it has one); :func:`~lightning_prune.engine.latency.fastest_multiple` keeps one for
+        the rest of the fit (a coarser multiple only when faster than the finer ones by more than the
+        estimator's ``precision``). The tables of single layers miss what whole models pay for unaligned
+        widths (layout reorders between layers). Returns candidate -> seconds relative to the start;
+        the model is left at the start, its graph state included."""
+        assert self.latency is not None
+        start = GraphSnapshot(model, analysis.graph)
+        begin = ModuleSnapshot(model)
+        cuts: dict[int | None, ModuleSnapshot] = {}
+        try:
+            for multiple in [None, *sorted(m for m in AUTO_MULTIPLES if self._auto_limit and m <= self._auto_limit)]:
+                try:
+                    plan = plan_pruning(
+                        analysis.groups, scores, analysis.cost_model, target, dense,
+                        allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=multiple,
+                        original_widths=original_widths, normalize_scores=not self.criterion.comparable_across_layers,
+                        width_losses=width_losses, losses_per_mac=per_mac,
+                        ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
+                    )
+                except TargetUnreachableError:
+                    continue
+                if plan.empty:
+                    return {}  # nothing to cut at this step: the next one chooses
+                if plan.reduction < target.value - 0.02:
+                    continue
+                with torch.no_grad():
+                    apply_plan(analysis.groups, plan.removed)
+                cuts[multiple] = ModuleSnapshot(model)
+                start.restore()
+            ratios = self.latency.compare(model, example_inputs, [begin.restore, *(c.restore for c in cuts.values())])
+        finally:
+            start.restore()
+        times = dict(zip(cuts, ratios[1:]))
+        self.keep_round_to(fastest_multiple(times, self.latency.precision or 0.01))
+        return {("none" if m is None else str(m)): float(t) for m, t in times.items()}
 
     def max_reduction(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
@@ -647,6 +733,12 @@ class ChannelPruner:
                 if width_losses is None and self._uses_residual_widths(scoring):
                     width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
                     per_mac = True
+                round_to_trials: dict[str, float] = {}
+                if self._measures_round_to(target):
+                    round_to_trials = self._time_round_to(
+                        model, example_inputs, target, dense or analysis.cost, original_widths, analysis, scores,
+                        width_losses, per_mac,
+                    )
                 plan = plan_pruning(
                     analysis.groups,
                     scores,
@@ -716,6 +808,8 @@ class ChannelPruner:
             latency_predicted=None if plan.predicted is None else plan.predicted.latency,
             latency_measured=after.latency,
             latency_tries=tries,
+            round_to=self.effective_round_to,
+            round_to_trials=round_to_trials,
         )
 
     def _hit_latency(
