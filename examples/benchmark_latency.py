@@ -28,6 +28,7 @@ numbers are what one run measured. Writes ``latency.json``, ``latency.md`` and `
 
     python examples/benchmark_latency.py            # ~20 min on a 2-core CPU
     python examples/benchmark_latency.py --smoke    # seconds: tiny models, one batch size
+    python examples/benchmark_latency.py --models heldout --sections latency,onnxruntime  # other models
 """
 
 from __future__ import annotations
@@ -86,10 +87,24 @@ def interleaved_ms(models: dict[str, nn.Module], shape, batch: int, rounds: int)
     return {n: {"median": statistics.median(v), "min": min(v)} for n, v in samples.items()}
 
 
+#: ``--models``: the models the latency sections run on
+MODEL_SETS = ("benchmark", "heldout")
+_MODEL_SET = {"name": "benchmark"}
+
+
 def _models(smoke: bool) -> dict[str, tuple[Any, tuple[int, int, int]]]:
+    """The latency sections' models: the benchmark set, or with ``--models heldout`` torchvision models
+    the latency code was not developed on (ResNet-34, ResNet-50, ShuffleNetV2 x1.0, 64 px)."""
     if smoke:
         return {"SmallResNet": (lambda: SmallResNet(widths=(16, 32), blocks_per_stage=1, in_channels=3), (3, 32, 32))}
     import torchvision
+
+    if _MODEL_SET["name"] == "heldout":
+        return {
+            "ResNet-34 (64 px)": (lambda: torchvision.models.resnet34(num_classes=10), (3, 64, 64)),
+            "ResNet-50 (64 px)": (lambda: torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
+            "ShuffleNetV2 x1.0 (64 px)": (lambda: torchvision.models.shufflenet_v2_x1_0(num_classes=10), (3, 64, 64)),
+        }
 
     return {
         "ResNet-56 (32 px)": (lambda: resnet56(10), (3, 32, 32)),
@@ -548,16 +563,20 @@ def main() -> None:
                         help="the accuracy section's data (default fashion-mnist; digits for a quick run)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="fashion-mnist: torchvision's layout (Debian's files are found too)")
+    parser.add_argument("--models", choices=MODEL_SETS, default="benchmark",
+                        help="latency sections' models: benchmark (ResNet-56, ResNet-18, MobileNetV2) or heldout "
+                             "(ResNet-34, ResNet-50, ShuffleNetV2 x1.0)")
     parser.add_argument("--cache", type=Path, default=None, help="latency-table cache (default: a fresh temporary folder)")
     args = parser.parse_args()
     threads = _bench.setup_threads(args.threads)
+    _MODEL_SET["name"] = args.models
     _bench.set_trainer(args.accelerator, args.devices)
     out = _bench.output_dir(args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     cache_root = args.cache or Path(tempfile.mkdtemp(prefix="latency-cache-"))
     started = time.perf_counter()
     result: dict[str, Any] = {"machine": _bench.machine(), "threads": threads, "smoke": args.smoke,
-                              "device": str(_bench.device()), "note": "CPU shared with other work: interleaved medians"}
+                              "device": str(_bench.device()), "models": args.models, "note": "CPU shared with other work: interleaved medians"}
     if "latency" in sections:
         result["latency"] = latency_section(args.smoke, cache_root)
     if "onnxruntime" in sections:

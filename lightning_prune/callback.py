@@ -124,9 +124,14 @@ class StructuredPruningCallback(Callback):
             The layer producing the model's output is never pruned, without being listed. An unknown
             name raises ``ValueError`` in ``setup``.
         round_to: kept widths are multiples of this (e.g. 8 for tensor cores). Default None.
-            Must be a positive integer or ``"auto"``: the multiple the latency tables show to be fast
-            on the latency device (for any target; found when the model is first analysed in
-            ``setup``, None when no multiple is faster).
+            Must be a positive integer or ``"auto"``: the multiple that is fast on the latency device.
+            With a MACs, parameter or channel target, the first step cuts the model with free widths
+            and with each multiple (4, 8, 16, 32) that the final target can reach, times the cuts
+            interleaved (in ``latency_fn``'s runtime when given) and keeps the fastest for the whole
+            fit (a coarser multiple only when faster than the finer ones by more than 1%); the
+            record keeps what was timed (``round_to_trials``) and a resumed fit keeps the choice.
+            With a latency target, and under DDP, the multiple whose staircase the per-layer tables
+            show (None when none does).
         scope: which widths are pruned: ``"mlp"`` (feed-forward hidden widths), ``"heads"`` (whole
             attention heads), ``"embedding"`` (the token width), ``"all"``, or a combination
             (``"mlp+heads"``, ``["mlp", "embedding"]``). Default None: ``"mlp+heads"`` for a

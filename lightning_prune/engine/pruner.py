@@ -230,9 +230,13 @@ class ChannelPruner:
         max_layer_ratio: largest fraction of a group's original width that may be removed, in (0, 1).
             Default 0.9; outside (0, 1) raises ``ValueError``.
         round_to: kept widths are multiples of this (None, the default: any width). ``"auto"``: the
-            multiple the latency tables show to be fast on the latency device
-            (:meth:`~lightning_prune.engine.latency.LatencyEstimator.fast_multiple`, found when the model is
-            first analysed; None when no multiple is faster). Anything else: ``ValueError``.
+            multiple that is fast on the latency device. With a target that is not latency (and
+            ``measure_round_to``, True by default), the first step with a cut times the model cut with
+            free widths and with every candidate multiple that the targets seen by :meth:`fit_round_to`
+            can reach, and keeps the fastest (:meth:`_time_round_to`); otherwise the multiple the
+            latency tables show (:meth:`~lightning_prune.engine.latency.LatencyEstimator.fast_multiple`,
+            found when the model is first analysed; None when no multiple is faster). Anything else:
+            ``ValueError``.
         ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
             Default none. Other types raise ``TypeError``; a name the model lacks raises
             ``ValueError`` when the model is analysed, naming close matches.
