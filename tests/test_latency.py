@@ -39,13 +39,12 @@ def layer_timer(spec: LayerSpec) -> float:
     return PER_MAC * spec_macs(spec) + PER_LAYER
 
 
-def reference_latency(model: nn.Module, inputs, per_activation: float = 0.0) -> float:
-    """The same synthetic cost, from the model's own layers on a real forward pass; ``per_activation``
-    seconds per output element of every conv/linear layer model what follows them (BN, ReLU, adds)."""
+def _summed_over_layers(model: nn.Module, inputs, cost) -> float:
+    """``FIXED`` plus ``cost(module, output)`` of every conv/linear layer on a real forward pass."""
     total = [FIXED]
 
     def hook(module, args, output):
-        total[0] += PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER + per_activation * output.numel()
+        total[0] += cost(module, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
@@ -56,6 +55,14 @@ def reference_latency(model: nn.Module, inputs, per_activation: float = 0.0) -> 
         for h in handles:
             h.remove()
     return total[0]
+
+
+def reference_latency(model: nn.Module, inputs, per_activation: float = 0.0) -> float:
+    """The same synthetic cost, from the model's own layers on a real forward pass; ``per_activation``
+    seconds per output element of every conv/linear layer model what follows them (BN, ReLU, adds)."""
+    return _summed_over_layers(model, inputs, lambda module, output: (
+        PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER + per_activation * output.numel()
+    ))
 
 
 def estimator(tmp_path, **kw) -> LatencyEstimator:
@@ -409,25 +416,11 @@ def staircase_latency(block: int):
     """A whole model whose layers compute blocks of ``block`` output channels: a width costs what the
     next multiple of ``block`` costs (what single-layer tables that are smooth do not show)."""
 
-    def latency(model: nn.Module, inputs) -> float:
-        total = [FIXED]
+    def cost(module, output):
+        out = module.weight.shape[0]
+        return PER_MAC * output.numel() / out * math.ceil(out / block) * block * module.weight[0].numel() + PER_LAYER
 
-        def hook(module, args, output):
-            out = module.weight.shape[0]
-            padded = math.ceil(out / block) * block
-            total[0] += PER_MAC * output.numel() / out * padded * module.weight[0].numel() + PER_LAYER
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        try:
-            with torch.no_grad():
-                model.eval()
-                model(inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return total[0]
-
-    return latency
+    return lambda model, inputs: _summed_over_layers(model, inputs, cost)
 
 
 def _residual_net():
@@ -632,19 +625,16 @@ def test_a_fit_keeps_the_multiple_its_first_step_timed_and_a_resumed_fit_keeps_i
     assert first.round_to is not None and second.round_to == first.round_to and second.round_to_trials == {}
     assert all(w % first.round_to == 0 for name, w in second.widths.items() if name != "net.fc")
 
-    path = tmp_path / "after-first-step.ckpt"
-
-    class StopAfterEpoch1(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 1:
-                trainer.save_checkpoint(path)
-                trainer.should_stop = True
+    from tests.crash import SaveThenCrash
 
     interrupted = callback()
-    model = fit(interrupted, [StopAfterEpoch1()])
+    L.seed_everything(0)
+    model = ImageClassifier(SmallResNet(widths=(16, 32), blocks_per_stage=1), lr=0.02, max_epochs=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(interrupted, [SaveThenCrash(tmp_path, crash_epoch=2)], model=model)
     assert len(interrupted.history) == 1 and interrupted.history[0].round_to == first.round_to
     resumed = callback()
-    fit(resumed, ckpt_path=path, model=model)
+    fit(resumed, ckpt_path=tmp_path / "epoch1.ckpt", model=model)
     assert [r.round_to for r in resumed.history] == [first.round_to, first.round_to]
     assert resumed.history[1].round_to_trials == {}
 
@@ -842,6 +832,29 @@ def test_relative_latency_of_two_model_states_and_the_state_it_leaves(tmp_path):
     assert ratio == pytest.approx(20 / 32)
     assert net.fc1.out_features == 20 and net.fc1.weight.shape == (20, 16)  # left in the candidate state
     assert all(m.training for m in net.modules())  # modes as they were
+
+
+def test_a_latency_device_other_than_the_models_times_copies_and_leaves_the_model_home(tmp_path):
+    """``device="cpu:0"`` is not the parameters' ``cpu`` (torch compares the index), so on a CPU-only
+    machine this takes the path of a GPU-trained model timed elsewhere: the latency_fn sees copies in
+    each state, never the model, and the model keeps its own parameters, left in the candidate state.
+    (A second real device is not available here: the copies stay in host memory.)"""
+    net, x, start, cut = _two_states()
+    seen = []
+
+    def timer(model, inputs):
+        seen.append((model is net, model.fc1.out_features, str(next(model.parameters()).device)))
+        return 1e-3 * model.fc1.out_features
+
+    cut_parameters = [id(p) for p in net.parameters()]  # _two_states leaves the model cut
+    start.restore()
+    est = estimator(tmp_path, latency_fn=timer, device="cpu:0")
+    assert est.compare(net, x, [start.restore, cut.restore]) == pytest.approx([1.0, 20 / 32])
+    assert seen == [(False, 32, "cpu"), (False, 20, "cpu")]
+    assert [id(p) for p in net.parameters()] == cut_parameters  # the model itself, in the candidate state
+    seen.clear()
+    assert est.measure(net, x) == pytest.approx(20e-3)  # measure moves the model there and back: the same object
+    assert seen == [(True, 20, "cpu")]
 
 
 class _PreparingTimer:

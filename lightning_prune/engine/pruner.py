@@ -139,6 +139,18 @@ class StepResult:
     round_to_trials: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """What a step plans from, whatever the target or multiple it tries: its groups' scores and width
+    losses, and the dense model's cost and widths."""
+
+    scores: Sequence[torch.Tensor]
+    width_losses: Any
+    per_mac: bool
+    dense: Cost
+    original_widths: Mapping[str, int] | None
+
+
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv and linear layer, and the inner width (heads x head width) of every
     attention module, by qualified name."""
@@ -584,17 +596,20 @@ class ChannelPruner:
             and not self._round_to_measured and target.kind != "latency"
         )
 
+    def _plan(
+        self, analysis: Analysis, scored: _Scored, target: Target, round_to: int | None, tolerance: float = 0.02
+    ) -> Plan:
+        """:func:`~lightning_prune.engine.allocation.plan_pruning` with this pruner's settings."""
+        return plan_pruning(
+            analysis.groups, scored.scores, analysis.cost_model, target, scored.dense,
+            allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=round_to,
+            original_widths=scored.original_widths, normalize_scores=not self.criterion.comparable_across_layers,
+            width_losses=scored.width_losses, losses_per_mac=scored.per_mac, tolerance=tolerance,
+            ties=self._ties(analysis.groups, scored.original_widths) if self.uniform_per_type else None,
+        )
+
     def _time_round_to(
-        self,
-        model: nn.Module,
-        example_inputs: Any,
-        target: Target,
-        dense: Cost,
-        original_widths: Mapping[str, int] | None,
-        analysis: Analysis,
-        scores: Sequence[torch.Tensor],
-        width_losses: Any,
-        per_mac: bool,
+        self, model: nn.Module, example_inputs: Any, target: Target, analysis: Analysis, scored: _Scored
     ) -> dict[str, float]:
         """``round_to="auto"`` with a MACs or parameter target, at the first step with a cut: the step's
         plan with free widths and with every candidate multiple that reaches the target (within 0.02),
@@ -612,13 +627,7 @@ class ChannelPruner:
         try:
             for multiple in [None, *sorted(m for m in AUTO_MULTIPLES if self._auto_limit and m <= self._auto_limit)]:
                 try:
-                    plan = plan_pruning(
-                        analysis.groups, scores, analysis.cost_model, target, dense,
-                        allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=multiple,
-                        original_widths=original_widths, normalize_scores=not self.criterion.comparable_across_layers,
-                        width_losses=width_losses, losses_per_mac=per_mac,
-                        ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
-                    )
+                    plan = self._plan(analysis, scored, target, multiple)
                 except TargetUnreachableError:
                     continue
                 if plan.empty:
@@ -737,27 +746,11 @@ class ChannelPruner:
                 if width_losses is None and self._uses_residual_widths(scoring):
                     width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
                     per_mac = True
+                scored = _Scored(scores, width_losses, per_mac, dense or analysis.cost, original_widths)
                 round_to_trials: dict[str, float] = {}
                 if self._measures_round_to(target):
-                    round_to_trials = self._time_round_to(
-                        model, example_inputs, target, dense or analysis.cost, original_widths, analysis, scores,
-                        width_losses, per_mac,
-                    )
-                plan = plan_pruning(
-                    analysis.groups,
-                    scores,
-                    analysis.cost_model,
-                    target,
-                    dense or analysis.cost,
-                    allocation=self.allocation,
-                    max_layer_ratio=self.max_layer_ratio,
-                    round_to=self.effective_round_to,
-                    original_widths=original_widths,
-                    normalize_scores=not self.criterion.comparable_across_layers,
-                    width_losses=width_losses,
-                    losses_per_mac=per_mac,
-                    ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
-                )
+                    round_to_trials = self._time_round_to(model, example_inputs, target, analysis, scored)
+                plan = self._plan(analysis, scored, target, self.effective_round_to)
                 if plan_hook is not None:
                     plan = plan_hook(plan)
                 before = analysis.cost
@@ -773,9 +766,8 @@ class ChannelPruner:
                     tries.append([target.value, float(predicted if predicted is not None else measured), measured])
                     if target.kind == "latency":
                         hit = self._hit_latency(
-                            model, example_inputs, target, (dense or before), original_widths, analysis, scores,
-                            width_losses, per_mac, scoring, params_before, snapshot, plan_hook, tries,
-                            (plan, changes, corrections, surgery, after),
+                            model, example_inputs, target, analysis, scored, scoring, params_before, snapshot,
+                            plan_hook, tries, (plan, changes, corrections, surgery, after),
                         )
                         plan, changes, corrections, surgery, after, analysis, measured = hit
                     after = dataclasses.replace(after, latency=measured)
@@ -821,12 +813,8 @@ class ChannelPruner:
         model: nn.Module,
         example_inputs: Any,
         target: Target,
-        dense: Cost,
-        original_widths: Mapping[str, int] | None,
         first: Analysis,
-        scores: Sequence[torch.Tensor],
-        width_losses: Any,
-        per_mac: bool,
+        scored: _Scored,
         scoring: ScoringContext,
         params_before: Sequence[nn.Parameter],
         snapshot: ModuleSnapshot,
@@ -839,6 +827,7 @@ class ChannelPruner:
         target moved by the miss (secant steps after the first; at most ``latency_corrections`` times);
         keep the try closest to the
         target; returns its plan, cut, analysis and measured seconds. Runs inside the step's atomic section."""
+        dense = scored.dense
         assert self.latency is not None and dense.latency is not None
         plan = done[0]
         results: list[tuple[Plan, Any]] = [(plan, (*done, first))]
@@ -864,13 +853,7 @@ class ChannelPruner:
             planning = min(max(planning + slope * miss, target.value - 0.25, 1e-6), target.value + 0.25, 0.999)
             snapshot.restore()
             analysis = self._reanalyse(model, example_inputs, first)
-            plan = plan_pruning(
-                analysis.groups, scores, analysis.cost_model, Target("latency", planning), dense,
-                allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, round_to=self.effective_round_to,
-                original_widths=original_widths, normalize_scores=not self.criterion.comparable_across_layers,
-                width_losses=width_losses, losses_per_mac=per_mac, tolerance=1.0,
-                ties=self._ties(analysis.groups, original_widths) if self.uniform_per_type else None,
-            )
+            plan = self._plan(analysis, scored, Target("latency", planning), self.effective_round_to, tolerance=1.0)
             if plan_hook is not None:
                 plan = plan_hook(plan)
             cut = self._cut(model, example_inputs, analysis, plan, params_before, scoring)
