@@ -105,10 +105,13 @@ REPAIR_GRID: dict[str, dict[str, Any]] = {
     "ls, bn": {"correction": "least_squares", "recalibrate_bn": True},
 }
 #: Variants ``--repair-variants`` may also name (not in the default grid): ``rw`` = ``residual_widths``
-#: (widths by what the correction leaves, instead of the criterion's allocation).
+#: (widths by what the correction leaves, instead of the criterion's allocation); ``uniform`` = the
+#: criterion ranks channels inside each group, every group loses the same share (``criterion_widths=False``,
+#: ``allocation="uniform"``): the criterion's selection without its allocation.
 REPAIR_VARIANTS: dict[str, dict[str, Any]] = {
     **REPAIR_GRID,
     "ls+rw, bn": {"correction": "least_squares", "residual_widths": True, "recalibrate_bn": True},
+    "ls, bn, uniform": {"correction": "least_squares", "recalibrate_bn": True, "criterion_widths": False, "allocation": "uniform"},
 }
 
 

@@ -180,6 +180,11 @@ class StructuredPruningCallback(Callback):
             per MAC saved removed first, instead of ``allocation``. For criteria without a width rule
             of their own (all but ``interpolative_decomposition``, ``discriminant_information`` and
             ``pca_gm``). Default False. ``ValueError`` when True without the least-squares correction.
+        criterion_widths: let a criterion with a width rule of its own (``"discriminant_information"``,
+            ``"interpolative_decomposition"``, ``"pca_gm"``) choose how many channels each layer keeps.
+            Default True. False: the criterion only ranks channels inside each group and ``allocation``
+            (or ``residual_widths``) chooses the widths: an ablation that tells a method's selection
+            from its allocation. Not a bool: ``TypeError``.
         recalibrate_bn: after each step, inside its atomic section, re-estimate the running
             statistics of every BatchNorm on ``recalibrate_batches`` training batches (no gradient,
             no weight change, other modules in eval mode, exact averages over all rows, all ranks
@@ -266,6 +271,7 @@ class StructuredPruningCallback(Callback):
         correction: Literal["none", "least_squares"] | None = None,
         correction_ridge: float | None = None,
         residual_widths: bool = False,
+        criterion_widths: bool = True,
         recalibrate_bn: bool | None = None,
         recalibrate_batches: int = 20,
         measure_agreement: bool = True,
@@ -348,6 +354,7 @@ class StructuredPruningCallback(Callback):
                         correction=correction,
                         correction_ridge=correction_ridge,
                         residual_widths=residual_widths,
+                        criterion_widths=criterion_widths,
                         latency=self.latency,
                         latency_tolerance=latency_tolerance,
                         scope=scope,

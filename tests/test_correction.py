@@ -491,3 +491,27 @@ def test_with_correction_a_weight_criterion_allocates_by_the_residual_per_mac():
     uniform.step(b, x[:2], Target("flops", 0.5), context={"activations": _grams(b, uniform, x)})
     assert [m.weight.shape for m in a.modules() if isinstance(m, nn.Conv2d)] != [
         m.weight.shape for m in b.modules() if isinstance(m, nn.Conv2d)]  # the residual chose other widths
+
+
+def _widths_after_one_step(criterion, **kwargs):
+    L.seed_everything(0)
+    model = _classifier()
+    cb = StructuredPruningCallback(criterion, target_flops_reduction=0.5, epochs=[0], verbose=False,
+                                   recalibrate_batches=2, **kwargs)
+    _fit_trainer([cb], 1).fit(model, DigitsDataModule())
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return {n: m.out_channels for n, m in convs.items()}, {n: m.weight.detach().clone() for n, m in convs.items()}
+
+
+@pytest.mark.parametrize("criterion", ["discriminant_information", "pca_gm", "interpolative_decomposition"])
+def test_criterion_widths_false_leaves_the_widths_to_the_allocation_and_the_ranking_to_the_criterion(criterion):
+    with pytest.raises(TypeError, match="criterion_widths"):
+        StructuredPruningCallback(criterion, target_flops_reduction=0.5, criterion_widths="no")
+    own, _ = _widths_after_one_step(criterion)
+    # l1 has no width rule: its uniform allocation is the reference for "allocation decides the widths"
+    uniform, l1_weights = _widths_after_one_step("l1", allocation="uniform")
+    ablated, weights = _widths_after_one_step(criterion, allocation="uniform", criterion_widths=False)
+    assert own != uniform  # the criterion's own width rule chooses other widths (else the test proves nothing)
+    assert ablated == uniform
+    # the same widths, other channels: which ones are kept is still the criterion's choice
+    assert any(not torch.equal(weights[n], l1_weights[n]) for n in weights)

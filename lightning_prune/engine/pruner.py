@@ -272,6 +272,12 @@ class ChannelPruner:
             first, instead of ``allocation``, for criteria without width losses of their own. Default
             False (the criterion's allocation). ``ValueError`` when True and the correction resolves to
             ``"none"``.
+        criterion_widths: let a criterion with a width rule of its own
+            (:meth:`~lightning_prune.engine.protocol.Criterion.width_losses`: ``"discriminant_information"``,
+            ``"interpolative_decomposition"``, ``"pca_gm"``) choose how many channels each group keeps.
+            Default True. False: the criterion only ranks the channels inside each group and
+            ``allocation`` (or ``residual_widths``) chooses the widths, an ablation that separates which
+            channels a method keeps from how many per layer. Not a bool: ``TypeError``.
         latency: a :class:`~lightning_prune.engine.latency.LatencyEstimator`: every analysis then builds a
             :class:`~lightning_prune.engine.latency.LatencyCostModel` (costs carry ``latency``) and every
             step measures the pruned model. Needed by ``Target("latency", ...)``; created with defaults
@@ -310,6 +316,7 @@ class ChannelPruner:
         correction: Correction | None = None,
         correction_ridge: float | None = None,
         residual_widths: bool = False,
+        criterion_widths: bool = True,
         latency: LatencyEstimator | None = None,
         latency_tolerance: float = 0.02,
         latency_corrections: int = 5,
@@ -324,6 +331,8 @@ class ChannelPruner:
             )
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or None, got {allocation!r}")
+        if not isinstance(criterion_widths, bool):
+            raise TypeError(f"criterion_widths must be True or False, got {criterion_widths!r}")
         if round_to is not None and round_to != "auto" and (
             isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
         ):
@@ -373,6 +382,7 @@ class ChannelPruner:
                 f"resolves to {self.resolved_correction!r} for {type(criterion).__name__}: pass correction='least_squares'"
             )
         self.allocation = allocation
+        self.criterion_widths = criterion_widths
         self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio)
         self.round_to = round_to
         self.ignored_layers = list(ignored_layers)
@@ -741,7 +751,7 @@ class ChannelPruner:
                 )
                 with preserved_training_modes(model):
                     scores = self.criterion.score(analysis.groups, scoring)
-                    width_losses = self.criterion.width_losses(analysis.groups, scoring)
+                    width_losses = self.criterion.width_losses(analysis.groups, scoring) if self.criterion_widths else None
                 per_mac = self.criterion.width_losses_per_mac
                 if width_losses is None and self._uses_residual_widths(scoring):
                     width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
