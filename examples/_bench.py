@@ -54,7 +54,7 @@ def criteria_names() -> list[str]:
     return names
 
 
-def add_common_arguments(parser: "argparse.ArgumentParser", smoke_help: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, smoke_help: str) -> None:
     """``--threads``, ``--smoke``, ``--out``, ``--accelerator`` and ``--devices``, the same in every script."""
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see README)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every fit: cpu (default), gpu, auto")
@@ -63,7 +63,7 @@ def add_common_arguments(parser: "argparse.ArgumentParser", smoke_help: str) -> 
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} (smoke: benchmark_results/smoke)")
 
 
-def output_dir(args: "argparse.Namespace") -> Path:
+def output_dir(args: argparse.Namespace) -> Path:
     """Where a run writes: ``--out``, else ``examples/results`` (smoke: ``benchmark_results/smoke``)."""
     return args.out or (Path("benchmark_results/smoke") if args.smoke else DEFAULT_OUT)
 

@@ -67,9 +67,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch_pruning as tp
-from lightning.pytorch.callbacks import ModelPruning
-from torch import nn
-
 from _bench import (
     accuracy,
     add_common_arguments,
@@ -88,6 +85,9 @@ from _bench import (
     setup_threads,
     write_outputs,
 )
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+
 from lightning_prune import StructuredPruningCallback, Target, count_cost, get_criterion
 from lightning_prune.data import DigitsDataModule, FashionMNISTDataModule
 from lightning_prune.engine import ChannelPruner
@@ -111,7 +111,9 @@ REPAIR_GRID: dict[str, dict[str, Any]] = {
 REPAIR_VARIANTS: dict[str, dict[str, Any]] = {
     **REPAIR_GRID,
     "ls+rw, bn": {"correction": "least_squares", "residual_widths": True, "recalibrate_bn": True},
-    "ls, bn, uniform": {"correction": "least_squares", "recalibrate_bn": True, "criterion_widths": False, "allocation": "uniform"},
+    "ls, bn, uniform": {
+        "correction": "least_squares", "recalibrate_bn": True, "criterion_widths": False, "allocation": "uniform",
+    },
 }
 
 

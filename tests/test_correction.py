@@ -515,3 +515,14 @@ def test_criterion_widths_false_leaves_the_widths_to_the_allocation_and_the_rank
     assert ablated == uniform
     # the same widths, other channels: which ones are kept is still the criterion's choice
     assert any(not torch.equal(weights[n], l1_weights[n]) for n in weights)
+
+
+def test_criterion_widths_false_with_residual_widths_takes_the_widths_from_what_the_correction_leaves():
+    uniform, _ = _widths_after_one_step("discriminant_information", allocation="uniform", criterion_widths=False)
+    residual, _ = _widths_after_one_step(
+        "discriminant_information", criterion_widths=False, correction="least_squares", residual_widths=True
+    )
+    own, _ = _widths_after_one_step("discriminant_information", correction="least_squares", residual_widths=True)
+    assert residual != uniform
+    # with its own width rule on, residual_widths does not apply to DI: the widths differ from the energies'
+    assert own != residual

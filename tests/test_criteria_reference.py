@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from nets import MLP, ResidualNet, image_inputs
 from torch import nn
 

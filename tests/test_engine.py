@@ -25,7 +25,6 @@ import lightning_prune.engine.graph as graph_module
 from lightning_prune.criteria import get_criterion
 from lightning_prune.engine import ChannelPruner, PruningError, Target
 
-
 # ====================================================================================== helpers
 #: one output layer per prunable channel group (coupled layers share a width, so one is enough)
 GROUP_LAYERS = {
