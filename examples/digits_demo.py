@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_prune import StructuredPruningCallback, available_criteria, count_cost
+from lightning_prune import StructuredPruningCallback, available_criteria, count_cost, get_criterion
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.engine import layer_widths
 from lightning_prune.models import ImageClassifier, SmallResNet
@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--criterion", default="l1", choices=available_criteria())
     parser.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--allocation", default="global", choices=["uniform", "global"])
+    parser.add_argument("--allocation", default=None, choices=["uniform", "global"],
+                        help="default: global; criteria with a width rule of their own (DI, ID, PCA+GM) use it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
@@ -73,6 +74,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     steps = [args.epochs // 4, args.epochs // 2]
+    if args.allocation is None and not get_criterion(args.criterion).has_width_rule():
+        args.allocation = "global"
     print(f"Dense baseline: {args.epochs} epochs on digits ...")
     dense, dense_acc, dense_time = fit(args, [])
     print(f"Pruned run: '{args.criterion}' removes {args.target:.0%} of the MACs at the end of epochs {steps} ...")

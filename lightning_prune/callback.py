@@ -117,7 +117,8 @@ class StructuredPruningCallback(Callback):
             ranking across layers; scores are normalised per group unless the criterion's scores
             are comparable across layers). Default None: the criterion's preference
             (``"global"`` for ``"pls_vip"``, ``"uniform"`` otherwise). Criteria with their own width
-            rule (``"pca_gm"``) ignore it.
+            rule (``"discriminant_information"``, ``"interpolative_decomposition"``, ``"pca_gm"``) ignore
+            it, with a ``UserWarning`` when it is given, unless ``criterion_widths=False``.
         max_layer_ratio: largest fraction of a group's original width that may be removed, in
             (0, 1). Default 0.9. A layer never loses its last channel.
         ignored_layers: layers (qualified names or modules) whose output channels are never pruned.
@@ -333,6 +334,12 @@ class StructuredPruningCallback(Callback):
             if key not in slots:
                 slots[key] = len(self._criteria)
                 chosen = get_criterion(spec, **dict(criterion_kwargs or {}))
+                if allocation is not None and criterion_widths and chosen.has_width_rule():
+                    rank_zero_warn(
+                        f"allocation={allocation!r} has no effect: {type(chosen).__name__} chooses the widths by its own "
+                        "rule; pass criterion_widths=False to let the allocation choose them",
+                        category=UserWarning,
+                    )
                 feeder = BatchFeeder(
                     chosen.name or type(chosen).__name__,
                     needs_labels=chosen.requirements.labels,

@@ -526,3 +526,15 @@ def test_criterion_widths_false_with_residual_widths_takes_the_widths_from_what_
     assert residual != uniform
     # with its own width rule on, residual_widths does not apply to DI: the widths differ from the energies'
     assert own != residual
+
+
+def test_an_allocation_that_a_criterion_with_its_own_width_rule_ignores_is_warned_about():
+    with pytest.warns(UserWarning, match=r"allocation='global' has no effect.*criterion_widths=False"):
+        StructuredPruningCallback("pca_gm", target_flops_reduction=0.5, allocation="global")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StructuredPruningCallback("pca_gm", target_flops_reduction=0.5, allocation="global", criterion_widths=False)
+        StructuredPruningCallback("pca_gm", target_flops_reduction=0.5)
+        StructuredPruningCallback("l1", target_flops_reduction=0.5, allocation="global")

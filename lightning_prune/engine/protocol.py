@@ -190,6 +190,12 @@ class Criterion(abc.ABC):
         """
         return None
 
+    @classmethod
+    def has_width_rule(cls) -> bool:
+        """Whether the criterion chooses widths itself (it overrides :meth:`width_losses`), so that
+        ``allocation`` has no effect unless ``criterion_widths=False``."""
+        return cls.width_losses is not Criterion.width_losses
+
     @abc.abstractmethod
     def score(self, groups: Sequence[ChannelGroup], context: ScoringContext) -> list[torch.Tensor]:
         """One importance tensor per group, ``group.size`` entries each; higher is more important."""
