@@ -180,7 +180,8 @@ class StructuredPruningCallback(Callback):
             reconstruction misses (from the same Grams), summed over the consumers, the smallest loss
             per MAC saved removed first, instead of ``allocation``. For criteria without a width rule
             of their own (all but ``interpolative_decomposition``, ``discriminant_information`` and
-            ``pca_gm``, unless ``criterion_widths=False``). Default False. ``ValueError`` when True without the least-squares correction.
+            ``pca_gm``, unless ``criterion_widths=False``). Default False. ``ValueError`` when True
+            without the least-squares correction.
         criterion_widths: let a criterion with a width rule of its own (``"discriminant_information"``,
             ``"interpolative_decomposition"``, ``"pca_gm"``) choose how many channels each layer keeps.
             Default True. False: the criterion only ranks channels inside each group and ``allocation``
