@@ -275,3 +275,134 @@ def test_a_new_statistic_is_one_class_and_its_entry(monkeypatch):
     torch.testing.assert_close(store.get("channel_max", request), torch.cat(outs).amax(0))
     assert collector.nbytes() == sum(a.nbytes() for a in collector.accumulators)
     assert store.num_samples == 15
+
+
+# ---------------------------------------------------------------------------------------------- shared readers
+class _TwoReaders(nn.Module):
+    """``a`` and ``b`` read the same tensor (a block's first convolution and its projection shortcut),
+    unless ``mode`` says otherwise: ``"skip_a"`` (``a`` not called), ``"other"`` (``b`` reads ``2x``),
+    ``"inplace"`` (``x`` changed in place between the two reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b = nn.Conv2d(3, 2, 1)
+        self.mode = "same"
+
+    def forward(self, x):
+        x = x + 0.0  # a fresh tensor the module owns
+        out = self.a(x) if self.mode != "skip_a" else 0.0
+        if self.mode == "inplace":
+            x.mul_(3.0)
+        return out + self.b(2 * x if self.mode == "other" else x)
+
+
+def _gram_of_rows(x: torch.Tensor) -> np.ndarray:
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double().numpy()
+    return rows.T @ rows
+
+
+def _two_reader_collector(model: nn.Module) -> tuple[ActivationCollector, list[ActivationRequest]]:
+    requests = [ActivationRequest(m, site="input", statistic="gram", rows_per_batch=10_000) for m in ("a", "b")]
+    return ActivationCollector(model, requests), requests
+
+
+def _run(collector: ActivationCollector, model: nn.Module, batches: list[torch.Tensor], modes: list[str]) -> None:
+    collector.attach()
+    with torch.no_grad():
+        for x, mode in zip(batches, modes):
+            model.mode = mode
+            collector.begin_batch()
+            model(x)
+            collector.end_batch()
+    collector.detach()
+
+
+def test_readers_of_one_tensor_share_one_state_and_both_get_its_exact_gram():
+    torch.manual_seed(0)
+    model = _TwoReaders()
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(6)]
+    collector, (ra, rb) = _two_reader_collector(model)
+    _run(collector, model, batches, ["same"] * 6)
+    expected = sum(_gram_of_rows(x) for x in batches)
+    store = collector.store()
+    for request in (ra, rb):
+        np.testing.assert_allclose(store.gram(request).gram.numpy(), expected, rtol=1e-5)
+        assert store.rows_seen[request] == 6 * 4 * 25
+    assert store.gram(ra).gram is not store.gram(rb).gram  # each request gets its own result tensors
+    alone = ActivationCollector(model, [ra])
+    _run(alone, model, batches, ["same"] * 6)
+    alone.store()
+    assert collector.nbytes() == alone.nbytes() > 0  # the follower holds nothing of its own
+
+
+@pytest.mark.parametrize("mode", ["other", "inplace"])
+def test_readers_of_different_or_modified_tensors_do_not_share(mode):
+    torch.manual_seed(1)
+    model = _TwoReaders()
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+    collector, (ra, rb) = _two_reader_collector(model)
+    _run(collector, model, batches, [mode] * 3)
+    store = collector.store()
+    np.testing.assert_allclose(store.gram(ra).gram.numpy(), sum(_gram_of_rows(x) for x in batches), rtol=1e-5)
+    factor = 2.0 if mode == "other" else 3.0  # b reads 2x, or x after the in-place x *= 3
+    np.testing.assert_allclose(store.gram(rb).gram.numpy(), sum(_gram_of_rows(factor * x) for x in batches), rtol=1e-5)
+
+
+def test_a_follower_whose_leader_is_not_called_keeps_every_row_exactly():
+    torch.manual_seed(2)
+    model = _TwoReaders()
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(5)]
+    collector, (ra, rb) = _two_reader_collector(model)
+    _run(collector, model, batches, ["same", "same", "skip_a", "same", "same"])
+    store = collector.store()
+    np.testing.assert_allclose(store.gram(rb).gram.numpy(), sum(_gram_of_rows(x) for x in batches), rtol=1e-5)
+    a_batches = [x for i, x in enumerate(batches) if i != 2]
+    np.testing.assert_allclose(store.gram(ra).gram.numpy(), sum(_gram_of_rows(x) for x in a_batches), rtol=1e-5)
+    assert store.rows_seen == {ra: 4 * 100, rb: 5 * 100}
+
+
+def test_a_follower_whose_leader_reads_another_tensor_restarts_with_an_honest_row_count():
+    torch.manual_seed(3)
+    model = _TwoReaders()
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(4)]
+    collector, (ra, rb) = _two_reader_collector(model)
+    _run(collector, model, batches, ["same", "same", "other", "same"])
+    store = collector.store()
+    np.testing.assert_allclose(store.gram(ra).gram.numpy(), sum(_gram_of_rows(x) for x in batches), rtol=1e-5)
+    # b's own rows from the batch where the two parted: 2x of batch 2, then batch 3
+    np.testing.assert_allclose(
+        store.gram(rb).gram.numpy(), _gram_of_rows(2 * batches[2]) + _gram_of_rows(batches[3]), rtol=1e-5
+    )
+    assert store.rows_seen[rb] == 2 * 100
+
+
+def test_synchronize_unshares_before_reducing_so_no_state_is_reduced_twice(monkeypatch):
+    import torch.distributed as dist
+
+    torch.manual_seed(4)
+    model = _TwoReaders()
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+    collector, (ra, rb) = _two_reader_collector(model)
+    _run(collector, model, batches, ["same"] * 3)
+    # two ranks that saw the same data: every all-reduce doubles what it is given
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: tensor.mul_(2))
+    collector.synchronize()
+    store = collector.store()
+    expected = 2 * sum(_gram_of_rows(x) for x in batches)
+    for request in (ra, rb):
+        np.testing.assert_allclose(store.gram(request).gram.numpy(), expected, rtol=1e-5)
+        assert store.rows_seen[request] == 2 * 3 * 100
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), channels=st.integers(1, 150), seed=st.integers(0, 2**16))
+def test_the_blocked_gram_fold_equals_the_full_product(rows, channels, seed):
+    x = torch.randn(rows, channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = torch.zeros(channels, channels, dtype=torch.float64)
+    accumulators._add_upper_gram(out, x)
+    accumulators._add_upper_gram(out, 2 * x)
+    reference = 5 * x.numpy().T @ x.numpy()
+    np.testing.assert_allclose(accumulators._symmetric(out).numpy(), reference, rtol=1e-10, atol=1e-10)

@@ -36,8 +36,10 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -167,6 +169,19 @@ class Accumulator(ABC):
 
     def end_batch(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """The training batch ended (every request of it was updated)."""
+
+    def share_key(self) -> Hashable | None:
+        """Accumulators with equal keys that are handed the *same tensor* in a batch may share one
+        state (:meth:`follow`); None (the default): never shared."""
+        return None
+
+    def follow(self, leader: Accumulator) -> bool:
+        """Share ``leader``'s state for this batch, ``leader`` having just folded in the tensor this
+        accumulator was about to read; False when this accumulator cannot (it has state of its own)."""
+        return False
+
+    def unshare(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
+        """Hold a state of one's own again (before :meth:`sync`, so that no rank reduces a state twice)."""
 
     @abstractmethod
     def sync(self) -> None:
@@ -399,18 +414,50 @@ class _Sums:
         rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         self._pending, self._pending_rows = [], 0
         self.total32.add_(rows.sum(0))
-        self.outer32.addmm_(rows.T, rows)
+        _add_upper_gram(self.outer32, rows)
 
     def flush(self) -> None:
         self._fold()
         self.total += self.total32.double()
-        self.outer += self.outer32.double()
+        self.outer += _symmetric(self.outer32).double()
         self.total32.zero_()
         self.outer32.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held, rows pending included (memory accounting)."""
         return [self.total32, self.outer32, self.total, self.outer, *self._pending]
+
+    def copy(self) -> _Sums:
+        """An independent copy (pending rows are never written to, so they are shared)."""
+        other = copy.copy(self)
+        for name in ("total32", "outer32", "total", "outer"):
+            setattr(other, name, getattr(self, name).clone())
+        other._pending = list(self._pending)
+        return other
+
+
+#: widest block of :func:`_add_upper_gram` computed as one product; narrower matrices are not split
+_GRAM_BLOCKS = 8
+_MIN_BLOCK = 16
+
+
+def _add_upper_gram(out: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out += rows^T rows`` on and above the diagonal blocks only (about half the products when
+    ``C >= 64``): ``_GRAM_BLOCKS`` panels ``out[i:j, i:] += rows[:, i:j]^T rows[:, i:]``. Below the
+    diagonal blocks ``out`` is left as it is; :func:`_symmetric` completes it."""
+    channels = rows.shape[1]
+    block = max(_MIN_BLOCK, -(-channels // _GRAM_BLOCKS))
+    if channels < 4 * _MIN_BLOCK:
+        out.addmm_(rows.T, rows)
+        return
+    for start in range(0, channels, block):
+        stop = min(channels, start + block)
+        out[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
+
+
+def _symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of ``upper``."""
+    return upper.triu() + upper.triu(1).T
 
 
 def _owned(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -468,45 +515,92 @@ class _RowSampling(Accumulator):
 
 class _StreamedRows(_RowSampling):
     """Rows sampled per batch folded into float32 sums (``sum x``, ``sum x x^T``, row count), flushed
-    into float64 every 32 batches, all-reduced under DDP; subclasses say what :meth:`compute` returns."""
+    into float64 every 32 batches, all-reduced under DDP; subclasses say what :meth:`compute` returns.
+
+    Two such accumulators with the same settings handed the same tensor (a block's input read by
+    its first convolution and by its projection shortcut) share one state: the collector offers
+    the second to :meth:`follow` the first, which then samples, folds and stores nothing. Should
+    the two stop reading one tensor (a forward that changes), the follower takes a copy of the
+    leader's sums when they hold no row of the current batch, and otherwise starts its own (its
+    row count then says how many rows it holds).
+    """
 
     label = "rows"  #: what error messages call the statistic
 
     def __init__(self, request: ActivationRequest, channel_dim: int = 1, generator: Any = None) -> None:
         self._init_sampling(request, channel_dim, generator)
         self._sums: _Sums | None = None
+        self._leader: _StreamedRows | None = None
+        # everything that decides the statistic of a given tensor: the request but for where it is read
+        settings = tuple(getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in ("module", "site"))
+        self._share_key = (type(self), settings, self.channel_dim)
+        self._batch = 0  # batches begun
+        self._updated = 0  # the batch of the latest update
 
     @classmethod
     def build(cls, requests: Sequence[ActivationRequest], context: AccumulatorContext) -> _StreamedRows:
         (request,) = requests
         return cls(request, context.channel_dims.get(request, 1), context.generator)
 
+    def begin_batch(self) -> None:
+        self._batch += 1
+
+    def share_key(self) -> Hashable:
+        return self._share_key
+
+    def follow(self, leader: Accumulator) -> bool:
+        if leader is self._leader:
+            return True
+        if self._leader is None and self._sums is None and isinstance(leader, _StreamedRows) and leader._leader is None:
+            self._leader = leader
+            return True
+        return False
+
+    def unshare(self) -> None:
+        leader, self._leader = self._leader, None
+        if leader is not None and leader._sums is not None:
+            leader._sums.flush()
+            self._sums = leader._sums.copy()
+
     def update(self, request: ActivationRequest, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if self._leader is not None:  # no longer reading the leader's tensor
+            leader, self._leader = self._leader, None
+            if leader._sums is not None and leader._updated < leader._batch:
+                self._sums = leader._sums.copy()
+        self._updated = self._batch
         rows = self._rows(x)
         if self._sums is None:
             self._sums = _Sums(rows.shape[1], rows.device)
         self._sums.add(_owned(rows, x))
 
+    @property
+    def _state(self) -> _Sums | None:
+        return self._leader._sums if self._leader is not None else self._sums
+
     def sync(self) -> None:
         """All-reduce the sums and the row count."""
+        if self._leader is not None:
+            raise RuntimeError(f"{self.label} of '{self.request.module}' shares another's sums: unshare() all accumulators first")
         if _world_size() > 1:
             _all_reduce_sums(self._sums, list, f"{self.label} of '{self.request.module}'")
 
     def _flushed(self) -> _Sums:
-        if self._sums is None:
+        sums = self._state
+        if sums is None:
             raise RuntimeError(f"{self.label} of '{self.request.module}': nothing accumulated")
-        self._sums.flush()
-        return self._sums
+        sums.flush()
+        return sums
 
     @property
     def empty(self) -> bool:
-        return self._sums is None
+        return self._state is None
 
     def rows_seen(self) -> dict[ActivationRequest, int]:
-        return {} if self._sums is None else {self.request: self._sums.count}
+        sums = self._state
+        return {} if sums is None else {self.request: sums.count}
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        if self._sums is not None:
+        if self._sums is not None:  # a follower holds nothing of its own
             yield from self._sums.tensors()
         yield from self._index_tensors()
 

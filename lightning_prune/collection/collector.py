@@ -22,6 +22,7 @@ number of epochs. Hooks exist only between :meth:`attach` and :meth:`detach`. Th
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -211,6 +212,7 @@ class ActivationCollector:
         self._accumulators: dict[ActivationRequest, Accumulator] = build_accumulators(self.requests, context)
         self._batch_labels: torch.Tensor | None = None
         self._seen: set[ActivationRequest] = set()
+        self._claims: dict[Any, tuple[weakref.ref, int, Accumulator]] = {}
         self._active = False
         self._batch_size = 0
         self.samples_seen = 0  #: training samples whose activations were collected (all ranks after synchronize)
@@ -245,14 +247,14 @@ class ActivationCollector:
     def begin_batch(self, labels: torch.Tensor | None = None) -> None:
         """Start a batch; ``labels`` (one per sample) are stored with the pooled samples."""
         self._batch_labels = None if labels is None else labels.detach()
-        self._seen = set()
+        self._seen, self._claims = set(), {}
         self._active = True
         for accumulator in self.accumulators:
             accumulator.begin_batch()
 
     def end_batch(self) -> None:
         """End the batch: the pooled reservoir keys and buffers it (amortised O(1) copies per sample)."""
-        self._batch_labels, self._seen, self._active = None, set(), False
+        self._batch_labels, self._seen, self._claims, self._active = None, set(), {}, False
         self.batches += 1
         self.samples_seen += self._batch_size
         self._batch_size = 0
@@ -266,15 +268,34 @@ class ActivationCollector:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self._active:  # outside begin_batch/end_batch: validation, the pruner's own passes
                 return
-            for request in requests:
-                x = output if request.site == "output" else (inputs[0] if inputs else None)
-                if not isinstance(x, torch.Tensor) or request in self._seen:
-                    continue  # a module called twice in one forward: the first call counts
-                self._seen.add(request)
-                self._batch_size = self._batch_size or int(x.shape[0])  # shape only: no sync
-                self._accumulators[request].update(request, x, self._batch_labels)
+            with torch.no_grad():  # statistics only: no autograd record, no detach per request
+                self._collect(requests, inputs, output)
 
         return hook
+
+    def _collect(self, requests: list[ActivationRequest], inputs: tuple[Any, ...], output: Any) -> None:
+        """Route a module call's activations to the accumulators of its ``requests``."""
+        for request in requests:
+            x = output if request.site == "output" else (inputs[0] if inputs else None)
+            if not isinstance(x, torch.Tensor) or request in self._seen:
+                continue  # a module called twice in one forward: the first call counts
+            self._seen.add(request)
+            self._batch_size = self._batch_size or int(x.shape[0])  # shape only: no sync
+            accumulator = self._accumulators[request]
+            if not self._shared(accumulator, x):
+                accumulator.update(request, x, self._batch_labels)
+
+    def _shared(self, accumulator: Accumulator, x: torch.Tensor) -> bool:
+        """Whether ``accumulator`` shares the state of one that already folded in ``x`` in this batch
+        (the same tensor object, unmodified since); otherwise it claims ``x`` for later readers."""
+        key = accumulator.share_key()
+        if key is None:
+            return False
+        claim = self._claims.get((key, id(x)))
+        if claim is not None and claim[0]() is x and claim[1] == x._version:
+            return accumulator.follow(claim[2])
+        self._claims[(key, id(x))] = (weakref.ref(x), x._version, accumulator)  # a weak reference: x is not kept alive
+        return False
 
     # -------------------------------------------------------------- distributed
     def synchronize(self) -> None:
@@ -290,6 +311,8 @@ class ActivationCollector:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
+        for accumulator in self.accumulators:  # first, so that no shared state is reduced twice
+            accumulator.unshare()
         for accumulator in self.accumulators:
             accumulator.sync()
         samples = torch.tensor([float(self.samples_seen)])
