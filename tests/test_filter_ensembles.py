@@ -19,6 +19,7 @@ from lightning_prune.criteria.filter_ensembles import (
     MAX_PASS_ELEMENTS,
     MAX_PASS_ELEMENTS_CPU,
     MAX_PASS_SAMPLES,
+    MAX_PASS_SAMPLES_CPU,
     channel_masking,
     per_sample_loss,
     ridge_coefficients,
@@ -347,7 +348,7 @@ def test_batched_scores_match_unbatched_and_repeat_exactly(fit):
         groups, ctx = _context(model, batches, seed=3)
         runs[key] = (criterion.score(groups, ctx), criterion.evaluations, criterion.passes)
     assert runs["one"][1:] == (40, 40)
-    assert runs["auto"][1:] == (40, 1)  # 40 masks x 8 samples fit in one pass
+    assert runs["auto"][1:] == (40, 2)  # 32 masks x 8 samples fill the CPU's 256-sample pass, then 8
     assert runs["seven"][1:] == (40, math.ceil(40 / 7))  # the budget holds with a last, shorter pass
     assert all(torch.equal(p, q) for p, q in zip(runs["auto"][0], runs["auto again"][0]))
     scale = max(float(s.abs().max()) for s in runs["one"][0])
@@ -368,9 +369,14 @@ def test_masks_per_pass_is_validated(bad):
 def test_masks_per_pass_rule():
     criterion = get_criterion("filter_ensembles")
     forward = SimpleNamespace(evaluate_batched=lambda *a: None, batch_samples=64, sample_elements=64)
-    assert criterion.pass_size(forward) == MAX_PASS_SAMPLES // 64 == 16
-    forward.batch_samples, forward.sample_elements = 2, 4
+    assert criterion.pass_size(forward) == MAX_PASS_SAMPLES_CPU // 64 == 4  # the digits benchmark's batches on the CPU
+    forward.batch_samples, forward.sample_elements = 1, 4
+    assert criterion.pass_size(forward) == 256  # never above the budget (or the CPU's 256 samples)
+    forward.device_type = "cuda"
     assert criterion.pass_size(forward) == 256  # never above the budget
+    forward.batch_samples = 64
+    assert criterion.pass_size(forward) == MAX_PASS_SAMPLES // 64 == 16
+    del forward.device_type
     forward.batch_samples, forward.sample_elements = 128, 28 * 28  # Fashion-MNIST batches on the CPU
     assert criterion.pass_size(forward) == MAX_PASS_ELEMENTS_CPU // (128 * 28 * 28) == 2
     forward.device_type = "cuda"  # the accelerator's bound: up to the sample cap
