@@ -436,7 +436,8 @@ class _Sums:
         return other
 
 
-#: widest block of :func:`_add_upper_gram` computed as one product; narrower matrices are not split
+#: :func:`_add_upper_gram` splits a Gram of C >= 4 * _MIN_BLOCK channels into _GRAM_BLOCKS row panels of
+#: at least _MIN_BLOCK rows (narrower products lose more to overhead than the triangle saves)
 _GRAM_BLOCKS = 8
 _MIN_BLOCK = 16
 
