@@ -59,7 +59,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -486,6 +486,45 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     return summary
 
 
+#: config entries that may differ between runs merged by :func:`merge_results` (everything else must match)
+MERGE_FREE = ("seeds",)
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same configuration on different seeds (e.g. one process per seed,
+    on one machine or several): dense models and runs concatenated, seeds in order, the summary
+    recomputed. ``wall_seconds`` becomes the longest run's and ``wall_seconds_each`` keeps every one.
+
+    Raises:
+        ValueError: no result, configurations that differ in anything but the seeds (the entry is
+            named), or a seed present in two results.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one result")
+    first = results[0]["config"]
+    for other in results[1:]:
+        config = other["config"]
+        differ = sorted(k for k in set(first) | set(config) if k not in MERGE_FREE and first.get(k) != config.get(k))
+        if differ:
+            raise ValueError(f"cannot merge runs whose configurations differ in {differ}: run them with the same arguments")
+    seeds = [s for r in results for s in r["config"]["seeds"]]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"cannot merge: seed(s) {repeated} appear in more than one result")
+    ordered = sorted(results, key=lambda r: min(r["config"]["seeds"]))
+    merged: dict[str, Any] = {
+        "config": {**first, "seeds": sorted(seeds)},
+        "machine": ordered[0]["machine"],
+        "dense": sorted((d for r in ordered for d in r["dense"]), key=lambda d: d["seed"]),
+        "runs": [row for r in ordered for row in r["runs"]],
+        "widths": ordered[0]["widths"],  # the smallest seed's, as a single run records them
+        "wall_seconds": max(r["wall_seconds"] for r in ordered),
+        "wall_seconds_each": [r["wall_seconds"] for r in ordered],
+    }
+    merged["summary"] = summarize(merged)
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------- report
 README_START = "<!-- benchmark-compare:start -->"
 README_END = "<!-- benchmark-compare:end -->"
@@ -536,6 +575,13 @@ def _accelerator(config: dict[str, Any], m: dict[str, Any]) -> str:
     return "CPU" if accelerator == "cpu" else f"{accelerator} ({m.get('gpu', '?')}, {config.get('devices', 1)} device(s))"
 
 
+def _wall_time(result: dict[str, Any]) -> str:
+    each = result.get("wall_seconds_each", [result["wall_seconds"]])
+    if len(each) == 1:
+        return f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min."
+    return f"Merged from {len(each)} runs (one per seed group) of {', '.join(f'{s / 60:.1f}' for s in each)} min."
+
+
 def markdown(result: dict[str, Any]) -> str:
     config, m = result["config"], result["machine"]
     dense = result["dense"]
@@ -550,7 +596,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(SGD, lr {config['finetune_lr']}, cosine){_partial_epochs(config)}. Machine: {m['cpu']}, {m['cores']} cores, "
         f"{_accelerator(config, m)}, {m['torch_threads']} torch "
         f"thread(s), torch {m['torch']}, lightning {m['lightning']}, torch-pruning {m['torch_pruning']}. "
-        f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
+        + _wall_time(result),
         "",
         "| target | method | MACs removed | params removed | non-zero params removed | acc. after prune | acc. after fine-tuning | prune step (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -762,7 +808,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="--repair-grid: only these variants (default: all four)")
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
-    parser.add_argument("--from-json", type=Path, default=None, help="no run: redo the tables, plots and README from a compare.json")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="no run: redo the tables, plots and README from compare.json files (several: runs of the same "
+                             "arguments on different seeds, merged)")
     args = parser.parse_args(argv)
     fashion = args.data == "fashion-mnist"
     args.targets = args.targets or ([0.5, 0.7, 0.9] if fashion else [0.3, 0.5, 0.7, 0.9])
@@ -786,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit = args.limit_train_batches
     set_trainer(args.accelerator, args.devices, int(limit) if limit > 1 else limit)
 
-    result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    result = merge_results([json.loads(path.read_text()) for path in args.from_json]) if args.from_json else run(args)
     table = markdown(result)
     stem = output_stem(result["config"])
     write_outputs(args.out, stem, result, table)

@@ -203,3 +203,58 @@ def test_every_repair_variant_of_the_comparison_is_a_valid_callback_configuratio
         cb = StructuredPruningCallback(name, target_flops_reduction=0.5, verbose=False, **repair)
         assert cb.pruner.criterion_widths is repair.get("criterion_widths", True)
     assert benchmark_compare.variant_of("l1") == ("l1", {})
+
+
+def _compare_module():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import benchmark_compare
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return benchmark_compare
+
+
+def _seed_result(seed: int, accuracies: dict[str, float], wall: float) -> dict:
+    """A comparison result of one seed and one target, as ``run`` writes it (numbers made up)."""
+    keys = ("flops_reduction", "params_reduction", "nonzero_params_reduction", "macs", "params", "params_nonzero",
+            "channels_removed", "accuracy_after_prune", "prune_seconds")
+    runs = [
+        {**dict.fromkeys(keys, 0.5), "accuracy_after_finetune": acc, "latency_ms": {"1": 1.0, "64": 8.0},
+         "latency_ratio": {"1": 0.6, "64": 0.5 + seed / 10}, "method": method, "seed": seed, "target": 0.5, "ok": True}
+        for method, acc in accuracies.items()
+    ]
+    config = {"data": "fashion-mnist", "seeds": [seed], "targets": [0.5], "criteria": ["l1", "fpgm"], "peers": [], "smoke": False}
+    return {"config": config, "machine": {"cpu": "x"}, "dense": [{"seed": seed, "accuracy": 0.9}], "runs": runs,
+            "widths": {"seed": seed}, "wall_seconds": wall}
+
+
+def test_compare_merges_runs_of_other_seeds_against_numpy():
+    import numpy as np
+
+    bc = _compare_module()
+    accuracies = {0: {"l1": 0.80, "fpgm": 0.70}, 1: {"l1": 0.84, "fpgm": 0.60}, 2: {"l1": 0.86, "fpgm": 0.65}}
+    parts = [_seed_result(s, accuracies[s], wall=60.0 * (s + 1)) for s in (2, 0, 1)]  # any order
+    merged = bc.merge_results(parts)
+    assert merged["config"]["seeds"] == [0, 1, 2] and [d["seed"] for d in merged["dense"]] == [0, 1, 2]
+    assert merged["widths"] == {"seed": 0} and len(merged["runs"]) == 6
+    assert merged["wall_seconds"] == 180.0 and sorted(merged["wall_seconds_each"]) == [60.0, 120.0, 180.0]
+    for method in ("l1", "fpgm"):
+        (row,) = [r for r in merged["summary"] if r["method"] == method]
+        values = np.array([accuracies[s][method] for s in (0, 1, 2)])
+        mean, std = row["accuracy_after_finetune"]
+        assert row["seeds"] == 3 and mean == pytest.approx(values.mean())
+        assert std == pytest.approx(values.std(ddof=1))  # the sample standard deviation
+        assert row["latency_ratio_64"][0] == pytest.approx(0.6)
+    assert "Merged from 3 runs" in bc._wall_time(merged)
+
+
+def test_compare_merge_refuses_other_configurations_and_repeated_seeds():
+    bc = _compare_module()
+    a, b = _seed_result(0, {"l1": 0.8, "fpgm": 0.7}, 1.0), _seed_result(1, {"l1": 0.8, "fpgm": 0.7}, 1.0)
+    b["config"]["targets"] = [0.7]
+    with pytest.raises(ValueError, match=r"differ in \['targets'\]"):
+        bc.merge_results([a, b])
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\] appear in more than one"):
+        bc.merge_results([a, _seed_result(0, {"l1": 0.8, "fpgm": 0.7}, 1.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        bc.merge_results([])
