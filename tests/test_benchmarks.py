@@ -190,21 +190,6 @@ def test_latency_benchmark_smoke(tmp_path):
     assert (tmp_path / "latency.md").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0
 
 
-def test_every_repair_variant_of_the_comparison_is_a_valid_callback_configuration():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import benchmark_compare
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    from lightning_prune import StructuredPruningCallback
-
-    for label in benchmark_compare.REPAIR_VARIANTS:
-        name, repair = benchmark_compare.variant_of(f"pca_gm [{label}]")
-        cb = StructuredPruningCallback(name, target_flops_reduction=0.5, verbose=False, **repair)
-        assert cb.pruner.criterion_widths is repair.get("criterion_widths", True)
-    assert benchmark_compare.variant_of("l1") == ("l1", {})
-
-
 def _compare_module():
     sys.path.insert(0, str(EXAMPLES))
     try:
@@ -212,6 +197,17 @@ def _compare_module():
     finally:
         sys.path.remove(str(EXAMPLES))
     return benchmark_compare
+
+
+def test_every_repair_variant_of_the_comparison_is_a_valid_callback_configuration():
+    benchmark_compare = _compare_module()
+    from lightning_prune import StructuredPruningCallback
+
+    for label in benchmark_compare.REPAIR_VARIANTS:
+        name, repair = benchmark_compare.variant_of(f"pca_gm [{label}]")
+        cb = StructuredPruningCallback(name, target_flops_reduction=0.5, verbose=False, **repair)
+        assert cb.pruner.criterion_widths is repair.get("criterion_widths", True)
+    assert benchmark_compare.variant_of("l1") == ("l1", {})
 
 
 def _seed_result(seed: int, accuracies: dict[str, float], wall: float) -> dict:
