@@ -519,7 +519,8 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "runs": [row for r in ordered for row in r["runs"]],
         "widths": ordered[0]["widths"],  # the smallest seed's, as a single run records them
         "wall_seconds": max(r["wall_seconds"] for r in ordered),
-        "wall_seconds_each": [r["wall_seconds"] for r in ordered],
+        # a result merged before keeps the times of the runs it came from
+        "wall_seconds_each": [s for r in ordered for s in r.get("wall_seconds_each", [r["wall_seconds"]])],
     }
     merged["summary"] = summarize(merged)
     return merged

@@ -242,6 +242,8 @@ def test_compare_merges_runs_of_other_seeds_against_numpy():
         assert std == pytest.approx(values.std(ddof=1))  # the sample standard deviation
         assert row["latency_ratio_64"][0] == pytest.approx(0.6)
     assert "Merged from 3 runs" in bc._wall_time(merged)
+    again = bc.merge_results([merged])  # re-rendering a merged file keeps what it was merged from
+    assert sorted(again["wall_seconds_each"]) == [60.0, 120.0, 180.0] and again["summary"] == merged["summary"]
 
 
 def test_compare_merge_refuses_other_configurations_and_repeated_seeds():
