@@ -17,6 +17,7 @@ from lightning_prune.criteria import (
     register_criterion,
 )
 from lightning_prune.engine import ChannelPruner, Cost, PruningError, Target, count_cost
+from lightning_prune.engine.correction import CorrectionWarning
 from lightning_prune.engine.huggingface import ConfigCannotDescribeWarning
 from lightning_prune.reporting import PruningRecord
 from lightning_prune.schedules import cumulative_targets
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelPruner",
     "ConfigCannotDescribeWarning",
+    "CorrectionWarning",
     "Cost",
     "Criterion",
     "GroupCriterion",

@@ -173,8 +173,12 @@ class StructuredPruningCallback(Callback):
             ``"none"``: plain selection. Default None: the criterion's own (least squares for
             ``"interpolative_decomposition"``, none otherwise). See :mod:`lightning_prune.engine.correction`.
         correction_ridge: the correction's ridge, relative to the mean diagonal of each consumer's
-            Gram. Default None: the criterion's ``ridge`` if it has one, else 1e-6 (a numerical
-            safeguard that leaves exact reconstructions exact).
+            Gram, or ``"gcv"``: chosen per consumer by generalised cross-validation from its Gram and
+            row count, which keeps the correction from fitting a Gram of few rows exactly (small
+            images, late stages, short windows); the step's record lists the ridges. Default None: the
+            criterion's ``ridge`` if it has one (``interpolative_decomposition``: 1e-6, its paper's
+            ``T``), else ``"gcv"``. A fixed ridge on a Gram of no more rows than kept channels warns
+            (``CorrectionWarning``). ``ValueError`` for anything but a number >= 0, ``"gcv"`` or None.
         residual_widths: with ``correction="least_squares"``, choose the widths by what the correction
             leaves unexplained: per group and width, the share of each consumer's input energy the
             reconstruction misses (from the same Grams), summed over the consumers, the smallest loss
@@ -271,7 +275,7 @@ class StructuredPruningCallback(Callback):
         collect_batches: int | None = None,
         max_samples: int = 2048,
         correction: Literal["none", "least_squares"] | None = None,
-        correction_ridge: float | None = None,
+        correction_ridge: float | str | None = None,
         residual_widths: bool = False,
         criterion_widths: bool = True,
         recalibrate_bn: bool | None = None,

@@ -4,15 +4,28 @@ recalibration, atomicity and resume."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from crash import SaveThenCrash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.linalg import qr
 
 from lightning_prune.collection import ActivationCollector, ActivationRequest, GramSums, SharedGenerator
 from lightning_prune.collection.accumulators import _Sums
-from lightning_prune.engine.correction import pivoted_cholesky, reconstruction_residual, ridge_interpolation
+from lightning_prune.engine.correction import (
+    DEFAULT_RIDGE,
+    GCV_CEILING,
+    GCV_POINTS,
+    CorrectionWarning,
+    gcv_ridge,
+    pivoted_cholesky,
+    reconstruction_residual,
+    ridge_interpolation,
+)
 
 
 # ---------------------------------------------------------------------------------------------- the Gram
@@ -123,6 +136,83 @@ def test_ridge_interpolation_and_its_residual_equal_numpy():
     assert reconstruction_residual(g, kept, ridge, corrected=False) == pytest.approx(dropped, rel=1e-10)
 
 
+# ---------------------------------------------------------------------------------------------- the ridge by GCV
+def _gcv_on_rows(z: np.ndarray, kept: list[int], ridges: np.ndarray) -> np.ndarray:
+    """Brute force on the rows themselves: the hat matrix of the kept columns, per relative ridge."""
+    n, c = z.shape
+    removed = sorted(set(range(c)) - set(kept))
+    zs, zr = z[:, kept], z[:, removed]
+    scale = np.trace(z.T @ z) / c
+    scores = []
+    for rel in ridges:
+        hat = zs @ np.linalg.solve(zs.T @ zs + rel * scale * np.eye(len(kept)), zs.T)
+        rss = np.linalg.norm(zr - hat @ zr) ** 2
+        df = np.trace(hat)
+        scores.append(n * rss / (n - df) ** 2 if n - df > 0 else np.inf)
+    return np.asarray(scores)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(4, 60), channels=st.integers(3, 12), rank=st.integers(1, 12),
+    noise=st.sampled_from([0.0, 0.05, 1.0]), seed=st.integers(0, 2**16),
+)
+def test_the_gcv_ridge_from_the_gram_is_the_brute_force_gcv_minimiser_on_the_rows(rows, channels, rank, noise, seed):
+    """Fewer rows than kept channels included: the choice needs only the Gram and its row count."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((rows, min(rank, channels))) @ rng.standard_normal((min(rank, channels), channels))
+    z += noise * rng.standard_normal((rows, channels))
+    kept = sorted(rng.choice(channels, size=int(rng.integers(1, channels)), replace=False).tolist())
+    ridges = np.logspace(np.log10(DEFAULT_RIDGE), np.log10(GCV_CEILING), GCV_POINTS)
+    brute = _gcv_on_rows(z, kept, ridges)
+    chosen = gcv_ridge(z.T @ z, kept, rows)
+    assert chosen in ridges
+    best = brute.min()
+    # the chosen ridge's brute-force score is the minimum (up to rounding: with 4 rows the Gram and the rows
+    # disagree in the 6th digit where n - df is small)
+    assert brute[int(np.argmin(np.abs(ridges - chosen)))] <= best * (1 + 1e-4) + 1e-12
+
+
+def test_the_gcv_ridge_keeps_an_exact_reconstruction_exact_and_handles_the_edges():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((200, 4))
+    z = np.hstack([base, base @ rng.standard_normal((4, 3))])  # channels 4-6 are combinations of 0-3
+    g = z.T @ z
+    assert gcv_ridge(g, [0, 1, 2, 3], 200) == pytest.approx(DEFAULT_RIDGE)  # the floor: the fit is exact
+    t = ridge_interpolation(g, [0, 1, 2, 3], gcv_ridge(g, [0, 1, 2, 3], 200))
+    np.testing.assert_allclose(z[:, :4] @ t, z, atol=1e-4)
+    assert gcv_ridge(g, list(range(7)), 200) == DEFAULT_RIDGE  # nothing removed
+    assert gcv_ridge(g, [], 200) == DEFAULT_RIDGE  # nothing kept
+    assert gcv_ridge(np.zeros((3, 3)), [0], 10) == DEFAULT_RIDGE  # no energy at all
+    assert gcv_ridge(g, [0, 1, 2, 3], 2) == GCV_CEILING  # 2 rows, 4 kept: no ridge tried leaves n - df > 0
+    assert gcv_ridge(g, [0, 1, 2, 3], 200, floor=0.0) == pytest.approx(1e-12)  # floor 0: the search starts at 1e-12
+
+
+def test_with_fewer_rows_than_kept_channels_the_gcv_ridge_generalises_where_the_default_overfits():
+    """A planted signal: 48 channels driven by 6 factors plus as much noise; the Gram holds 40 rows for
+    36 kept channels. On fresh rows from the same source, the default ridge's reconstruction is worse
+    than dropping the channels; GCV's is better than both."""
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((6, 48))
+
+    def rows(n):
+        return rng.standard_normal((n, 6)) @ mix + rng.standard_normal((n, 48))
+
+    train, fresh = rows(40), rows(4000)
+    g = train.T @ train
+    kept = list(range(36))
+
+    def fresh_error(ridge):
+        t = ridge_interpolation(g, kept, ridge)
+        return np.linalg.norm(fresh - fresh[:, kept] @ t) ** 2 / np.linalg.norm(fresh) ** 2
+
+    dropped = (fresh[:, 36:] ** 2).sum() / (fresh**2).sum()
+    chosen = gcv_ridge(g, kept, 40)
+    assert chosen > 100 * DEFAULT_RIDGE
+    assert fresh_error(DEFAULT_RIDGE) > dropped  # overfit: worse than no correction at all
+    assert fresh_error(chosen) < 0.5 * dropped
+
+
 # ---------------------------------------------------------------------------------------------- the applier
 import copy  # noqa: E402
 
@@ -216,8 +306,8 @@ def _plant(model: ResidualNet, c: int, d: int, a: float) -> None:
             bn.bias[c] = a * bn.bias[d]
 
 
-@pytest.mark.parametrize("criterion", ["l1", "random"])
-def test_planted_dependent_channels_pruned_from_a_residual_stream_leave_the_output_unchanged(criterion):
+@pytest.mark.parametrize(("criterion", "ridge"), [("l1", None), ("random", None), ("l1", 1e-6)])  # None: GCV
+def test_planted_dependent_channels_pruned_from_a_residual_stream_leave_the_output_unchanged(criterion, ridge):
     """Through BN, ReLU and two residual additions, no fine-tuning: every consumer of the stream (block 1's
     conv1 reads it after the stem, block 2's conv1 and shortcut after block 1) absorbs its own T."""
     model = ResidualNet(seed=0).eval()
@@ -234,18 +324,72 @@ def test_planted_dependent_channels_pruned_from_a_residual_stream_leave_the_outp
         net = copy.deepcopy(model)
         crit = _Fixed({"stem.0": scores}) if criterion == "l1" else _Fixed({"stem.0": scores + 0.01 * torch.rand(16)})
         pruner = ChannelPruner(crit, ignored_layers=[net.block1.conv1, net.block2.conv1, net.block2.conv2],
-                               max_layer_ratio=0.5, correction=correction)
+                               max_layer_ratio=0.5, correction=correction, correction_ridge=ridge)
         store = _grams(net, pruner, x)
         result = pruner.step(net, x[:2], Target("channels", 3 / 16), context={"activations": store})
         assert net.stem[0].out_channels == 13
         outputs[correction] = (net, result)
     net, result = outputs["least_squares"]
-    assert result.corrections == {"stem.0": "interpolation absorbed by 3 consumer(s)"}
+    if ridge is not None:  # a fixed ridge
+        assert result.corrections == {"stem.0": "interpolation absorbed by 3 consumer(s)"}
+    else:  # exact dependence: GCV keeps the floor for every consumer
+        assert result.corrections == {"stem.0": "interpolation absorbed by 3 consumer(s) (GCV ridge 1e-06, 1e-06, 1e-06)"}
     with torch.no_grad():
         after = net(x)
         plain = outputs["none"][0](x)
     assert float((after - reference).norm() / reference.norm()) < 1e-4
     assert float((plain - reference).norm() / reference.norm()) > 1e-2  # without correction it does change
+
+
+def test_with_few_rows_the_gcv_ridge_corrects_where_the_default_ridge_makes_the_network_worse():
+    """A late stage fed small inputs: the Grams hold 4 samples x 4 positions = 16 rows per batch, 48 rows
+    in all, for 48 kept channels. Held-out inputs: a fixed ridge's
+    correction takes the output further from the dense one than no correction; GCV brings it closer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+    batches = [torch.randn(4, 3, 2, 2) for _ in range(3)]
+    with torch.no_grad():  # BN statistics of the data, then eval
+        for b in batches * 4:
+            net(b)
+    net.eval()
+    held = torch.randn(256, 3, 2, 2)
+    with torch.no_grad():
+        reference = net(held)
+    errors, notes = {}, {}
+    for correction, ridge in (("none", None), ("least_squares", 1e-6), ("least_squares", "gcv")):
+        model = copy.deepcopy(net)
+        pruner = ChannelPruner(get_criterion("l1"), ignored_layers=[model[0], model[6]], max_layer_ratio=0.5,
+                               correction=correction, correction_ridge=ridge)
+        store = _grams(model, pruner, batches[0], batches)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pruner.step(model, batches[0][:2], Target("channels", 0.25), context={"activations": store})
+        warned = [str(w.message) for w in caught if issubclass(w.category, CorrectionWarning)]
+        if ridge == 1e-6:  # the fixed ridge on as many rows as kept channels says so, naming the layer and the fix
+            assert len(warned) == 1 and "'6' (48 rows, 48 kept channels)" in warned[0] and "correction_ridge='gcv'" in warned[0]
+        else:
+            assert not warned
+        assert model[3].out_channels == 48
+        with torch.no_grad():
+            errors[correction, ridge] = float((model(held) - reference).norm() / reference.norm())
+        notes[correction, ridge] = result.corrections.get("3", "")
+    assert errors["least_squares", 1e-6] > errors["none", None]
+    assert errors["least_squares", "gcv"] < errors["none", None]
+    assert notes["least_squares", "gcv"].startswith("interpolation absorbed by 1 consumer(s) (GCV ridge ")
+
+
+@pytest.mark.parametrize("bad", ["auto", -1.0, True, [1e-3]])
+def test_a_bad_ridge_is_refused_naming_the_argument(bad):
+    with pytest.raises(ValueError, match="correction_ridge must be a number >= 0, 'gcv' or None"):
+        ChannelPruner(get_criterion("l1"), correction="least_squares", correction_ridge=bad)
+    with pytest.raises(ValueError, match="ridge must be a number >= 0, 'gcv' or None"):
+        get_criterion("interpolative_decomposition", ridge=bad)
+    assert ChannelPruner(get_criterion("interpolative_decomposition", ridge="gcv")).ridge == "gcv"
+    assert ChannelPruner(get_criterion("l1"), correction_ridge=0).ridge == 0.0
 
 
 def test_a_weight_criterion_without_grams_cannot_correct_and_the_step_is_undone():

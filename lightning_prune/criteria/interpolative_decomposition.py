@@ -45,8 +45,11 @@ from lightning_prune.collection.requests import ActivationRequest
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
 from lightning_prune.engine.correction import (
+    DEFAULT_RIDGE,
+    GCV,
     GRAM_ROWS_PER_BATCH,
     apply_least_squares,
+    check_ridge,
     consumers_of,
     find_gram,
     pivoted_cholesky,
@@ -129,20 +132,25 @@ class InterpolativeDecomposition(Criterion):
         max_rows: unused since the Gram statistic replaced the row reservoir (the Gram is O(C^2)
             whatever the rows); accepted so that existing configurations still load.
         rows_per_batch: rows sampled per training batch into each Gram. Default 512.
-        ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram
-            (:data:`~lightning_prune.engine.correction.DEFAULT_RIDGE`); the callback's
-            ``correction_ridge`` overrides it.
+        ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram. Default
+            :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6: the paper's
+            ``T = R11^+ R12``, with a numerical safeguard); ``"gcv"`` (or None): chosen per consumer
+            (:func:`~lightning_prune.engine.correction.gcv_ridge`), safer when a Gram holds fewer rows
+            than kept channels (small images, short windows), where the paper's ``T`` fits its rows
+            exactly and a :class:`~lightning_prune.engine.correction.CorrectionWarning` says so. The
+            callback's ``correction_ridge`` overrides it.
     """
 
     requirements = Requirements(activations=True)
     width_losses_per_mac = True
     default_correction = "least_squares"
 
-    def __init__(self, max_rows: int = 4096, rows_per_batch: int = GRAM_ROWS_PER_BATCH, ridge: float | None = None) -> None:
+    def __init__(
+        self, max_rows: int = 4096, rows_per_batch: int = GRAM_ROWS_PER_BATCH, ridge: float | str | None = DEFAULT_RIDGE
+    ) -> None:
         if max_rows < 2 or rows_per_batch < 1:
             raise ValueError(f"max_rows must be >= 2 and rows_per_batch >= 1, got {max_rows}, {rows_per_batch}")
-        if ridge is not None and not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+        ridge = check_ridge(ridge, "ridge")
         self.max_rows = int(max_rows)
         self.rows_per_batch = int(rows_per_batch)
         self.ridge = ridge
@@ -237,8 +245,6 @@ class InterpolativeDecomposition(Criterion):
         context: ScoringContext,
     ) -> dict[str, str]:
         """The engine's least-squares correction (each consumer absorbs ``T`` from its own Gram)."""
-        from lightning_prune.engine.correction import DEFAULT_RIDGE
-
-        ridge = DEFAULT_RIDGE if self.ridge is None else self.ridge
+        ridge = GCV if self.ridge is None else self.ridge
         return apply_least_squares(groups, removed, changes, context.activations, context.model, ridge)
 

@@ -12,6 +12,11 @@ unchanged, each removed channel is its ridge least-squares reconstruction from t
 interpolative decomposition's ``T = [I, R11^-1 R12] P^T`` when ``lambda = 0`` and ``S`` is a
 pivot prefix). ``lambda = ridge * trace(G) / C`` (relative to the mean diagonal of ``G``).
 
+``ridge="gcv"`` chooses ``lambda`` per consumer by generalised cross-validation, from the Gram and its
+row count alone (:func:`gcv_ridge`): a Gram of fewer rows than kept channels (a late stage of a net fed
+small images, a short window) fits its rows exactly with a tiny ridge, and the consumer then
+amplifies whatever the model sees next; GCV raises ``lambda`` until the fit generalises.
+
 The consumer then computes on the pruned input what it computed on the dense one, as closely as
 ``Z`` allows: ``W' = W x_in T`` over its input-channel axis (``W'[o, s] = sum_c T[s, c] W[o, c]``),
 ``W_fc (T kron I_r)^T`` for a linear reading a flattened, channel-major map. Every consumer gets
@@ -25,6 +30,7 @@ Pure functions (``pivoted_cholesky``, ``ridge_interpolation``, ``reconstruction_
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +45,17 @@ from lightning_prune.engine.graph import ChannelGroup, ParamSlice
 
 __all__ = [
     "CORRECTIONS",
+    "CorrectionWarning",
     "DEFAULT_RIDGE",
     "GRAM_ROWS_PER_BATCH",
     "Consumer",
     "absorb_columns",
+    "check_ridge",
     "apply_least_squares",
     "consumers_of",
     "correction_requests",
     "find_gram",
+    "gcv_ridge",
     "ordered_residuals",
     "pivoted_cholesky",
     "reconstruction_residual",
@@ -64,6 +73,17 @@ DEFAULT_RIDGE = 1e-6
 #: them (forward and backward): 512 keeps collection on every step within a few percent of the training
 #: step on the benchmark models, and a window of a few dozen batches still gives far more rows than channels.
 GRAM_ROWS_PER_BATCH = 512
+#: ``ridge="gcv"``: the ridge is chosen per consumer by generalised cross-validation (:func:`gcv_ridge`)
+GCV = "gcv"
+#: :func:`gcv_ridge` searches relative ridges from the floor up to this (``T_R`` is then near 0: the
+#: correction falls back to about plain selection), at ``GCV_POINTS`` log-spaced values
+GCV_CEILING = 1e2
+GCV_POINTS = 57
+
+
+class CorrectionWarning(UserWarning):
+    """A least-squares correction that may not carry the model to new data: a fixed ridge on a Gram of
+    no more rows than kept channels (the reconstruction fits those rows exactly)."""
 
 
 # ---------------------------------------------------------------------------------------------- linear algebra
@@ -127,6 +147,69 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.solve(a, b)
     except np.linalg.LinAlgError:  # singular without ridge: the minimum-norm solution
         return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def check_ridge(value: Any, argument: str) -> float | str | None:
+    """``value`` as a ridge setting: None, a number >= 0 (as a float) or ``"gcv"``; else ``ValueError``
+    naming ``argument``."""
+    if value is None or value == GCV:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{argument} must be a number >= 0, 'gcv' or None, got {value!r}")
+    return float(value)
+
+
+def gcv_ridge(
+    gram: Any,
+    kept: Sequence[int],
+    rows: int,
+    floor: float = DEFAULT_RIDGE,
+    ceiling: float = GCV_CEILING,
+    points: int = GCV_POINTS,
+) -> float:
+    """The relative ridge (as :func:`ridge_interpolation` takes it) that minimises generalised
+    cross-validation of reconstructing the removed channels from the kept ones, from the Gram alone.
+
+    With ``G_SS = V diag(d) V^T``, ``B = V^T G_SR`` and ``lambda = ridge * trace(G) / C``, summed over the
+    removed channels (one ridge regression each, sharing the hat matrix ``H`` of the kept ones):
+
+        RSS(lambda) = tr(G_RR) - sum_ij B_ij^2 (d_i + 2 lambda) / (d_i + lambda)^2,
+        df(lambda) = tr H = sum_i d_i / (d_i + lambda),
+        GCV(lambda) = n RSS(lambda) / (n - df(lambda))^2,
+
+    ``n = rows`` (the rows behind the Gram), over ``points`` log-spaced ridges in ``[floor, ceiling]``
+    (the smallest ridge wins ties, so an exact reconstruction stays exact). Rows sampled from one image
+    are correlated, so ``n`` overstates the independent rows and the choice errs on the small side.
+
+    Args:
+        gram: ``(C, C)`` Gram ``Z^T Z``.
+        kept: the kept channels ``S``.
+        rows: ``n``, the number of rows folded into ``gram``.
+        floor / ceiling: the range of relative ridges searched (``floor`` 0 starts at 1e-12).
+        points: ridges tried.
+
+    Returns:
+        The relative ridge; ``floor`` when nothing is removed or kept, ``ceiling`` when every ridge
+        tried leaves ``n - df <= 0``.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    c = g.shape[0]
+    kept = [int(k) for k in kept]
+    removed = sorted(set(range(c)) - set(kept))
+    scale = float(np.trace(g)) / max(1, c)
+    if not removed or not kept or scale <= 0:
+        return float(floor)
+    d, v = np.linalg.eigh(g[np.ix_(kept, kept)])
+    d = np.clip(d, 0.0, None)[:, None]
+    b2 = ((v.T @ g[np.ix_(kept, removed)]) ** 2).sum(1, keepdims=True)
+    ridges = np.logspace(np.log10(max(float(floor), 1e-12)), np.log10(ceiling), points)[None, :]
+    lam = ridges * scale
+    rss = np.clip(np.trace(g[np.ix_(removed, removed)]) - np.sum(b2 * (d + 2 * lam) / (d + lam) ** 2, axis=0), 0.0, None)
+    spare = float(rows) - np.sum(d / (d + lam), axis=0)
+    score = np.where(spare > 0, float(rows) * rss / np.where(spare > 0, spare, 1.0) ** 2, np.inf)
+    if not np.isfinite(score).any():
+        return float(ceiling)
+    return float(ridges[0, int(np.argmin(score))])  # argmin: the first (smallest ridge) of equal scores
 
 
 def ridge_interpolation(gram: Any, kept: Sequence[int], ridge: float = DEFAULT_RIDGE) -> np.ndarray:
@@ -305,10 +388,12 @@ def absorb_columns(
     return out.movedim(0, dim)
 
 
-def _summary(done: Sequence[str], skipped: Sequence[str]) -> str:
+def _summary(done: Sequence[str], skipped: Sequence[str], ridges: Sequence[float] = ()) -> str:
     if not done:
         return "selection only: " + "; ".join(skipped)
     note = f"interpolation absorbed by {len(done)} consumer(s)"
+    if ridges:
+        note += " (GCV ridge " + ", ".join(f"{r:.2g}" for r in ridges) + ")"
     return note + (f"; selection only for {'; '.join(skipped)}" if skipped else "")
 
 
@@ -318,7 +403,7 @@ def apply_least_squares(
     changes: Mapping[Any, Any],
     activations: Any,
     model: nn.Module,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | str = DEFAULT_RIDGE,
 ) -> dict[str, str]:
     """Let every consumer of every pruned group absorb its ``T`` (after :func:`~lightning_prune.engine.surgery.apply_plan`).
 
@@ -327,11 +412,16 @@ def apply_least_squares(
     groups, as in a concatenation, absorb each group's ``T`` in its own columns), then cut with the
     surgery's recorded selections into the new parameters (new tensors: the step stays atomic).
 
-    Returns a note per pruned group root: ``"interpolation absorbed by N consumer(s)"``, with the
-    consumers left to selection and why, or ``"selection only: ..."``.
+    ``ridge``: relative to each consumer's mean Gram diagonal, or ``"gcv"`` (:func:`gcv_ridge` per
+    consumer, from its Gram and row count).
+
+    Returns a note per pruned group root: ``"interpolation absorbed by N consumer(s)"`` (with
+    ``"gcv"``, followed by the ridges chosen), with the consumers left to selection and why, or
+    ``"selection only: ..."``.
     """
     notes: dict[str, str] = {}
     work: dict[Any, torch.Tensor] = {}
+    underdetermined: list[str] = []
     for index, channels in removed.items():
         if not channels:
             continue
@@ -343,6 +433,7 @@ def apply_least_squares(
             continue
         done: list[str] = []
         skipped: list[str] = []
+        chosen: list[float] = []
         for consumer in consumers:
             if consumer.reason is not None or consumer.request is None:
                 skipped.append(consumer.reason or consumer.module)
@@ -355,14 +446,27 @@ def apply_least_squares(
             if gram.shape != (group.size, group.size):
                 skipped.append(f"'{consumer.module}' reads {gram.shape[0]} channels, the group has {group.size}")
                 continue
-            t = torch.from_numpy(ridge_interpolation(gram, kept, ridge))
+            if ridge == GCV:
+                chosen.append(gcv_ridge(gram, kept, stat.count))
+            elif stat.count <= len(kept):
+                underdetermined.append(f"'{consumer.module}' ({stat.count} rows, {len(kept)} kept channels)")
+            t = torch.from_numpy(ridge_interpolation(gram, kept, chosen[-1] if ridge == GCV else float(ridge)))
             old = consumer.slice.param
             if old not in changes:
                 raise RuntimeError(f"consumer '{consumer.slice.name}' of group '{group.root_name}' was not cut by the surgery")
             base = work[old] if old in work else old.detach().double().clone()
             work[old] = absorb_columns(base, t, consumer.slice.dim, consumer.columns, group.size, kept)
             done.append(consumer.module)
-        notes[group.root_name] = _summary(done, skipped)
+        notes[group.root_name] = _summary(done, skipped, chosen)
+    if underdetermined:
+        shown = "; ".join(underdetermined[:5]) + (f"; and {len(underdetermined) - 5} more" if len(underdetermined) > 5 else "")
+        warnings.warn(
+            f"least-squares correction with a fixed ridge ({ridge:g}) on Grams of no more rows than kept channels: {shown}. "
+            "T fits those rows exactly and may take the model further from the dense one on new data than no correction; "
+            "pass correction_ridge='gcv' (interpolative_decomposition: ridge='gcv') or collect more batches",
+            CorrectionWarning,
+            stacklevel=2,
+        )
     with torch.no_grad():
         for old, corrected in work.items():
             change = changes[old]

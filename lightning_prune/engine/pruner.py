@@ -64,8 +64,10 @@ from lightning_prune.engine.companions import (
 from lightning_prune.engine.correction import (
     CORRECTIONS,
     DEFAULT_RIDGE,
+    GCV,
     GRAM_ROWS_PER_BATCH,
     apply_least_squares,
+    check_ridge,
     correction_requests,
     width_losses_from_grams,
 )
@@ -264,8 +266,12 @@ class ChannelPruner:
             None (default): the criterion's own (``criterion.default_correction``: least squares for
             ``"interpolative_decomposition"``, else the criterion's :meth:`correct`, a no-op by default).
         correction_ridge: ridge of the correction, relative to the mean diagonal of each consumer's
-            Gram; None (default): the criterion's ``ridge`` attribute if it has one, else
-            :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6).
+            Gram, or ``"gcv"``: chosen per consumer by generalised cross-validation from its Gram and row
+            count (:func:`~lightning_prune.engine.correction.gcv_ridge`; the step's ``corrections`` record
+            the ridges). None (default): the criterion's ``ridge`` attribute if it has one
+            (``interpolative_decomposition``: 1e-6, its paper's ``T``), else ``"gcv"``. A fixed ridge
+            on a Gram of fewer rows than kept channels warns (:class:`~lightning_prune.engine.correction.CorrectionWarning`).
+            ``ValueError`` for anything but a number >= 0, ``"gcv"`` or None.
         residual_widths: with the least-squares correction, choose widths by the share of each
             consumer's input energy the correction leaves (per group and width, for the criterion's top
             channels, from the consumers' Grams, summed over consumers), smallest loss per MAC saved
@@ -314,7 +320,7 @@ class ChannelPruner:
         customized_pruners: Mapping[Any, Any] | None = None,
         probe: bool = True,
         correction: Correction | None = None,
-        correction_ridge: float | None = None,
+        correction_ridge: float | str | None = None,
         residual_widths: bool = False,
         criterion_widths: bool = True,
         latency: LatencyEstimator | None = None,
@@ -359,10 +365,7 @@ class ChannelPruner:
                 raise TypeError(f"ignored_layers must hold layer names or modules, got {type(layer).__name__}: {layer!r}")
         if correction is not None and correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)} or None, got {correction!r}")
-        if correction_ridge is not None and (
-            isinstance(correction_ridge, bool) or not isinstance(correction_ridge, (int, float)) or not correction_ridge >= 0
-        ):
-            raise ValueError(f"correction_ridge must be a number >= 0 or None, got {correction_ridge!r}")
+        correction_ridge = check_ridge(correction_ridge, "correction_ridge")
         self.scope = resolve_scope(scope)
         if head_pruning not in HEAD_MODES:
             raise ValueError(f"head_pruning must be one of {', '.join(HEAD_MODES)}, got {head_pruning!r}")
@@ -374,7 +377,7 @@ class ChannelPruner:
         if not isinstance(residual_widths, bool):
             raise TypeError(f"residual_widths must be True or False, got {residual_widths!r}")
         self.residual_widths = residual_widths
-        self.correction_ridge = None if correction_ridge is None else float(correction_ridge)
+        self.correction_ridge = correction_ridge
         self.criterion = criterion
         if residual_widths and self.resolved_correction != "least_squares":
             raise ValueError(
@@ -407,12 +410,21 @@ class ChannelPruner:
         return "least_squares" if own == "least_squares" else "none"
 
     @property
-    def ridge(self) -> float:
-        """The correction's ridge (relative to the mean diagonal of each consumer's Gram)."""
+    def ridge(self) -> float | str:
+        """The correction's ridge (relative to the mean diagonal of each consumer's Gram), or ``"gcv"``."""
         if self.correction_ridge is not None:
             return self.correction_ridge
         own = getattr(self.criterion, "ridge", None)
-        return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else DEFAULT_RIDGE
+        if own == GCV:
+            return GCV
+        return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else GCV
+
+    @property
+    def width_ridge(self) -> float:
+        """The ridge of the width losses (:func:`width_losses_from_grams`): :attr:`ridge`, or the
+        default floor when that is ``"gcv"`` (chosen per consumer only once the kept set is known)."""
+        ridge = self.ridge
+        return DEFAULT_RIDGE if ridge == GCV else float(ridge)
 
     def correction_requests(self, groups: Sequence[ChannelGroup], model: nn.Module) -> list[Any]:
         """The ``"gram"`` requests the least-squares correction reads (one per consumer of every group);
@@ -754,7 +766,7 @@ class ChannelPruner:
                     width_losses = self.criterion.width_losses(analysis.groups, scoring) if self.criterion_widths else None
                 per_mac = self.criterion.width_losses_per_mac
                 if width_losses is None and self._uses_residual_widths(scoring):
-                    width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.ridge)
+                    width_losses = width_losses_from_grams(analysis.groups, scores, scoring.activations, model, self.width_ridge)
                     per_mac = True
                 scored = _Scored(scores, width_losses, per_mac, dense or analysis.cost, original_widths)
                 round_to_trials: dict[str, float] = {}
