@@ -117,6 +117,16 @@ REPAIR_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _ridge_argument(text: str) -> float | str:
+    """``--correction-ridge``: ``gcv`` or a number >= 0."""
+    if text == "gcv":
+        return text
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--correction-ridge must be gcv or a number >= 0, got {text!r}")
+    return value
+
+
 def variant_of(method: str) -> tuple[str, dict[str, Any]]:
     """``"l1 [ls, bn]"`` -> ``("l1", {"correction": ..., "recalibrate_bn": ...})``; a plain name -> defaults."""
     if method.endswith("]") and " [" in method:
@@ -243,6 +253,8 @@ def run_ours(method, dense, datamodule, example, dense_cost, dense_convs, target
     model = finetune_copy(dense, args)
     name, repair = variant_of(method)
     kwargs: dict[str, Any] | None = {"progress": False} if name == "filter_ensembles" else None
+    if args.correction_ridge is not None:
+        repair["correction_ridge"] = args.correction_ridge
     pruning = StructuredPruningCallback(
         name, target_flops_reduction=target, prune_on_train_start=True, verbose=False, seed=seed, criterion_kwargs=kwargs,
         **repair,
@@ -374,6 +386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "finetune_epochs": args.finetune_epochs,
             "finetune_lr": args.finetune_lr,
             "max_layer_ratio": args.max_layer_ratio,
+            "correction_ridge": args.correction_ridge,  # None: the library's default
             "tp_steps": args.tp_steps,
             "latency_rounds": args.latency_rounds,
             "smoke": args.smoke,
@@ -802,6 +815,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction (or count) of training batches per epoch")
     parser.add_argument("--test-batches", type=int, default=None, help="evaluate on the first N test batches only (default: all)")
     parser.add_argument("--max-layer-ratio", type=float, default=0.9)
+    parser.add_argument("--correction-ridge", type=_ridge_argument, default=None,
+                        help="correction_ridge of every lightning-prune run: a number or gcv (default: the library's)")
     parser.add_argument("--tp-steps", type=int, default=400)
     parser.add_argument("--latency-rounds", type=int, default=15)
     parser.add_argument("--repair-grid", action="store_true", help="every criterion with/without correction and BN recalibration")

@@ -256,3 +256,18 @@ def test_compare_merge_refuses_other_configurations_and_repeated_seeds():
         bc.merge_results([a, _seed_result(0, {"l1": 0.8, "fpgm": 0.7}, 1.0)])
     with pytest.raises(ValueError, match="at least one"):
         bc.merge_results([])
+
+
+def test_correction_ridge_benchmark_smoke(tmp_path):
+    """examples/benchmark_correction_ridge.py --smoke: ResNet-18 at 32 px with Grams of 32 rows for up to
+    512 channels; every variant is recorded and the table says which one is best."""
+    _run("benchmark_correction_ridge.py", tmp_path, 300)
+    result = json.loads((tmp_path / "correction_ridge.json").read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "resnet18" and row["min_rows_per_channel"] < 1  # fewer rows than channels
+    for label in ("selection", "ridge 1e-6", "gcv"):
+        assert row[label] > 0 and abs(row[f"macs_removed {label}"] - 0.3) <= 0.02
+    assert row["gcv"] < row["ridge 1e-6"]  # GCV does not overfit the 32 rows as the default ridge does
+    assert row["gcv_ridges"]["max"] > 1e-3  # GCV raised the ridge above the default somewhere
+    table = (tmp_path / "correction_ridge.md").read_text()
+    assert "| resnet18 | 2 |" in table and "**" in table
