@@ -50,8 +50,8 @@ __all__ = [
     "GRAM_ROWS_PER_BATCH",
     "Consumer",
     "absorb_columns",
-    "check_ridge",
     "apply_least_squares",
+    "check_ridge",
     "consumers_of",
     "correction_requests",
     "find_gram",
@@ -462,7 +462,8 @@ def apply_least_squares(
         shown = "; ".join(underdetermined[:5]) + (f"; and {len(underdetermined) - 5} more" if len(underdetermined) > 5 else "")
         warnings.warn(
             f"least-squares correction with a fixed ridge ({ridge:g}) on Grams of no more rows than kept channels: {shown}. "
-            "T fits those rows exactly and may take the model further from the dense one on new data than no correction; "
+            "with so few rows T can fit them exactly and take the model further from the dense one on new data than "
+            "no correction; "
             "pass correction_ridge='gcv' (interpolative_decomposition: ridge='gcv') or collect more batches",
             CorrectionWarning,
             stacklevel=2,

@@ -414,9 +414,7 @@ class ChannelPruner:
         """The correction's ridge (relative to the mean diagonal of each consumer's Gram), or ``"gcv"``."""
         if self.correction_ridge is not None:
             return self.correction_ridge
-        own = getattr(self.criterion, "ridge", None)
-        if own == GCV:
-            return GCV
+        own = getattr(self.criterion, "ridge", None)  # a number, "gcv" or None (None and "gcv": GCV)
         return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else GCV
 
     @property
