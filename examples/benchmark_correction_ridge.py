@@ -5,7 +5,7 @@ from the Gram of the activation a consumer reads. A Gram holds ``batches x batch
 rows: a late stage of a net fed small images (ResNet-18's last stage is 2 x 2 at 64 px) or a short
 window gives it fewer rows than kept channels. A near-zero ridge (the default ``1e-6``) then fits those
 rows exactly, and the consumer amplifies whatever the model sees next; ``correction_ridge="gcv"`` (the
-default for criteria without a ridge of their own) chooses the ridge per consumer by generalised
+default) chooses the ridge per consumer by generalised
 cross-validation from the same Gram and its row count.
 
 Per model (torchvision, built without weights, ``num_classes=10``): BatchNorm statistics are set from
@@ -14,8 +14,8 @@ Per model (torchvision, built without weights, ``num_classes=10``): BatchNorm st
 recalibration on them, for each variant:
 
 * ``selection``: ``correction="none"`` (recalibration only);
-* ``ridge 1e-6``: ``correction="least_squares", correction_ridge=1e-6`` (the default before GCV, and
-  ``interpolative_decomposition``'s own: its paper's ``T``);
+* ``ridge 1e-6``: ``correction="least_squares", correction_ridge=1e-6`` (the default before GCV; the
+  interpolative decomposition's paper ``T``);
 * ``gcv``: ``correction="least_squares", correction_ridge="gcv"``.
 
 Reported: the relative output error ``||f_pruned(x) - f_dense(x)|| / ||f_dense(x)||`` on 32 held-out

@@ -176,9 +176,10 @@ class StructuredPruningCallback(Callback):
             Gram, or ``"gcv"``: chosen per consumer by generalised cross-validation from its Gram and
             row count, which keeps the correction from fitting a Gram of few rows exactly (small
             images, late stages, short windows); the step's record lists the ridges. Default None: the
-            criterion's ``ridge`` if it has one (``interpolative_decomposition``: 1e-6, its paper's
-            ``T``), else ``"gcv"``. A fixed ridge on a Gram of no more rows than kept channels warns
-            (``CorrectionWarning``). ``ValueError`` for anything but a number >= 0, ``"gcv"`` or None.
+            criterion's ``ridge`` if it is a number, else ``"gcv"`` (``interpolative_decomposition``
+            reproduces its paper's ``T`` exactly with ``correction_ridge=1e-6``). A fixed ridge on a
+            Gram of no more rows than kept channels warns (``CorrectionWarning``). ``ValueError`` for
+            anything but a number >= 0, ``"gcv"`` or None.
         residual_widths: with ``correction="least_squares"``, choose the widths by what the correction
             leaves unexplained: per group and width, the share of each consumer's input energy the
             reconstruction misses (from the same Grams), summed over the consumers, the smallest loss

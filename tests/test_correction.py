@@ -389,6 +389,8 @@ def test_a_bad_ridge_is_refused_naming_the_argument(bad):
     with pytest.raises(ValueError, match="ridge must be a number >= 0, 'gcv' or None"):
         get_criterion("interpolative_decomposition", ridge=bad)
     assert ChannelPruner(get_criterion("interpolative_decomposition", ridge="gcv")).ridge == "gcv"
+    assert ChannelPruner(get_criterion("interpolative_decomposition")).ridge == "gcv"  # the default, ID included
+    assert ChannelPruner(get_criterion("interpolative_decomposition", ridge=1e-6)).ridge == 1e-6  # the paper's T
     assert ChannelPruner(get_criterion("l1"), correction_ridge=0).ridge == 0.0
 
 

@@ -93,7 +93,7 @@ def test_exactly_dependent_channels_are_pruned_without_changing_the_output():
         reference = model[:4](x)  # the next layer's output
     result = _prune_first_conv(model, criterion, x, remove=3, store=store)
     assert model[0].out_channels == 5
-    assert result.corrections == {"0": "interpolation absorbed by 1 consumer(s)"}
+    assert result.corrections == {"0": "interpolation absorbed by 1 consumer(s) (GCV ridge 1e-06)"}  # exact: the floor
     with torch.no_grad():
         after = model[:4](x)
     assert float((after - reference).norm() / reference.norm()) < 1e-4
@@ -102,7 +102,7 @@ def test_exactly_dependent_channels_are_pruned_without_changing_the_output():
 def test_corrected_weights_equal_a_numpy_computation():
     model = _net().eval()
     x = torch.randn(8, 3, 8, 8)  # 512 rows: all in the streamed Gram
-    criterion = get_criterion("id")
+    criterion = get_criterion("id", ridge=1e-6)  # the paper's T (the default, GCV, may shrink it)
     store = _store(model, criterion, x)
     consumer_before = model[3].weight.detach().double().numpy().copy()
     with torch.no_grad():  # independent: every row (sample x position) of what the consumer reads
@@ -181,7 +181,7 @@ def test_conv_flatten_linear_consumer_absorbs_t_kron_identity():
         reference = model(x)
     result = ChannelPruner(criterion, max_layer_ratio=0.95).step(model, x[:2], Target("channels", 2 / 6), context={"activations": store})
     assert model[0].out_channels == 4 and model[4].in_features == 4 * 16
-    assert result.corrections == {"0": "interpolation absorbed by 1 consumer(s)"}
+    assert result.corrections == {"0": "interpolation absorbed by 1 consumer(s) (GCV ridge 1e-06)"}  # exact: the floor
     with torch.no_grad():
         assert float((model(x) - reference).norm() / reference.norm()) < 1e-4
     # independent: which channels stayed (matched by their filters), T from the dense activation
@@ -238,7 +238,7 @@ def test_a_branch_read_through_a_concatenation_is_scored_on_its_own_columns():
     kept = [int(torch.argmin((dense_w - w).abs().sum((1, 2, 3)))) for w in model.b.weight.detach()]
     assert sorted(k % 3 for k in kept) == [0, 1, 2]  # one of every dependent pair
     # the merge absorbs T in b's columns only (a's are untouched): exact, b's dropped channels were multiples
-    assert result.corrections["b"] == "interpolation absorbed by 1 consumer(s)"
+    assert result.corrections["b"] == "interpolation absorbed by 1 consumer(s) (GCV ridge 1e-06)"
     with torch.no_grad():
         assert float((model(x) - reference).norm() / reference.norm()) < 1e-4
 

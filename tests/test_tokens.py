@@ -199,7 +199,7 @@ def test_id_pivots_on_token_rows_drop_a_planted_dependent_feature_without_error(
     pruner = ChannelPruner(criterion, ignored_layers=["fc2"])
     result = pruner.step(model, x[:2], Target("channels", 1 / 8), context={"activations": store})
     assert model.fc1.out_features == model.fc2.in_features == 7
-    assert result.corrections == {"fc1": "interpolation absorbed by 1 consumer(s)"}
+    assert result.corrections == {"fc1": "interpolation absorbed by 1 consumer(s) (GCV ridge 1e-06)"}  # exact: the floor
     kept_rows = model.act(model.fc1(x)).detach().reshape(-1, 7).numpy()
     dropped = [c for c in range(8) if not any(np.allclose(dense_rows[:, c], kept_rows[:, k]) for k in range(7))]
     assert len(dropped) == 1 and dropped[0] in (1, 3, 5)

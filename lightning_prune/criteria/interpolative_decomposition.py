@@ -45,7 +45,6 @@ from lightning_prune.collection.requests import ActivationRequest
 from lightning_prune.criteria.base import Criterion, Requirements, ScoringContext
 from lightning_prune.criteria.registry import register_criterion
 from lightning_prune.engine.correction import (
-    DEFAULT_RIDGE,
     GCV,
     GRAM_ROWS_PER_BATCH,
     apply_least_squares,
@@ -132,13 +131,15 @@ class InterpolativeDecomposition(Criterion):
         max_rows: unused since the Gram statistic replaced the row reservoir (the Gram is O(C^2)
             whatever the rows); accepted so that existing configurations still load.
         rows_per_batch: rows sampled per training batch into each Gram. Default 512.
-        ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram. Default
-            :data:`~lightning_prune.engine.correction.DEFAULT_RIDGE` (1e-6: the paper's
-            ``T = R11^+ R12``, with a numerical safeguard); ``"gcv"`` (or None): chosen per consumer
-            (:func:`~lightning_prune.engine.correction.gcv_ridge`), safer when a Gram holds fewer rows
-            than kept channels (small images, short windows), where the paper's ``T`` fits its rows
-            exactly and a :class:`~lightning_prune.engine.correction.CorrectionWarning` says so. The
-            callback's ``correction_ridge`` overrides it.
+        ridge: ridge of ``T``, relative to the mean diagonal of the consumer's Gram. Default None
+            (``"gcv"``): chosen per consumer by generalised cross-validation
+            (:func:`~lightning_prune.engine.correction.gcv_ridge`); where the Gram holds far more rows
+            than channels it stays near the floor and ``T`` is the paper's. ``1e-6``
+            (:data:`~lightning_prune.engine.correction.DEFAULT_RIDGE`): the paper's
+            ``T = R11^+ R12`` exactly, with a numerical safeguard; on a Gram of no more rows than
+            kept channels (small images, short windows) it fits those rows exactly, and a
+            :class:`~lightning_prune.engine.correction.CorrectionWarning` says so. The callback's
+            ``correction_ridge`` overrides it.
     """
 
     requirements = Requirements(activations=True)
@@ -146,7 +147,7 @@ class InterpolativeDecomposition(Criterion):
     default_correction = "least_squares"
 
     def __init__(
-        self, max_rows: int = 4096, rows_per_batch: int = GRAM_ROWS_PER_BATCH, ridge: float | str | None = DEFAULT_RIDGE
+        self, max_rows: int = 4096, rows_per_batch: int = GRAM_ROWS_PER_BATCH, ridge: float | str | None = None
     ) -> None:
         if max_rows < 2 or rows_per_batch < 1:
             raise ValueError(f"max_rows must be >= 2 and rows_per_batch >= 1, got {max_rows}, {rows_per_batch}")

@@ -268,8 +268,8 @@ class ChannelPruner:
         correction_ridge: ridge of the correction, relative to the mean diagonal of each consumer's
             Gram, or ``"gcv"``: chosen per consumer by generalised cross-validation from its Gram and row
             count (:func:`~lightning_prune.engine.correction.gcv_ridge`; the step's ``corrections`` record
-            the ridges). None (default): the criterion's ``ridge`` attribute if it has one
-            (``interpolative_decomposition``: 1e-6, its paper's ``T``), else ``"gcv"``. A fixed ridge
+            the ridges). None (default): the criterion's ``ridge`` attribute if it is a number, else
+            ``"gcv"``. A fixed ridge
             on a Gram of fewer rows than kept channels warns (:class:`~lightning_prune.engine.correction.CorrectionWarning`).
             ``ValueError`` for anything but a number >= 0, ``"gcv"`` or None.
         residual_widths: with the least-squares correction, choose widths by the share of each
