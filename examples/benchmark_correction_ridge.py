@@ -10,7 +10,8 @@ cross-validation from the same Gram and its row count.
 
 Per model (torchvision, built without weights, ``num_classes=10``): BatchNorm statistics are set from
 ``--batches`` generated batches (cumulative averages), the model goes to eval mode, and one
-``ChannelPruner("l1")`` step to ``--target`` MACs runs with the Grams of those batches and BN
+``ChannelPruner`` step of each of ``--criteria`` (default ``l1`` and ``interpolative_decomposition``) to
+``--target`` MACs runs with the Grams (and the criterion's statistics) of those batches and BN
 recalibration on them, for each variant:
 
 * ``selection``: ``correction="none"`` (recalibration only);
@@ -23,7 +24,7 @@ generated images (not seen by the Grams), the fewest Gram rows per kept channel 
 and the ridges GCV chose (median, max). Generated data through untrained nets: it measures the
 correction's arithmetic (how well it carries the dense function to new inputs), not accuracy.
 
-    python examples/benchmark_correction_ridge.py [--models resnet18 mobilenet_v2] [--batches 6 48]
+    python examples/benchmark_correction_ridge.py [--models resnet18 mobilenet_v2] [--batches 6 48] [--criteria l1]
 
 Writes ``correction_ridge.json`` and ``correction_ridge.md`` under ``--out``.
 """
@@ -78,8 +79,10 @@ def _set_batchnorm_statistics(model: nn.Module, batches: Sequence[torch.Tensor])
     model.eval()
 
 
-def run_model(name: str, image_size: int, batches: int, batch_size: int, target: float, seed: int = 0) -> dict[str, Any]:
-    """Every variant on one model; see the module docstring."""
+def run_model(
+    name: str, image_size: int, batches: int, batch_size: int, target: float, criterion: str = "l1", seed: int = 0
+) -> dict[str, Any]:
+    """Every variant of ``criterion`` on one model; see the module docstring."""
     gen = torch.Generator().manual_seed(seed)
     data = [torch.randn(batch_size, 3, image_size, image_size, generator=gen) for _ in range(batches)]
     held = torch.randn(32, 3, image_size, image_size, generator=gen)
@@ -87,16 +90,20 @@ def run_model(name: str, image_size: int, batches: int, batch_size: int, target:
     _set_batchnorm_statistics(dense, data)
     with torch.no_grad():
         reference = dense(held)
-    row: dict[str, Any] = {"model": name, "batches": batches, "batch_size": batch_size, "image_size": image_size}
+    row: dict[str, Any] = {
+        "model": name, "criterion": criterion, "batches": batches, "batch_size": batch_size, "image_size": image_size,
+    }
     start = time.perf_counter()
     for label, (correction, ridge) in VARIANTS.items():
         model = copy.deepcopy(dense)
-        pruner = ChannelPruner(get_criterion("l1"), correction=correction, correction_ridge=ridge)
+        crit = get_criterion(criterion)
+        pruner = ChannelPruner(crit, correction=correction, correction_ridge=ridge)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = pruner.analyse(model, held[:2])
             requests = pruner.correction_requests(analysis.groups, model)
-            collector = ActivationCollector(model, list(requests))
+            scoring = [r for r in crit.activation_requests(analysis.groups) if r not in requests]  # what the criterion reads
+            collector = ActivationCollector(model, [*scoring, *requests])
             collector.attach()
             with torch.no_grad():
                 for batch in data:
@@ -125,13 +132,14 @@ def run_model(name: str, image_size: int, batches: int, batch_size: int, target:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"One `l1` step to -{result['target']:.0%} MACs with BN recalibration, torchvision models without weights at "
+        f"One step to -{result['target']:.0%} MACs with BN recalibration, torchvision models without weights at "
         f"{result['image_size']} px, generated images; Grams from `batches` x {result['batch_size']} images. Relative "
         "output error vs the dense model on 32 held-out images (lower is better; bold: the best). "
         f"Machine: {m['cpu']}, torch {m['torch']}. Wall time: {result['wall_seconds'] / 60:.1f} min.",
         "",
-        "| model | batches | Gram rows per channel (fewest) | selection | ridge 1e-6 | gcv | GCV ridges (median, max) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| criterion | model | batches | Gram rows per channel (fewest) | selection | ridge 1e-6 | gcv "
+        "| GCV ridges (median, max) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         errors = {label: row[label] for label in VARIANTS}
@@ -140,14 +148,15 @@ def markdown(result: dict[str, Any]) -> str:
         ridges = row.get("gcv_ridges")
         chosen = f"{ridges['median']:.2g}, {ridges['max']:.2g}" if ridges else "-"
         rows = row.get("min_rows_per_channel")
-        lines.append(f"| {row['model']} | {row['batches']} | {'-' if rows is None else f'{rows:.1f}'} | "
-                     + " | ".join(cells) + f" | {chosen} |")
+        head = [row.get("criterion", "l1"), row["model"], str(row["batches"]), "-" if rows is None else f"{rows:.1f}"]
+        lines.append("| " + " | ".join([*head, *cells, chosen]) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--criteria", nargs="+", default=["l1", "interpolative_decomposition"])
     parser.add_argument("--batches", nargs="+", type=int, default=[6, 48], help="Gram windows to compare (default 6 48)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
@@ -159,11 +168,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = setup_threads(args.threads)
     start = time.perf_counter()
     rows = []
-    for name in args.models:
-        for batches in args.batches:
-            row = run_model(name, args.image_size, batches, args.batch_size, args.target)
-            log(f"{name} x {batches} batches: " + ", ".join(f"{k} {row[k]:.3f}" for k in VARIANTS) + f" ({row['seconds']:.0f} s)")
-            rows.append(row)
+    for criterion in args.criteria:
+        for name in args.models:
+            for batches in args.batches:
+                row = run_model(name, args.image_size, batches, args.batch_size, args.target, criterion)
+                errors = ", ".join(f"{k} {row[k]:.3f}" for k in VARIANTS)
+                log(f"{criterion}, {name} x {batches} batches: {errors} ({row['seconds']:.0f} s)")
+                rows.append(row)
     result = {
         "machine": {**machine(), "threads": threads},
         "target": args.target, "image_size": args.image_size, "batch_size": args.batch_size,

@@ -263,11 +263,12 @@ def test_correction_ridge_benchmark_smoke(tmp_path):
     512 channels; every variant is recorded and the table says which one is best."""
     _run("benchmark_correction_ridge.py", tmp_path, 300)
     result = json.loads((tmp_path / "correction_ridge.json").read_text())
-    (row,) = result["rows"]
-    assert row["model"] == "resnet18" and row["min_rows_per_channel"] < 1  # fewer rows than channels
-    for label in ("selection", "ridge 1e-6", "gcv"):
-        assert row[label] > 0 and abs(row[f"macs_removed {label}"] - 0.3) <= 0.02
-    assert row["gcv"] < row["ridge 1e-6"]  # GCV does not overfit the 32 rows as the default ridge does
-    assert row["gcv_ridges"]["max"] > 1e-3  # GCV raised the ridge above the default somewhere
+    assert [r["criterion"] for r in result["rows"]] == ["l1", "interpolative_decomposition"]
+    for row in result["rows"]:
+        assert row["model"] == "resnet18" and row["min_rows_per_channel"] < 1  # fewer rows than channels
+        for label in ("selection", "ridge 1e-6", "gcv"):
+            assert row[label] > 0 and abs(row[f"macs_removed {label}"] - 0.3) <= 0.02
+        assert row["gcv"] < row["ridge 1e-6"]  # GCV does not overfit the 32 rows as a ridge of 1e-6 does
+        assert row["gcv_ridges"]["max"] > 1e-3  # GCV raised the ridge above the floor somewhere
     table = (tmp_path / "correction_ridge.md").read_text()
-    assert "| resnet18 | 2 |" in table and "**" in table
+    assert "| l1 | resnet18 | 2 |" in table and "| interpolative_decomposition | resnet18 | 2 |" in table and "**" in table
