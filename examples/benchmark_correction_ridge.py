@@ -121,9 +121,8 @@ def run_model(
             chosen = [float(v) for note in (result.corrections or {}).values() for m in _GCV_NOTE.findall(note)
                       for v in m.split(", ")]
             row["gcv_ridges"] = {"median": statistics.median(chosen), "max": max(chosen)} if chosen else None
-            counts = [find_gram(store, r).count for r in requests if find_gram(store, r) is not None]
-            channels = [find_gram(store, r).gram.shape[0] for r in requests if find_gram(store, r) is not None]
-            row["min_rows_per_channel"] = min(c / k for c, k in zip(counts, channels)) if counts else None
+            grams = [g for g in (find_gram(store, r) for r in requests) if g is not None]
+            row["min_rows_per_channel"] = min(g.count / g.gram.shape[0] for g in grams) if grams else None
         row[f"macs_removed {label}"] = result.after.reduction_from(result.before)[0]
     row["seconds"] = time.perf_counter() - start
     return row

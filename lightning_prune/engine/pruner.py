@@ -269,9 +269,9 @@ class ChannelPruner:
             Gram, or ``"gcv"``: chosen per consumer by generalised cross-validation from its Gram and row
             count (:func:`~lightning_prune.engine.correction.gcv_ridge`; the step's ``corrections`` record
             the ridges). None (default): the criterion's ``ridge`` attribute if it is a number, else
-            ``"gcv"``. A fixed ridge
-            on a Gram of fewer rows than kept channels warns (:class:`~lightning_prune.engine.correction.CorrectionWarning`).
-            ``ValueError`` for anything but a number >= 0, ``"gcv"`` or None.
+            ``"gcv"``. A fixed ridge on a Gram of no more rows than kept channels warns
+            (:class:`~lightning_prune.engine.correction.CorrectionWarning`). ``ValueError`` for anything
+            but a number >= 0, ``"gcv"`` or None.
         residual_widths: with the least-squares correction, choose widths by the share of each
             consumer's input energy the correction leaves (per group and width, for the criterion's top
             channels, from the consumers' Grams, summed over consumers), smallest loss per MAC saved
