@@ -800,7 +800,7 @@ class StructuredPruningCallback(Callback):
             rank_zero_warn(
                 f"pruning step {index + 1} missed its latency target: measured {1 - ratio:.1%} of the dense latency "
                 f"removed for a target of {target.value:.1%} (latency_tolerance={self.pruner.latency_tolerance}) "
-                f"after {len(record.latency_tries)} tries; see the record's latency_tries"
+                f"after {len(record.latency_tries)} timings; see the record's latency_tries"
             )
 
 
