@@ -4,7 +4,8 @@
    over repeats; goal: at most 3% more):
    a. per training step, worst case: the criterion's hooks collecting on every step against the same
       steps with no hook, alternating step by step (medians per mode, and the median ratio of
-      adjacent pairs with its interquartile range);
+      adjacent pairs with its interquartile range), one row per ``--overhead-data``: the digits model
+      (a 12-14 ms step) and the Fashion-MNIST ResNet-20 (batch 128, a 0.2-0.3 s step), both by default;
    b. per fit: a whole fit with the hooks collecting on every step (no pruning, so the model stays the
       same) against the same fit with no callback. The callback itself only collects in the epoch
       before a pruning step, so this is its worst case.
@@ -77,6 +78,11 @@ CORRECTED = "+least_squares"
 COLLECTING = ["pls_vip", "pca_gm", "discriminant_information", "interpolative_decomposition", "l1" + CORRECTED]
 NUM_CLASSES = 10
 SECTIONS = ("overhead", "latency", "memory", "prune_step")
+#: what the overhead table calls the model of each ``--overhead-data``
+OVERHEAD_MODELS = {
+    "digits": "the digits model (SmallResNet 32/64/128, batch 64)",
+    "fashion-mnist": "the Fashion-MNIST ResNet-20 (batch 128)",
+}
 #: the unbatched filter ensembles next to the default, in the prune-step section
 FE_UNBATCHED = "filter_ensembles (masks_per_pass=1)"
 
@@ -343,6 +349,8 @@ class StepBench:
     #: the fit around each step: training batches after it, and the activation window of the criteria
     limit_train_batches: float | int = 1.0
     collect_batches: int | None = None
+    #: overhead: steps per mode and repeat of the per-step measurement (fewer on a longer step)
+    overhead_steps: int = 60
 
 
 def step_bench(name: str, data_dir: Path, seed: int) -> StepBench:
@@ -356,6 +364,7 @@ def step_bench(name: str, data_dir: Path, seed: int) -> StepBench:
         timed_batches=24,
         limit_train_batches=2,
         collect_batches=20,
+        overhead_steps=20,
     )
 
 
@@ -436,25 +445,28 @@ def markdown(result: dict[str, Any]) -> str:
         f"Wall time of the run: {result['wall_seconds'] / 60:.1f} min.",
     ]
     if "step_overhead" in result:
-        steps, fit = result["step_overhead"], result["fit_overhead"]
+        fit = result["fit_overhead"]
         med = fit["median_seconds"]
-        lines += [
-            "",
-            "| collection overhead | " + " | ".join(criteria) + " |",
-            "|---|" + "---|" * len(criteria),
-            "| per training step, every step collecting (ms without -> with) | "
-            + " | ".join(
-                f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
-                f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x"
-                + (f", adjacent pairs {steps[c]['pair_ratio']:.3f}x [{steps[c]['pair_ratio_iqr'][0]:.3f}, "
-                   f"{steps[c]['pair_ratio_iqr'][1]:.3f}])" if "pair_ratio" in steps[c] else ")")
-                for c in criteria
+        lines += ["", "| collection overhead | " + " | ".join(criteria) + " |", "|---|" + "---|" * len(criteria)]
+        for data, steps in result["step_overhead"].items():
+            model = result.get("step_overhead_models", {}).get(data, data)
+            lines.append(
+                f"| per training step of {model}, every step collecting (ms without -> with) | "
+                + " | ".join(
+                    f"{steps[c]['ms_per_step_without']:.2f} -> {steps[c]['ms_per_step_collecting']:.2f} "
+                    f"(median **{steps[c]['ratio']:.3f}x**, min {steps[c]['min_ratio']:.3f}x"
+                    + (f", adjacent pairs {steps[c]['pair_ratio']:.3f}x [{steps[c]['pair_ratio_iqr'][0]:.3f}, "
+                       f"{steps[c]['pair_ratio_iqr'][1]:.3f}])" if "pair_ratio" in steps[c] else ")")
+                    for c in criteria
+                )
+                + " |"
             )
-            + " |",
-            f"| whole fit ({fit['epochs']} epochs), every step collecting vs no callback ({med['none']:.2f} s) | "
+        lines.append(
+            f"| whole fit of the digits model ({fit['epochs']} epochs), every step collecting vs no callback "
+            f"({med['none']:.2f} s) | "
             + " | ".join(f"{med[c]:.2f} s (median **{fit['ratio'][c]:.3f}x**, min {fit['min_ratio'][c]:.3f}x)" for c in criteria)
-            + " |",
-        ]
+            + " |"
+        )
     if "latency" in result:
         lines += [
             "",
@@ -525,13 +537,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
     parser.add_argument("--step-data", choices=("digits", "fashion-mnist"), default="digits",
                         help="prune_step: the model and data (fashion-mnist: the comparison's ResNet-20; see the module doc)")
-    parser.add_argument("--overhead-data", choices=("digits", "fashion-mnist"), default="digits",
-                        help="overhead: the per-step measurement's model and data (the whole-fit one stays on digits)")
+    parser.add_argument("--overhead-data", nargs="+", choices=("digits", "fashion-mnist"), default=["digits", "fashion-mnist"],
+                        help="overhead: the per-step measurement's models and data, each a row (the whole-fit one stays on "
+                             "digits; --smoke: the first only)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="fashion-mnist: where torchvision's layout is")
     args = parser.parse_args(argv)
     if args.smoke:
         args.criteria, args.targets = args.criteria[:1], [0.5]
         args.repeats, args.overhead_epochs, args.latency_rounds = 1, 1, 2
+        args.overhead_data = args.overhead_data[:1]
     args.criteria = [
         (get_criterion(c.removesuffix(CORRECTED)).name or c) + (CORRECTED if c.endswith(CORRECTED) else "") for c in args.criteria
     ]
@@ -546,11 +560,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
     }
     if "overhead" in sections:
-        result["step_overhead"] = {}
-        for crit in args.criteria:
-            overhead_bench = None if args.overhead_data == "digits" else step_bench(args.overhead_data, args.data_dir, args.seed)
-            result["step_overhead"][crit] = step_overhead(crit, args.repeats, args.seed, 5 if args.smoke else 60, overhead_bench)
-            log(f"step overhead {crit}: x{result['step_overhead'][crit]['ratio']:.3f}")
+        result["step_overhead"], result["step_overhead_models"] = {}, {}
+        for data in args.overhead_data:
+            bench = step_bench(data, args.data_dir, args.seed)
+            result["step_overhead_models"][data] = OVERHEAD_MODELS[data]
+            result["step_overhead"][data] = {}
+            for crit in args.criteria:
+                steps = 5 if args.smoke else bench.overhead_steps
+                measured = step_overhead(crit, args.repeats, args.seed, steps, bench)
+                result["step_overhead"][data][crit] = measured
+                log(f"step overhead {data} {crit}: x{measured['ratio']:.3f}")
         result["fit_overhead"] = fit_overhead(args.criteria, args.overhead_epochs, args.repeats, args.seed)
         log("fit overhead: " + ", ".join(f"{c} x{r:.3f}" for c, r in result["fit_overhead"]["ratio"].items()))
     if "latency" in sections:

@@ -103,7 +103,8 @@ def test_performance_smoke(performance):
     out, result, stdout = performance
     assert (out / "performance.md").stat().st_size > 0
     (crit,) = result["config"]["criteria"]
-    step = result["step_overhead"][crit]
+    assert list(result["step_overhead"]) == ["digits"]  # --smoke: the first --overhead-data only
+    step = result["step_overhead"]["digits"][crit]
     assert step["ms_per_step_without"] > 0 and step["ratio"] > 0.5
     fit = result["fit_overhead"]
     assert set(fit["ratio"]) == {crit} and fit["median_seconds"]["none"] > 0
