@@ -449,7 +449,7 @@ def markdown(result: dict[str, Any]) -> str:
         med = fit["median_seconds"]
         lines += ["", "| collection overhead | " + " | ".join(criteria) + " |", "|---|" + "---|" * len(criteria)]
         for data, steps in result["step_overhead"].items():
-            model = result.get("step_overhead_models", {}).get(data, data)
+            model = OVERHEAD_MODELS.get(data, data)
             lines.append(
                 f"| per training step of {model}, every step collecting (ms without -> with) | "
                 + " | ".join(
@@ -560,10 +560,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
     }
     if "overhead" in sections:
-        result["step_overhead"], result["step_overhead_models"] = {}, {}
+        result["step_overhead"] = {}
         for data in args.overhead_data:
             bench = step_bench(data, args.data_dir, args.seed)
-            result["step_overhead_models"][data] = OVERHEAD_MODELS[data]
             result["step_overhead"][data] = {}
             for crit in args.criteria:
                 steps = 5 if args.smoke else bench.overhead_steps
