@@ -38,7 +38,7 @@ from lightning_prune.collection import ActivationCollector
 from lightning_prune.collection.feeding import BatchFeeder
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
-from lightning_prune.engine.allocation import Allocation
+from lightning_prune.engine.allocation import Allocation, RoundTo
 from lightning_prune.engine.latency import LatencyEstimator, ModelTimer
 from lightning_prune.engine.targets import target_from_arguments
 from lightning_prune.repair import StepRepair
@@ -129,8 +129,11 @@ class StructuredPruningCallback(Callback):
             With a MACs, parameter or channel target, the first step cuts the model with free widths
             and with each multiple (4, 8, 16, 32) that the final target can reach, times the cuts
             interleaved (in ``latency_fn``'s runtime when given) and keeps the fastest for the whole
-            fit (a coarser multiple only when faster than the finer ones by more than 1%); the
-            record keeps what was timed (``round_to_trials``) and a resumed fit keeps the choice.
+            fit (a coarser multiple only when faster than the finer ones by more than 1%). A further
+            candidate gives each group the multiple its own costliest layer shows (``"groups"``,
+            kept only when faster than the chosen multiple by more than 1%; :attr:`round_to` is then
+            a dict of root layer name -> multiple). The record keeps what was timed
+            (``round_to_trials``) and a resumed fit keeps the choice.
             With a latency target, and under DDP, the multiple whose staircase the per-layer tables
             show (None when none does).
         scope: which widths are pruned: ``"mlp"`` (feed-forward hidden widths), ``"heads"`` (whole
@@ -468,8 +471,9 @@ class StructuredPruningCallback(Callback):
         return self.pruner.max_layer_ratio
 
     @property
-    def round_to(self) -> int | None:
-        """The kept widths' multiple (``round_to="auto"`` resolved once the model was analysed)."""
+    def round_to(self) -> RoundTo:
+        """The kept widths' multiple (``round_to="auto"`` resolved once the model was analysed; a dict
+        of root layer name -> multiple when ``"auto"`` found one multiple per group fastest)."""
         return self.pruner.effective_round_to
 
     @property

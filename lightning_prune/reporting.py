@@ -3,7 +3,7 @@ printed at the end of fit."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,10 +63,11 @@ class PruningRecord:
         latency_tries: the latency correction's tries, ``[planning target, predicted s, measured s]``
             (the first is the plan for the step's target; one entry without a latency target).
         round_to: the multiple the kept widths snap to at this step (``round_to="auto"`` resolved;
-            None: any width).
+            None: any width; a dict: root layer name -> multiple, one per group).
         round_to_trials: when ``round_to="auto"`` chose its multiple at this step by timing the whole
-            model cut with each candidate: candidate (``"none"``, ``"4"``, ...) -> seconds relative to the
-            model before the step. A resumed fit keeps the choice. Empty otherwise.
+            model cut with each candidate: candidate (``"none"``, ``"4"``, ..., ``"groups"`` for the
+            per-group multiples) -> seconds relative to the model before the step. A resumed fit keeps
+            the choice. Empty otherwise.
     """
 
     step: int
@@ -95,7 +96,7 @@ class PruningRecord:
     latency_after: float | None = None
     latency_predicted: float | None = None
     latency_tries: list[list[float]] = field(default_factory=list)
-    round_to: int | None = None
+    round_to: int | dict[str, int | None] | None = None
     round_to_trials: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -151,7 +152,7 @@ def record_step(
         latency_after=result.latency_measured,
         latency_predicted=result.latency_predicted,
         latency_tries=[list(map(float, t)) for t in result.latency_tries],
-        round_to=result.round_to,
+        round_to=dict(result.round_to) if isinstance(result.round_to, Mapping) else result.round_to,
         round_to_trials=dict(result.round_to_trials),
     )
 

@@ -516,16 +516,171 @@ def test_round_to_auto_with_a_latency_target_keeps_the_tables_multiple(tmp_path)
     assert result.round_to_trials == {} and result.round_to == 8
 
 
+def _mixed_cost(kind: str, in_spatial: tuple[int, ...], out_width: int, macs: float) -> float:
+    """Layers reading 4x4 maps compute blocks of 32 output channels (a width costs what the next
+    multiple of 32 costs); layers reading 8x8 maps are smooth but cost 3x per MAC."""
+    if kind == "conv" and tuple(in_spatial) == (4, 4):
+        return PER_MAC * macs / out_width * math.ceil(out_width / 32) * 32 + PER_LAYER
+    if kind == "conv" and tuple(in_spatial) == (8, 8):
+        return 3 * PER_MAC * macs + PER_LAYER
+    return PER_MAC * macs + PER_LAYER
+
+
+def _mixed_timer(spec: LayerSpec) -> float:
+    return _mixed_cost(spec.kind, spec.spatial, spec.out_channels, spec_macs(spec))
+
+
+def _mixed_latency(model: nn.Module, inputs) -> float:
+    """The whole model under :func:`_mixed_cost`, from its own layers on a real forward pass."""
+    total = [FIXED]
+
+    def hook(module, args, output):
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        spatial = tuple(args[0].shape[2:]) if kind == "conv" else ()
+        out = module.weight.shape[0]
+        total[0] += _mixed_cost(kind, spatial, out, output.numel() * module.weight[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def _mixed_net():
+    torch.manual_seed(0)
+    return ResidualNet(widths=(16, 48, 40, 64))
+
+
+def test_group_multiples_read_each_groups_own_staircase(tmp_path):
+    """Only the layers on 4x4 maps have a staircase: block 2's output group (its conv2 reads 4x4
+    maps) snaps to 32, the groups whose costliest layer reads 8x8 maps to nothing."""
+    net, x = _mixed_net(), image_inputs()
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_mixed_timer, latency_fn=_mixed_latency)
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    analysis = pruner.analyse(net, x)
+    multiples = est.group_multiples(net, analysis.groups, analysis.cost_model.layers)
+    assert multiples == {"stem.0": None, "block1.conv1": None, "block2.conv1": None, "block2.shortcut.0": 32}
+    measured = est.measured_points
+    assert LatencyEstimator(cache_dir=tmp_path, layer_timer=_mixed_timer, latency_fn=_mixed_latency).group_multiples(
+        net, analysis.groups, analysis.cost_model.layers) == multiples and measured > 0  # the scans are cached
+
+
+def test_round_to_auto_keeps_per_group_multiples_when_they_are_fastest(tmp_path):
+    """One multiple for the whole model is a bad fit here: 32 (or 16) leaves the 16-wide stem stream
+    (8x8 maps, the costliest MACs) whole, free widths pay block 2's staircase. The per-group candidate
+    ("groups": 32 for block 2's output, any width elsewhere) is timed beside the uniform ones, each
+    ratio equals the same step pruned with that choice fixed and timed alone (brute force), it is
+    kept because it is fastest, its plan meets the target, and a later step snaps to it again."""
+    from lightning_prune import count_cost
+
+    x, target = image_inputs(), Target("flops", 0.4)
+    est = LatencyEstimator(cache_dir=tmp_path, layer_timer=_mixed_timer, latency_fn=_mixed_latency)
+    pruner = ChannelPruner(get_criterion("l1"), round_to="auto", latency=est)
+    net = _mixed_net()
+    result = pruner.step(net, x, target)
+    grouped = {"stem.0": None, "block1.conv1": None, "block2.conv1": None, "block2.shortcut.0": 32}
+    dense_seconds, dense_macs = _mixed_latency(_mixed_net(), x), count_cost(_mixed_net(), x).macs
+    expected = {}
+    for label, round_to in [("none", None), ("4", 4), ("8", 8), ("16", 16), ("32", 32), ("groups", grouped)]:
+        alone = _mixed_net()
+        fixed = ChannelPruner(get_criterion("l1"), round_to="auto", latency=LatencyEstimator(
+            cache_dir=tmp_path, layer_timer=_mixed_timer, latency_fn=_mixed_latency))
+        fixed.keep_round_to(round_to)
+        try:
+            fixed.step(alone, x, target)
+        except PruningError:  # unreachable with this choice
+            continue
+        reduction = 1 - count_cost(alone, x).macs / dense_macs
+        if reduction >= target.value - 0.02:
+            expected[label] = _mixed_latency(alone, x) / dense_seconds
+    assert {"none", "16", "groups"} <= set(expected)
+    assert result.round_to_trials == pytest.approx(expected, rel=1e-9)
+    assert result.round_to == grouped and pruner.effective_round_to == grouped
+    assert expected["groups"] < 0.99 * min(v for k, v in expected.items() if k != "groups")
+    assert result.widths["block2.conv2"] % 32 == 0  # aligned (here: left whole, its cut buys nothing)
+    assert abs((1 - result.after.macs / dense_macs) - target.value) <= 0.02
+    later = pruner.step(net, x, Target("flops", 0.6), dense=result.before)
+    assert later.round_to_trials == {} and later.round_to == grouped and later.widths["block2.conv2"] % 32 == 0
+
+
+def test_at_least_fills_the_gap_left_by_coarse_blocks_and_never_falls_short():
+    """Groups that may only keep multiples of 32 (block 2's 64-wide output) and 16 (block 1's 48-wide
+    inner width) move the MACs in large steps: at some targets the closer bracketing prefix misses
+    by more than the tolerance; with ``at_least`` the finer groups fill the gap, and the plan is
+    within the tolerance on both sides (checked on the real pruned model), widths still snapped."""
+    from lightning_prune import count_cost
+
+    x, tol, short = image_inputs(), 0.02, 0
+    coarse = {"block2.shortcut.0": 32, "block1.conv1": 16}  # by root layer; stem and block2.conv1: any width
+    for value in (0.1, 0.3, 0.35, 0.4):
+        target = Target("flops", value)
+        pruner = ChannelPruner(get_criterion("l1"))
+        net = _mixed_net()
+        analysis = pruner.analyse(net, x)
+        scores = get_criterion("l1").score(analysis.groups, None)
+        plan = plan_pruning(analysis.groups, scores, analysis.cost_model, target, analysis.cost, round_to=coarse,
+                            at_least=True, tolerance=tol)
+        closest = plan_pruning(analysis.groups, scores, analysis.cost_model, target, analysis.cost, round_to=coarse,
+                               tolerance=tol)
+        short += closest.reduction < value - tol
+        apply_plan(analysis.groups, plan.removed)
+        reduction = 1 - count_cost(net, x).macs / count_cost(_mixed_net(), x).macs
+        assert value - tol <= reduction <= value + tol + 1e-9, (value, reduction)
+        assert reduction == pytest.approx(plan.reduction)
+        modules = dict(net.named_modules())
+        assert modules["block2.conv2"].out_channels % 32 == 0 and modules["block1.conv1"].out_channels % 16 == 0
+    assert short >= 1  # the default rule (the closer prefix) does fall short here
+
+
 def test_keep_round_to_validates_the_multiple():
     pruner = ChannelPruner(get_criterion("l1"), round_to="auto")
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="multiple must be a positive integer or None"):
             pruner.keep_round_to(bad)
+    for bad in ({"a": 0}, {"a": 2.5}, {1: 8}):
+        with pytest.raises(ValueError, match="multiple"):
+            pruner.keep_round_to(bad)
+    pruner.keep_round_to({"a": 16, "b": None})
+    assert pruner.effective_round_to == {"a": 16, "b": None}
     pruner.keep_round_to(None)
     assert pruner.effective_round_to is None
 
 
 # ----------------------------------------------------------------------------- reporting
+def test_a_per_group_choice_survives_a_checkpoint_and_holds_in_the_resumed_fit(tmp_path):
+    """The record of the step that kept per-group multiples goes through the callback's state, saved
+    and loaded the way Lightning loads checkpoints (``weights_only=True``); the resumed callback's
+    pruner then snaps to the same mapping without timing anything."""
+    from lightning_prune import StructuredPruningCallback
+
+    grouped = {"stem.0": None, "block1.conv1": None, "block2.conv1": None, "block2.shortcut.0": 32}
+    record = PruningRecord(step=0, epoch=0, criterion="l1", target_kind="flops", target=0.4, macs_before=100,
+                           macs_after=60, params_before=10, params_after=7, flops_reduction=0.4, params_reduction=0.3,
+                           round_to=dict(grouped), round_to_trials={"none": 0.65, "16": 0.66, "groups": 0.58})
+    def callback():
+        return StructuredPruningCallback("l1", target_flops_reduction=0.6, round_to="auto", verbose=False,
+                                         latency_fn=_mixed_latency, latency_cache_dir=str(tmp_path))
+
+    saved = callback()
+    saved.history = [record]
+    torch.save(saved.state_dict(), tmp_path / "state.pt")
+    resumed = callback()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.history == [record] and resumed.round_to == grouped
+    resumed.latency.layer_timer = _mixed_timer
+    net, x = _mixed_net(), image_inputs()
+    calls = resumed.latency.measurements
+    later = resumed.pruner.step(net, x, Target("flops", 0.6))
+    assert later.round_to == grouped and later.round_to_trials == {}
+    assert later.widths["block2.conv2"] % 32 == 0
+    assert resumed.latency.measurements - calls <= 4  # analysis and the cut's own timing, no candidates
+
+
 def test_record_logging_summary_and_plot(tmp_path):
     record = PruningRecord(step=0, epoch=1, criterion="l1", target_kind="latency", target=0.5, macs_before=100,
                            macs_after=60, params_before=10, params_after=7, flops_reduction=0.4, params_reduction=0.3,

@@ -19,7 +19,10 @@ importance per second; the prefix is then chosen on the latency model like any o
 Inside a group the lowest-scored positions always go first. Caps: a group keeps at least
 ``1 - max_layer_ratio`` of its *original* width and never fewer than one position. The chosen
 prefix is the one whose reduction is closest to the target among the two that bracket it, so
-the error is at most half the cost of one event.
+the error is at most half the cost of one event. With ``at_least``, a prefix that falls short by
+more than ``tolerance`` is not taken: the later events follow in order as long as each keeps the
+reduction within ``tolerance`` above the target (a group whose next block would overshoot stops
+there), else the longer bracketing prefix is.
 """
 
 from __future__ import annotations
@@ -35,10 +38,23 @@ from lightning_prune.engine.cost import Cost, CostModel
 from lightning_prune.engine.graph import ChannelGroup
 from lightning_prune.engine.targets import Target
 
-__all__ = ["ALLOCATIONS", "Allocation", "Plan", "Target", "TargetUnreachableError", "plan_pruning", "max_reduction"]
+__all__ = [
+    "ALLOCATIONS", "Allocation", "Plan", "RoundTo", "Target", "TargetUnreachableError",
+    "max_reduction", "multiple_of", "plan_pruning",
+]
 
 Allocation = Literal["uniform", "global"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)  #: the valid ``allocation`` names
+#: What kept widths snap to: one multiple for every group, one per group (root layer name -> multiple,
+#: None or a missing name: any width), or None (any width).
+RoundTo = int | Mapping[str, int | None] | None
+
+
+def multiple_of(group: ChannelGroup, round_to: RoundTo) -> int | None:
+    """The multiple ``group``'s kept width snaps to under ``round_to`` (None: any width)."""
+    if isinstance(round_to, Mapping):
+        return round_to.get(group.root_name)
+    return round_to
 
 
 class TargetUnreachableError(ValueError):
@@ -66,18 +82,25 @@ class _Event:
     kept_positions: int
 
 
-def _allowed_widths(group: ChannelGroup, original_size: int, max_layer_ratio: float, round_to: int | None) -> list[int]:
+def _allowed_widths(group: ChannelGroup, original_size: int, max_layer_ratio: float, round_to: RoundTo) -> list[int]:
     """Admissible kept-position counts, descending, starting with the current width."""
+    multiple = multiple_of(group, round_to)
     g = group.unit
     current = group.positions
     min_channels = max(g, math.ceil((1.0 - max_layer_ratio) * original_size - 1e-9))
     min_positions = max(1, math.ceil(min_channels / g))
     allowed = [current]
     for kept in range(current - 1, min_positions - 1, -1):
-        if round_to and (kept * g) % round_to:
+        if multiple and (kept * g) % multiple:
             continue
         allowed.append(kept)
     return allowed
+
+
+def _describe(round_to: RoundTo) -> str:
+    if isinstance(round_to, Mapping):
+        return "{" + ", ".join(f"{name}: {m}" for name, m in round_to.items()) + "}"
+    return str(round_to)
 
 
 def _position_scores(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
@@ -97,7 +120,7 @@ def _events(
     original_sizes: Sequence[int],
     allocation: Allocation,
     max_layer_ratio: float,
-    round_to: int | None,
+    round_to: RoundTo,
     normalize: bool,
     width_losses: Sequence[torch.Tensor] | None = None,
     macs_per_channel: Sequence[float] | None = None,
@@ -159,19 +182,45 @@ class _Prefix:
         kept = [g.positions for g in self.groups]
         for event in self.events[:m]:
             kept[event.group] = event.kept_positions
+        return self.tied(kept)
+
+    def tied(self, kept: list[int]) -> list[int]:
         for members in self.ties:  # tied groups all take the narrowest width any of them reached
             narrowest = min(kept[i] for i in members)
             for i in members:
                 kept[i] = narrowest
         return kept
 
-
     def __call__(self, m: int) -> tuple[float, Cost, list[int]]:
-        kept = self.kept(m)
+        return self.evaluate(self.kept(m))
+
+    def evaluate(self, kept: list[int]) -> tuple[float, Cost, list[int]]:
         removed = [(g.positions - k) * g.unit for g, k in zip(self.groups, kept)]
         cost = self.cost_model.evaluate(removed)
         kept_channels = sum(k * g.unit for g, k in zip(self.groups, kept))
         return self.target.metric.reduction(cost, kept_channels, self.dense, self.original_total), cost, kept
+
+
+def _filled(prefix: _Prefix, start: int, target: float, tolerance: float) -> tuple[float, Cost, list[int]] | None:
+    """The first ``start`` events, then the later ones in order while they keep the reduction at most
+    ``tolerance`` above ``target``: a group whose next event would overshoot takes none of its later
+    ones (its blocks are too coarse here), the others go on. The first plan that meets the target, or
+    None when the events run out short of it."""
+    kept = prefix.kept(start)
+    blocked: set[int] = set()
+    for event in prefix.events[start:]:
+        if event.group in blocked:
+            continue
+        trial = list(kept)
+        trial[event.group] = event.kept_positions
+        value, cost, tied = prefix.evaluate(prefix.tied(trial))
+        if value > target + tolerance:
+            blocked.add(event.group)
+            continue
+        kept = trial
+        if value >= target:
+            return value, cost, tied
+    return None
 
 
 def _tie_classes(ties: Sequence[Hashable]) -> list[list[int]]:
@@ -194,7 +243,7 @@ def max_reduction(
     dense: Cost,
     *,
     max_layer_ratio: float,
-    round_to: int | None,
+    round_to: RoundTo,
     original_widths: Mapping[str, int] | None = None,
 ) -> float:
     """The largest reduction of ``target``'s metric that the caps allow."""
@@ -214,13 +263,14 @@ def plan_pruning(
     *,
     allocation: Allocation = "uniform",
     max_layer_ratio: float = 0.9,
-    round_to: int | None = None,
+    round_to: RoundTo = None,
     original_widths: Mapping[str, int] | None = None,
     normalize_scores: bool = True,
     width_losses: Sequence[torch.Tensor] | None = None,
     losses_per_mac: bool = False,
     tolerance: float = 0.02,
     ties: Sequence[Hashable] | None = None,
+    at_least: bool = False,
 ) -> Plan:
     """Choose the channels to remove so that the model meets ``target`` (relative to ``dense``).
 
@@ -232,7 +282,8 @@ def plan_pruning(
         dense: the cost of the unpruned model.
         allocation: ``"uniform"`` or ``"global"``.
         max_layer_ratio: largest fraction of a group's original width that may be removed.
-        round_to: kept widths are multiples of this (a group may also stay untouched).
+        round_to: kept widths are multiples of this (a group may also stay untouched); a mapping
+            gives each group's multiple by its root layer name (a name it lacks: any width).
         original_widths: root layer name -> width in the dense model (defaults to the current one).
         normalize_scores: divide each group's scores by their mean magnitude before a global
             ranking (for criteria whose scores are not comparable across layers).
@@ -245,6 +296,11 @@ def plan_pruning(
         ties: one key per group, or None; groups with equal keys always keep the same number of
             positions (the narrowest any of them would keep), e.g. one width per layer type so that
             a model's configuration can describe it. The lowest-scored positions of each go.
+        at_least: never fall short of the target by more than ``tolerance``: when the closer of the
+            two bracketing prefixes does, later events fill the gap in order, skipping the groups
+            whose next block would overshoot by more than ``tolerance`` (coarse events, such as
+            multiples of 16 on a 64-wide residual stream, miss the target by up to half of one
+            otherwise); failing that, the longer prefix. Default False: the closer one.
 
     Raises:
         TargetUnreachableError: when even removing everything the caps allow falls short.
@@ -289,7 +345,7 @@ def plan_pruning(
     hi_value, _, _ = prefix(len(events))
     if hi_value < target.value - tolerance:
         raise TargetUnreachableError(
-            f"cannot remove {target.describe()}: with max_layer_ratio={max_layer_ratio} and round_to={round_to} "
+            f"cannot remove {target.describe()}: with max_layer_ratio={max_layer_ratio} and round_to={_describe(round_to)} "
             f"at most {hi_value:.1%} can go. Lower the target, raise max_layer_ratio, or ignore fewer layers."
         )
     lo, hi = 0, len(events)  # value(lo) < target <= value(hi) (or hi is everything)
@@ -301,6 +357,8 @@ def plan_pruning(
             lo = mid
     candidates = [prefix(lo) + (lo,), prefix(hi) + (hi,)]
     value, cost, kept, _ = min(candidates, key=lambda c: (abs(c[0] - target.value), -c[3]))
+    if at_least and value < target.value - tolerance:  # coarse events: fill the gap with finer ones
+        value, cost, kept = _filled(prefix, lo, target.value, tolerance) or candidates[1][:3]
 
     plan = Plan(predicted=cost, reduction=value)
     for gi, (group, order, k) in enumerate(zip(groups, orders, kept)):

@@ -979,6 +979,42 @@ class LatencyEstimator:
         values = self._points(scan, device, dtype, None)
         return fast_multiple_from_times({s.out_channels: values[s.key()] for s in scan})
 
+    def group_multiples(
+        self, model: nn.Module, groups: Sequence[ChannelGroup], layers: Sequence[_Layer], max_layer_ratio: float = 0.9
+    ) -> dict[str, int | None]:
+        """Per group (by root layer name), the multiple its width should snap to on this device: the
+        output width of the group's costliest tabled layer (the one it sets the output width of) is
+        scanned over the widths the group may keep, at most its last 64, and
+        :func:`fast_multiple_from_times` reads that layer's staircase. One layer's kernels may work on
+        blocks of 16 channels while a narrower layer's do not, which one multiple for the whole model
+        cannot say. Scans are cached like the tables (layers of one configuration share them) and
+        bounded by ``table_seconds``; a group whose scan the budget cut short, or with no such layer,
+        gets None (any width)."""
+        device, dtype = self._device_of(model), self._dtype_of(model)
+        scans: dict[str, list[LayerSpec]] = {}
+        for group in groups:
+            owned = [
+                layer for layer in layers
+                if layer.grid and layer.spec.kind != "depthwise" and layer.effects.get(group.index, (0.0, 0.0))[0] > 0
+            ]
+            if not owned:
+                continue
+            spec = max(owned, key=lambda t: t.grid[-1][-1]).spec
+            step = spec.groups if spec.kind == "conv" else 1
+            low = max(1, math.ceil((1.0 - max_layer_ratio) * spec.out_channels - 1e-9), spec.out_channels - 63)
+            scan = [spec.at(spec.in_channels, w) for w in range(low, spec.out_channels + 1) if w % step == 0]
+            if len(scan) >= 4:
+                scans[group.root_name] = scan
+        values = self._points([s for scan in scans.values() for s in scan], device, dtype, self.table_seconds)
+        multiples: dict[str, int | None] = {}
+        for group in groups:
+            scan = scans.get(group.root_name, [])
+            complete = bool(scan) and all(s.key() in values for s in scan)
+            multiples[group.root_name] = (
+                fast_multiple_from_times({s.out_channels: values[s.key()] for s in scan}) if complete else None
+            )
+        return multiples
+
 
 class LatencyCostModel(CostModel):
     """:class:`~lightning_prune.engine.cost.CostModel` whose costs also carry the predicted latency

@@ -40,6 +40,7 @@ from lightning_prune.engine.allocation import (
     ALLOCATIONS,
     Allocation,
     Plan,
+    RoundTo,
     TargetUnreachableError,
     max_reduction,
     plan_pruning,
@@ -136,9 +137,12 @@ class StepResult:
     #: every timing of the latency correction, in order: [planning target, predicted seconds, measured
     #: seconds]; a plan timed again (the kept plan, once a re-plan has run) has a row per timing
     latency_tries: list[list[float]] = field(default_factory=list)
-    round_to: int | None = None  #: the multiple the kept widths snap to (``round_to="auto"`` resolved)
-    #: ``round_to="auto"`` timed at this step: candidate ("none", "4", ...) -> whole-model seconds cut
-    #: with it, relative to the step's start (empty when the step did not choose)
+    #: the multiple the kept widths snap to (``round_to="auto"`` resolved): one for every group, or
+    #: root layer name -> multiple (None: any width) when the per-group multiples were fastest
+    round_to: RoundTo = None
+    #: ``round_to="auto"`` timed at this step: candidate ("none", "4", ..., "groups" for the per-group
+    #: multiples) -> whole-model seconds cut with it, relative to the step's start (empty when the step
+    #: did not choose)
     round_to_trials: dict[str, float] = field(default_factory=dict)
 
 
@@ -247,8 +251,10 @@ class ChannelPruner:
         round_to: kept widths are multiples of this (None, the default: any width). ``"auto"``: the
             multiple that is fast on the latency device. With a target that is not latency (and
             ``measure_round_to``, True by default), the first step with a cut times the model cut with
-            free widths and with every candidate multiple that the targets seen by :meth:`fit_round_to`
-            can reach, and keeps the fastest (:meth:`_time_round_to`); otherwise the multiple the
+            free widths, with every candidate multiple that the targets seen by :meth:`fit_round_to`
+            can reach, and with a multiple per group read from each group's costliest layer
+            (:meth:`~lightning_prune.engine.latency.LatencyEstimator.group_multiples`), and keeps the
+            fastest (:meth:`_time_round_to`); otherwise the multiple the
             latency tables show (:meth:`~lightning_prune.engine.latency.LatencyEstimator.fast_multiple`,
             found when the model is first analysed; None when no multiple is faster). Anything else:
             ``ValueError``.
@@ -356,7 +362,7 @@ class ChannelPruner:
         self.latency = latency if latency is not None or round_to != "auto" else LatencyEstimator()
         self.latency_tolerance = float(latency_tolerance)
         self.latency_corrections = latency_corrections
-        self._auto_round_to: int | None = None
+        self._auto_round_to: RoundTo = None
         self._auto_resolved = False
         self._auto_limit: int | None = max(AUTO_MULTIPLES)  #: the largest multiple every target seen can reach
         self._round_to_measured = False
@@ -398,8 +404,9 @@ class ChannelPruner:
         self.probe = probe
 
     @property
-    def effective_round_to(self) -> int | None:
-        """``round_to`` as an integer (``"auto"`` resolved once the model has been analysed)."""
+    def effective_round_to(self) -> RoundTo:
+        """``round_to`` resolved: an integer, None, or with ``"auto"`` (once the model has been analysed)
+        possibly a multiple per group (root layer name -> multiple or None)."""
         if isinstance(self.round_to, int):
             return self.round_to
         return self._auto_round_to if self.round_to == "auto" else None
@@ -582,13 +589,15 @@ class ChannelPruner:
 
     def fit_round_to(
         self, analysis: Analysis, target: Target, dense: Cost, original_widths: Mapping[str, int] | None = None
-    ) -> int | None:
+    ) -> RoundTo:
         """With ``round_to="auto"``: keep the multiple chosen so far only if ``target`` stays reachable
         with it (within 0.02), else the largest smaller candidate that keeps it reachable, else None (a
         narrow model cannot snap to 16 and still lose half its MACs). The largest reachable multiple is
         remembered: the candidates a step times never exceed it, so a fit that checked its final target
-        here first never has to change multiple later. Returns the multiple now in force; any other
-        ``round_to`` is returned as it is."""
+        here first never has to change multiple later. Per-group multiples are kept while they reach
+        the target, else capped at it one by one (the candidates are powers of two, so every width
+        the largest reachable multiple allows stays allowed). Returns the multiple now in force; any
+        other ``round_to`` is returned as it is."""
         if self.round_to != "auto":
             return self.effective_round_to
         for multiple in [m for m in sorted(AUTO_MULTIPLES, reverse=True) if self._auto_limit and m <= self._auto_limit]:
@@ -601,16 +610,30 @@ class ChannelPruner:
                 break
         else:
             self._auto_limit = None
-        if self._auto_round_to is not None and (self._auto_limit is None or self._auto_round_to > self._auto_limit):
-            self._auto_round_to = self._auto_limit
+        chosen = self._auto_round_to
+        if isinstance(chosen, Mapping):  # per-group multiples stay as they are while they reach the target
+            reachable = max_reduction(
+                analysis.groups, analysis.cost_model, target, dense,
+                max_layer_ratio=self.max_layer_ratio, round_to=chosen, original_widths=original_widths,
+            )
+            if reachable >= target.value - 0.02:
+                return chosen
+        self._auto_round_to = _capped(chosen, self._auto_limit)
         return self._auto_round_to
 
-    def keep_round_to(self, multiple: int | None) -> None:
+    def keep_round_to(self, multiple: RoundTo) -> None:
         """Fix ``round_to="auto"``'s multiple (e.g. the one a resumed fit's first step chose): nothing is
-        measured or read from the tables for it any more."""
-        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
-            raise ValueError(f"multiple must be a positive integer or None, got {multiple!r}")
-        self._auto_round_to = multiple
+        measured or read from the tables for it any more. ``multiple``: a positive integer, None, or a
+        mapping of root layer names to such values (per-group multiples)."""
+        values = list(multiple.values()) if isinstance(multiple, Mapping) else [multiple]
+        if isinstance(multiple, Mapping) and not all(isinstance(k, str) for k in multiple):
+            raise ValueError(f"multiple: a mapping's keys must be root layer names, got {list(multiple)!r}")
+        for value in values:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"multiple must be a positive integer or None (or a mapping of layer names to them), got {multiple!r}"
+                )
+        self._auto_round_to = dict(multiple) if isinstance(multiple, Mapping) else multiple
         self._auto_resolved = self._round_to_measured = True
 
     def _measures_round_to(self, target: Target) -> bool:
@@ -620,7 +643,7 @@ class ChannelPruner:
         )
 
     def _plan(
-        self, analysis: Analysis, scored: _Scored, target: Target, round_to: int | None, tolerance: float = 0.02
+        self, analysis: Analysis, scored: _Scored, target: Target, round_to: RoundTo, tolerance: float = 0.02
     ) -> Plan:
         """:func:`~lightning_prune.engine.allocation.plan_pruning` with this pruner's settings."""
         return plan_pruning(
@@ -629,6 +652,7 @@ class ChannelPruner:
             original_widths=scored.original_widths, normalize_scores=not self.criterion.comparable_across_layers,
             width_losses=scored.width_losses, losses_per_mac=scored.per_mac, tolerance=tolerance,
             ties=self._ties(analysis.groups, scored.original_widths) if self.uniform_per_type else None,
+            at_least=isinstance(round_to, Mapping),  # per-group multiples: coarse events, never short
         )
 
     def _time_round_to(
@@ -641,16 +665,28 @@ class ChannelPruner:
         runtime when it has one); :func:`~lightning_prune.engine.latency.fastest_multiple` keeps one for
         the rest of the fit (a coarser multiple only when faster than the finer ones by more than the
         estimator's ``precision``). The tables of single layers miss what whole models pay for unaligned
-        widths (layout reorders between layers). Returns candidate -> seconds relative to the start;
-        the model is left at the start, its graph state included."""
+        widths (layout reorders between layers). A further candidate, ``"groups"``, snaps each group to
+        the multiple its own costliest layer shows (:meth:`~lightning_prune.engine.latency.LatencyEstimator.group_multiples`;
+        timed when the groups disagree): it is kept only when faster than the chosen multiple by more
+        than that precision. Returns candidate -> seconds relative to the start; the model is left at
+        the start, its graph state included."""
         assert self.latency is not None
         start = GraphSnapshot(model, analysis.graph)
         begin = ModuleSnapshot(model)
-        cuts: dict[int | None, ModuleSnapshot] = {}
+        candidates: dict[int | None | str, RoundTo] = {
+            m: m for m in [None, *sorted(m for m in AUTO_MULTIPLES if self._auto_limit and m <= self._auto_limit)]
+        }
+        layers = getattr(analysis.cost_model, "layers", None)
+        if layers:
+            per_group = self.latency.group_multiples(model, analysis.groups, layers, self.max_layer_ratio)
+            grouped = _capped(per_group, self._auto_limit)
+            if isinstance(grouped, Mapping) and len(set(grouped.values())) > 1:
+                candidates[GROUPS] = grouped
+        cuts: dict[int | None | str, ModuleSnapshot] = {}
         try:
-            for multiple in [None, *sorted(m for m in AUTO_MULTIPLES if self._auto_limit and m <= self._auto_limit)]:
+            for label, round_to in candidates.items():
                 try:
-                    plan = self._plan(analysis, scored, target, multiple)
+                    plan = self._plan(analysis, scored, target, round_to)
                 except TargetUnreachableError:
                     continue
                 if plan.empty:
@@ -659,13 +695,18 @@ class ChannelPruner:
                     continue
                 with torch.no_grad():
                     apply_plan(analysis.groups, plan.removed)
-                cuts[multiple] = ModuleSnapshot(model)
+                cuts[label] = ModuleSnapshot(model)
                 start.restore()
             ratios = self.latency.compare(model, example_inputs, [begin.restore, *(c.restore for c in cuts.values())])
         finally:
             start.restore()
         times = dict(zip(cuts, ratios[1:]))
-        self.keep_round_to(fastest_multiple(times, self.latency.precision or 0.01))
+        margin = self.latency.precision or 0.01
+        uniform = {m: t for m, t in times.items() if not isinstance(m, str)}
+        chosen: int | None | str = fastest_multiple(uniform, margin) if uniform or GROUPS not in times else GROUPS
+        if GROUPS in times and chosen != GROUPS and times[GROUPS] < times[chosen] * (1.0 - margin):
+            chosen = GROUPS
+        self.keep_round_to(candidates[chosen])
         return {("none" if m is None else str(m)): float(t) for m, t in times.items()}
 
     def max_reduction(
@@ -1033,3 +1074,16 @@ class ChannelPruner:
                 "in a way torch-pruning's graph did not describe (register a custom pruner or ignore it)"
             )
         return measured
+
+
+#: the ``round_to_trials`` entry of the per-group multiples (``round_to="auto"``)
+GROUPS = "groups"
+
+
+def _capped(round_to: RoundTo, limit: int | None) -> RoundTo:
+    """``round_to`` with every multiple at most ``limit`` (None: no multiple is reachable, any width)."""
+    if isinstance(round_to, Mapping):
+        return {name: None if m is None or limit is None else min(m, limit) for name, m in round_to.items()}
+    if round_to is None or limit is None:
+        return None
+    return min(round_to, limit)
