@@ -214,7 +214,7 @@ def latency_section(smoke: bool, cache_root: Path) -> list[dict[str, Any]]:
                 "cached_points_measured": cached.measured_points,
             })
             _bench.log(f"  {label}: latency {latency_ratio:.2f}x, MACs {macs_ratio:.2f}x, "
-                       f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={info[label]['round_to']}")
+                       f"gain/MAC gain {rows[-1]['gain_over_mac_gain']:.2f}, round_to={round_to_label(info[label]['round_to'])}")
     return rows
 
 
@@ -426,7 +426,7 @@ def _table(result: dict[str, Any]) -> str:
                 f"({r['pruned_ms']:.2f} / {r['dense_ms']:.2f} ms) | {in_step} | {r['macs_ratio']:.2f}x | "
                 f"{r['gain_over_mac_gain']:.2f} | "
                 f"{r['ideal_gain_over_mac_gain']:.2f} ({r['dense_share_fixed']:.0%}, {r['dense_share_activations']:.0%}) | "
-                f"{error} | {r['tries']} | {r['round_to']} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
+                f"{error} | {r['tries']} | {round_to_label(r['round_to'])} | {r['tables_cold_s']:.1f} s / {r['tables_cached_s']:.1f} s |"
             )
     if result.get("onnxruntime"):
         lines += ["", "| model | batch | variant (latency: target_latency_reduction=0.5) | onnxruntime pruned/dense (ms) | "
@@ -442,7 +442,7 @@ def _table(result: dict[str, Any]) -> str:
                 f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ort_ratio']:.2f}x "
                 f"({r['ort_pruned_ms']:.2f} / {r['ort_dense_ms']:.2f}) | {r['eager_ratio']:.2f}x "
                 f"({r['eager_pruned_ms']:.2f} / {r['eager_dense_ms']:.2f}) | {in_step} | {r['macs_ratio']:.2f}x | "
-                f"{r['macs_ratio'] / r['ort_ratio']:.2f} | {r.get('round_to')} | {r['tries']} | {r['step_s']:.0f} s |"
+                f"{r['macs_ratio'] / r['ort_ratio']:.2f} | {round_to_label(r.get('round_to'))} | {r['tries']} | {r['step_s']:.0f} s |"
             )
     for section, runtime in (("latency", "eager torch"), ("onnxruntime", "onnxruntime")):
         lines += _trials_table([r for r in result.get(section) or [] if r.get("round_to_trials")], runtime)
@@ -470,12 +470,24 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def round_to_label(round_to: Any) -> str:
+    """A table cell for a step's ``round_to``: the multiple, or per group how many groups took which."""
+    if not isinstance(round_to, dict):
+        return str(round_to)
+    counts: dict[str, int] = {}
+    for multiple in round_to.values():
+        key = "any" if multiple is None else str(multiple)
+        counts[key] = counts.get(key, 0) + 1
+    return "per group (" + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + ")"
+
+
 def _trials_table(rows: list[dict[str, Any]], runtime: str) -> list[str]:
-    """What ``round_to="auto"`` timed at its step: the whole model cut with free widths and with each
-    candidate multiple that reaches the target, relative to the dense model (interleaved in the step)."""
+    """What ``round_to="auto"`` timed at its step: the whole model cut with free widths, with each
+    candidate multiple that reaches the target and with the per-group multiples ("groups"), relative
+    to the dense model (interleaved in the step)."""
     if not rows:
         return []
-    candidates = ["none", "4", "8", "16", "32"]
+    candidates = ["none", "4", "8", "16", "32", "groups"]
     lines = ["", f"round_to=\"auto\", {runtime}: the step's cut at each candidate, timed against the dense model "
              "(interleaved, medians of ratios; — = that multiple cannot reach the target)", "",
              "| model | batch | " + " | ".join(f"round_to={c}" for c in candidates) + " | kept |",
@@ -483,7 +495,7 @@ def _trials_table(rows: list[dict[str, Any]], runtime: str) -> list[str]:
     for r in rows:
         trials = r["round_to_trials"]
         cells = [f"{trials[c]:.2f}x" if c in trials else "—" for c in candidates]
-        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {r['round_to']} |")
+        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {round_to_label(r['round_to'])} |")
     return lines
 
 
