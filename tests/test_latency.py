@@ -40,11 +40,11 @@ def layer_timer(spec: LayerSpec) -> float:
 
 
 def _summed_over_layers(model: nn.Module, inputs, cost) -> float:
-    """``FIXED`` plus ``cost(module, output)`` of every conv/linear layer on a real forward pass."""
+    """``FIXED`` plus ``cost(module, output, layer_input)`` of every conv/linear layer on a real forward pass."""
     total = [FIXED]
 
     def hook(module, args, output):
-        total[0] += cost(module, output)
+        total[0] += cost(module, output, args[0])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
@@ -60,7 +60,7 @@ def _summed_over_layers(model: nn.Module, inputs, cost) -> float:
 def reference_latency(model: nn.Module, inputs, per_activation: float = 0.0) -> float:
     """The same synthetic cost, from the model's own layers on a real forward pass; ``per_activation``
     seconds per output element of every conv/linear layer model what follows them (BN, ReLU, adds)."""
-    return _summed_over_layers(model, inputs, lambda module, output: (
+    return _summed_over_layers(model, inputs, lambda module, output, _: (
         PER_MAC * output.numel() * module.weight[0].numel() + PER_LAYER + per_activation * output.numel()
     ))
 
@@ -440,7 +440,7 @@ def staircase_latency(block: int):
     """A whole model whose layers compute blocks of ``block`` output channels: a width costs what the
     next multiple of ``block`` costs (what single-layer tables that are smooth do not show)."""
 
-    def cost(module, output):
+    def cost(module, output, _):
         out = module.weight.shape[0]
         return PER_MAC * output.numel() / out * math.ceil(out / block) * block * module.weight[0].numel() + PER_LAYER
 
@@ -532,23 +532,13 @@ def _mixed_timer(spec: LayerSpec) -> float:
 
 def _mixed_latency(model: nn.Module, inputs) -> float:
     """The whole model under :func:`_mixed_cost`, from its own layers on a real forward pass."""
-    total = [FIXED]
 
-    def hook(module, args, output):
+    def cost(module, output, layer_input):
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        spatial = tuple(args[0].shape[2:]) if kind == "conv" else ()
-        out = module.weight.shape[0]
-        total[0] += _mixed_cost(kind, spatial, out, output.numel() * module.weight[0].numel())
+        spatial = tuple(layer_input.shape[2:]) if kind == "conv" else ()
+        return _mixed_cost(kind, spatial, module.weight.shape[0], output.numel() * module.weight[0].numel())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
+    return _summed_over_layers(model, inputs, cost)
 
 
 def _mixed_net():
