@@ -58,6 +58,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -539,6 +540,62 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def repair_grid_table(results: Sequence[dict[str, Any]]) -> str:
+    """The repair grid of several ``--repair-grid`` results (other variants, targets or criteria, the
+    same dense models: same data, depth, dense epochs and seeds): per target and criterion, accuracy
+    right after the step and after fine-tuning for each variant of :data:`REPAIR_GRID`, mean ± sample
+    std over seeds (``(n=k)`` when fewer than every seed). A (target, method, seed) run in two results
+    is refused: the grid would silently keep one of them.
+
+    Raises:
+        ValueError: no result, a result without ``--repair-grid``, results of other dense models, or
+            a run present twice.
+    """
+    if not results:
+        raise ValueError("repair_grid_table needs at least one result")
+    keys = ("data", "depth", "dense_epochs", "dense_lr", "limit_train_batches", "test_batches", "finetune_epochs", "finetune_lr")
+    first = results[0]["config"]
+    for result in results:
+        config = result["config"]
+        if not config.get("repair_grid"):
+            raise ValueError("repair_grid_table reads --repair-grid results only")
+        differ = sorted(k for k in keys if config.get(k) != first.get(k))
+        if differ:
+            raise ValueError(f"cannot combine results of other dense models or fine-tuning: they differ in {differ}")
+    cells: dict[tuple[float, str, str], dict[int, dict[str, float]]] = {}
+    for result in results:
+        for row in result["runs"]:
+            if not row.get("ok"):
+                continue
+            name, _, variant = row["method"].partition(" [")
+            per_seed = cells.setdefault((row["target"], name, variant.rstrip("]")), {})
+            if row["seed"] in per_seed:
+                raise ValueError(f"run {row['method']} at target {row['target']}, seed {row['seed']} appears twice")
+            per_seed[row["seed"]] = row
+    seeds = sorted({s for per_seed in cells.values() for s in per_seed})
+    criteria = list(dict.fromkeys(name for _, name, _ in cells))
+    variants = [v for v in REPAIR_GRID if any(key[2] == v for key in cells)]
+
+    def cell(target: float, name: str, variant: str, key: str) -> str:
+        rows = cells.get((target, name, variant), {})
+        values = [100 * r[key] for r in rows.values()]
+        if not values:
+            return "—"
+        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.1f}{spread}" + ("" if len(values) == len(seeds) else f" (n={len(values)})")
+
+    lines = [f"Repair grid, {first['data']}: test accuracy (%), mean ± std over seeds {seeds}; each cell: right after "
+             f"the step / after the {first['finetune_epochs']}-epoch fine-tuning fit. plain = selection only, ls = "
+             "least-squares correction; nobn = stale BatchNorm statistics, bn = recalibrated.", "",
+             "| target | criterion | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for target in sorted({key[0] for key in cells}):
+        for name in criteria:
+            row = [f"{cell(target, name, v, 'accuracy_after_prune')} / {cell(target, name, v, 'accuracy_after_finetune')}"
+                   for v in variants]
+            lines.append(f"| -{target:.0%} | {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- report
 README_START = "<!-- benchmark-compare:start -->"
 README_END = "<!-- benchmark-compare:end -->"
@@ -824,10 +881,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="--repair-grid: only these variants (default: all four)")
     add_common_arguments(parser, "1 seed, target 50%%, l1 + pls_vip + both peers, 1 epoch")
     parser.add_argument("--readme", type=Path, default=None, help=f"also put the summary between {README_START} / {README_END}")
+    parser.add_argument("--grid-from-json", type=Path, nargs="+", default=None,
+                        help="no run: the repair grid (every variant side by side) of several --repair-grid results "
+                             "on the same dense models, written to <out>/<data stem>_repair_grid.md")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="no run: redo the tables, plots and README from compare.json files (several: runs of the same "
                              "arguments on different seeds, merged)")
     args = parser.parse_args(argv)
+    if args.grid_from_json:
+        results = [json.loads(path.read_text()) for path in args.grid_from_json]
+        table = repair_grid_table(results)
+        out = output_dir(args)
+        stem = output_stem({**results[0]["config"], "repair_grid": False})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}_repair_grid.md").write_text(table + "\n")
+        print(table)
+        log(f"wrote {out / (stem + '_repair_grid.md')}")
+        return {"grid": table}
     fashion = args.data == "fashion-mnist"
     args.targets = args.targets or ([0.5, 0.7, 0.9] if fashion else [0.3, 0.5, 0.7, 0.9])
     args.dense_epochs = args.dense_epochs or (30 if fashion else 8)

@@ -259,6 +259,53 @@ def test_compare_merge_refuses_other_configurations_and_repeated_seeds():
         bc.merge_results([])
 
 
+def _grid_result(seeds, targets, variants, value) -> dict:
+    """A ``--repair-grid`` result (numbers from ``value(target, variant, seed)``: after the step, after fine-tuning)."""
+    runs = [
+        {"method": f"l1 [{v}]", "seed": s, "target": t, "ok": True,
+         "accuracy_after_prune": value(t, v, s)[0], "accuracy_after_finetune": value(t, v, s)[1]}
+        for s in seeds for t in targets for v in variants
+    ]
+    config = {"data": "fashion-mnist", "depth": 20, "dense_epochs": 8, "dense_lr": 0.1, "limit_train_batches": 0.25,
+              "test_batches": 20, "finetune_epochs": 1, "finetune_lr": 0.01, "repair_grid": True, "seeds": list(seeds)}
+    return {"config": config, "runs": runs}
+
+
+def test_repair_grid_combines_results_of_other_variants_and_targets_against_numpy():
+    import numpy as np
+
+    bc = _compare_module()
+    rng = np.random.default_rng(0)
+    table = {(t, v, s): tuple(rng.uniform(0.1, 0.9, 2)) for t in (0.5, 0.9) for v in bc.REPAIR_GRID for s in (0, 1, 2)}
+    value = lambda t, v, s: table[(t, v, s)]  # noqa: E731
+    parts = [
+        _grid_result((0, 1, 2), (0.5,), ("plain, nobn", "ls, bn"), value),
+        _grid_result((0, 1, 2), (0.9,), ("plain, nobn", "ls, bn"), value),
+        *(_grid_result((s,), (0.5, 0.9), ("plain, bn", "ls, nobn"), value) for s in (0, 1)),  # seed 2 missing
+    ]
+    text = bc.repair_grid_table(parts)
+    header = next(line for line in text.splitlines() if line.startswith("| target"))
+    assert header == "| target | criterion | plain, nobn | ls, nobn | plain, bn | ls, bn |"
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| -")}
+    assert set(rows) == {"| -50%", "| -90%"}
+    for t in (0.5, 0.9):
+        cells = rows[f"| -{t:.0%}"].strip("| ").split(" | ")[2:]
+        for cell, v in zip(cells, ["plain, nobn", "ls, nobn", "plain, bn", "ls, bn"]):
+            seeds = (0, 1, 2) if v in ("plain, nobn", "ls, bn") else (0, 1)
+            for part, k in zip(cell.split(" / "), (0, 1)):
+                values = 100 * np.array([table[(t, v, s)][k] for s in seeds])
+                expected = f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" + ("" if len(seeds) == 3 else " (n=2)")
+                assert part == expected
+    with pytest.raises(ValueError, match="appears twice"):
+        bc.repair_grid_table([parts[0], parts[0]])
+    other = _grid_result((0,), (0.5,), ("plain, bn",), value)
+    other["config"]["dense_epochs"] = 30
+    with pytest.raises(ValueError, match=r"differ in \['dense_epochs'\]"):
+        bc.repair_grid_table([parts[0], other])
+    with pytest.raises(ValueError, match="--repair-grid results only"):
+        bc.repair_grid_table([{**parts[0], "config": {**parts[0]["config"], "repair_grid": False}}])
+
+
 def test_correction_ridge_benchmark_smoke(tmp_path):
     """examples/benchmark_correction_ridge.py --smoke: ResNet-18 at 32 px with Grams of 32 rows for up to
     512 channels; every variant is recorded and the table says which one is best."""
