@@ -97,12 +97,6 @@ def _allowed_widths(group: ChannelGroup, original_size: int, max_layer_ratio: fl
     return allowed
 
 
-def _describe(round_to: RoundTo) -> str:
-    if isinstance(round_to, Mapping):
-        return "{" + ", ".join(f"{name}: {m}" for name, m in round_to.items()) + "}"
-    return str(round_to)
-
-
 def _position_scores(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
     scores = scores.detach().double().flatten().cpu()
     if scores.numel() != group.size:
@@ -345,7 +339,7 @@ def plan_pruning(
     hi_value, _, _ = prefix(len(events))
     if hi_value < target.value - tolerance:
         raise TargetUnreachableError(
-            f"cannot remove {target.describe()}: with max_layer_ratio={max_layer_ratio} and round_to={_describe(round_to)} "
+            f"cannot remove {target.describe()}: with max_layer_ratio={max_layer_ratio} and round_to={round_to} "
             f"at most {hi_value:.1%} can go. Lower the target, raise max_layer_ratio, or ignore fewer layers."
         )
     lo, hi = 0, len(events)  # value(lo) < target <= value(hi) (or hi is everything)
