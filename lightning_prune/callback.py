@@ -39,6 +39,7 @@ from lightning_prune.collection.feeding import BatchFeeder
 from lightning_prune.criteria import Criterion, get_criterion
 from lightning_prune.engine import Analysis, ChannelPruner, Cost, Target, layer_widths
 from lightning_prune.engine.allocation import Allocation, RoundTo
+from lightning_prune.engine.heap import history_dependent_timings
 from lightning_prune.engine.latency import LatencyEstimator, ModelTimer
 from lightning_prune.engine.targets import target_from_arguments
 from lightning_prune.repair import StepRepair
@@ -100,7 +101,9 @@ class StructuredPruningCallback(Callback):
             (measured once per layer shape, cached on disk), events ordered by importance per second
             saved (``allocation`` defaults to ``"global"``); after the cut the model is timed and, if it
             misses by more than ``latency_tolerance``, re-planned from the step's start with the target
-            moved by the miss (at most 5 times, inside the atomic step).
+            moved by the miss (at most 5 times, inside the atomic step). Timed on a Linux CPU with
+            glibc's allocator as it comes, the ratios depend on what the process ran before: ``setup``
+            warns, naming the fix (:func:`~lightning_prune.engine.heap.retain_freed_memory`).
             Exactly one of the four targets must be given (``ValueError`` otherwise). The final
             model meets a MACs, parameters or channels target within 2 percentage points (MACs and
             parameters of the whole model, see :mod:`lightning_prune.engine.cost`).
@@ -669,6 +672,7 @@ class StructuredPruningCallback(Callback):
         if self.latency.batch_size is None:
             self.latency.batch_size = batch_size
         self.latency.progress = trainer_progress(trainer)
+        _warn_if_history_dependent(self.latency, pl_module)
         if trainer.world_size > 1:  # each process measures its own latency: no per-process re-plans or choices
             for pruner in self._pruners:
                 pruner.latency_corrections = 0
@@ -816,3 +820,12 @@ def _pruning_callbacks(trainer: pl.Trainer) -> list[StructuredPruningCallback]:
 def _steps_done_in(trainer: pl.Trainer) -> int:
     """Pruning steps done by every pruning callback of the trainer: the next step's ``order``."""
     return sum(len(cb.history) for cb in _pruning_callbacks(trainer))
+
+
+def _warn_if_history_dependent(latency: LatencyEstimator, model: nn.Module) -> None:
+    """Warn when the steps will time eager forwards on a CPU whose allocator makes timings depend on the
+    process's history (:func:`~lightning_prune.engine.heap.history_dependent_timings`)."""
+    if latency.latency_fn is None and latency.timing_device(model).type == "cpu":
+        why = history_dependent_timings()
+        if why is not None:
+            rank_zero_warn(why)

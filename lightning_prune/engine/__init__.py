@@ -3,7 +3,8 @@
 Layering, bottom up: :mod:`~lightning_prune.engine.tp_adapter` (the only module that talks to
 torch-pruning), :mod:`~lightning_prune.engine.graph` (channel groups), :mod:`~lightning_prune.engine.cost`
 (and :mod:`~lightning_prune.engine.latency`, the measured-latency model, with
-:mod:`~lightning_prune.engine.onnxruntime_latency`, a ``latency_fn`` that times onnxruntime) and
+:mod:`~lightning_prune.engine.onnxruntime_latency`, a ``latency_fn`` that times onnxruntime, and
+:mod:`~lightning_prune.engine.heap`, reproducible CPU timings under glibc) and
 :mod:`~lightning_prune.engine.targets`, :mod:`~lightning_prune.engine.allocation`,
 :mod:`~lightning_prune.engine.protocol` (what a criterion provides), :mod:`~lightning_prune.engine.surgery`,
 :mod:`~lightning_prune.engine.optimizer`, :mod:`~lightning_prune.engine.probe` and
@@ -13,6 +14,7 @@ torch-pruning), :mod:`~lightning_prune.engine.graph` (channel groups), :mod:`~li
 from lightning_prune.engine.allocation import Plan, TargetUnreachableError, plan_pruning
 from lightning_prune.engine.cost import Cost, CostModel, count_cost
 from lightning_prune.engine.graph import ChannelGroup, ParamSlice, build_dependency_graph, discover_groups
+from lightning_prune.engine.heap import retain_freed_memory
 from lightning_prune.engine.latency import LatencyCostModel, LatencyEstimator
 from lightning_prune.engine.onnxruntime_latency import OnnxRuntimeLatency
 from lightning_prune.engine.optimizer import UnsupportedOptimizerStateError, prepare_optimizer_remap
@@ -54,4 +56,5 @@ __all__ = [
     "layer_widths",
     "plan_pruning",
     "prepare_optimizer_remap",
+    "retain_freed_memory",
 ]

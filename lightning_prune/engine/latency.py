@@ -637,7 +637,8 @@ class LatencyEstimator:
         self._grids: dict[str, tuple[list[int], list[int]]] = {}  #: layer name -> its grid (fixed once chosen)
 
     # ------------------------------------------------------------------ the whole model
-    def _device_of(self, model: nn.Module) -> torch.device:
+    def timing_device(self, model: nn.Module) -> torch.device:
+        """Where ``model`` is timed: ``device`` when given, else the device of its parameters (CPU without any)."""
         if self.device is not None:
             return self.device
         first = next(model.parameters(), None)
@@ -653,7 +654,7 @@ class LatencyEstimator:
 
     @contextlib.contextmanager
     def _on_device(self, model: nn.Module) -> Iterator[torch.device]:
-        device = self._device_of(model)
+        device = self.timing_device(model)
         first = next(model.parameters(), None)
         home = first.device if first is not None else device
         if home != device:
@@ -737,7 +738,7 @@ class LatencyEstimator:
             raise ValueError(f"compare needs at least two states, got {len(states)}")
         inputs = resize_batch(example_inputs, self._batch(example_inputs))
         self.measurements += len(states)
-        device = self._device_of(model)
+        device = self.timing_device(model)
         first = next(model.parameters(), None)
         nets: list[nn.Module] = [model] * len(states)
         enter = list(states)
@@ -849,7 +850,7 @@ class LatencyEstimator:
     ) -> list[_Layer]:
         """The tables of every conv/linear layer of ``model``, measured or read from the cache."""
         batch = self._batch(example_inputs)
-        device, dtype = self._device_of(model), self._dtype_of(model)
+        device, dtype = self.timing_device(model), self._dtype_of(model)
         layers: list[_Layer] = []
         for name, (module, x, positions) in _layer_inputs(model, example_inputs).items():
             spec = _spec_of(module, x, batch)
@@ -956,7 +957,7 @@ class LatencyEstimator:
         """The multiple widths should snap to on this device (the ``round_to="auto"`` rule): the output
         width of the costliest tabled layer is scanned over its last 64 widths (cached like the tables)
         and :func:`fast_multiple_from_times` reads the staircase. None: no multiple is faster."""
-        device, dtype = self._device_of(model), self._dtype_of(model)
+        device, dtype = self.timing_device(model), self._dtype_of(model)
         if layers is None:
             batch = self._batch(example_inputs)
             found = [(_spec_of(m, x, batch), n) for n, (m, x, _) in _layer_inputs(model, example_inputs).items()]
@@ -990,7 +991,7 @@ class LatencyEstimator:
         cannot say. Scans are cached like the tables (layers of one configuration share them) and
         bounded by ``table_seconds``; a group whose scan the budget cut short, or with no such layer,
         gets None (any width)."""
-        device, dtype = self._device_of(model), self._dtype_of(model)
+        device, dtype = self.timing_device(model), self._dtype_of(model)
         scans: dict[str, list[LayerSpec]] = {}
         for group in groups:
             owned = [
