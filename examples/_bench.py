@@ -63,6 +63,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, smoke_help: str) -> No
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} (smoke: benchmark_results/smoke)")
 
 
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    """``--malloc``, in the scripts that time models on the CPU."""
+    parser.add_argument(
+        "--malloc", choices=("retain", "default"), default="retain",
+        help="retain (default): glibc keeps freed memory for reuse (lightning_prune.engine.heap), so that timings do not "
+             "depend on what the process ran before; default: glibc as it comes",
+    )
+
+
+def setup_malloc(mode: str) -> dict[str, Any]:
+    """Apply ``--malloc`` before anything is timed; what was applied, for the results."""
+    from lightning_prune.engine.heap import retain_freed_memory
+
+    applied = retain_freed_memory() if mode == "retain" else False
+    if mode == "retain" and not applied:
+        log("--malloc retain: no glibc here (or it refused); the allocator is as it comes")
+    return {"mode": mode, "applied": applied}
+
+
 def output_dir(args: argparse.Namespace) -> Path:
     """Where a run writes: ``--out``, else ``examples/results`` (smoke: ``benchmark_results/smoke``)."""
     return args.out or (Path("benchmark_results/smoke") if args.smoke else DEFAULT_OUT)

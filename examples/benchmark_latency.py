@@ -569,6 +569,7 @@ def _has_fashion(data_dir: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_common_arguments(parser, "tiny models and one seed: a few seconds (the test suite runs it)")
+    _bench.add_malloc_argument(parser)
     parser.add_argument("--sections", default="latency,onnxruntime,tables,accuracy",
                         help="comma-separated sections to run")
     parser.add_argument("--accuracy-data", choices=("digits", "fashion-mnist"), default="fashion-mnist",
@@ -581,6 +582,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="latency-table cache (default: a fresh temporary folder)")
     args = parser.parse_args()
     threads = _bench.setup_threads(args.threads)
+    malloc = _bench.setup_malloc(args.malloc)
     _MODEL_SET["name"] = args.models
     _bench.set_trainer(args.accelerator, args.devices)
     out = _bench.output_dir(args)
@@ -588,7 +590,7 @@ def main() -> None:
     cache_root = args.cache or Path(tempfile.mkdtemp(prefix="latency-cache-"))
     started = time.perf_counter()
     result: dict[str, Any] = {"machine": _bench.machine(), "threads": threads, "smoke": args.smoke,
-                              "device": str(_bench.device()), "models": args.models, "note": "CPU shared with other work: interleaved medians"}
+                              "device": str(_bench.device()), "models": args.models, "malloc": malloc, "note": "CPU shared with other work: interleaved medians"}
     if "latency" in sections:
         result["latency"] = latency_section(args.smoke, cache_root)
     if "onnxruntime" in sections:

@@ -54,6 +54,7 @@ import lightning as L
 import torch
 from _bench import (
     add_common_arguments,
+    add_malloc_argument,
     criteria_names,
     latency_ms,
     log,
@@ -62,6 +63,7 @@ from _bench import (
     make_trainer,
     output_dir,
     refresh_readme,
+    setup_malloc,
     setup_threads,
     write_outputs,
 )
@@ -533,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latency-rounds", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0)
     add_common_arguments(parser, "one criterion, one target, one repeat, one epoch")
+    add_malloc_argument(parser)
     parser.add_argument("--readme", type=Path, default=None, help="also put the tables between the README's markers")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
     parser.add_argument("--step-data", choices=("digits", "fashion-mnist"), default="digits",
@@ -552,12 +555,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.step_criteria = ["l1", "filter_ensembles"] if args.smoke else criteria_names()
     args.out = output_dir(args)
     setup_threads(args.threads)
+    malloc = setup_malloc(args.malloc)
     started = time.perf_counter()
     sections = set(args.sections)
 
     result: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine(),
+        "malloc": malloc,
     }
     if "overhead" in sections:
         result["step_overhead"] = {}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_prune.engine.heap import _glibc_mallopt
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TP = "torch-pruning (l1, local)"
 MP = "ModelPruning (ln_structured)"
@@ -165,6 +167,8 @@ def test_latency_benchmark_smoke(tmp_path):
     """examples/benchmark_latency.py --smoke: every section writes its rows, the files exist."""
     _run("benchmark_latency.py", tmp_path, 300, "--cache", str(tmp_path / "cache"))
     result = json.loads((tmp_path / "latency.json").read_text())
+    # --malloc retain by default: applied wherever glibc is
+    assert result["malloc"] == {"mode": "retain", "applied": _glibc_mallopt() is not None}
     rows = [r for r in result["latency"] if "error" not in r]
     assert {r["variant"] for r in rows} == {"latency 0.5", "MACs 0.5", "MACs 0.5, round_to=auto"}
     for r in rows:
