@@ -7,8 +7,9 @@ call, so each call may fault its activations' pages in again (a 16 MiB activatio
 faults), or may not, depending on where the moving threshold stands, which depends on everything
 the process allocated before. Timings then depend on the process's history:
 measured on this project's benchmark machine, the same pruned torchvision ResNet-18 (batch 64,
-64 px) ran in 0.65x of the dense model in a fresh process and in 0.57x inside a process that had
-built latency tables first, and the candidates of ``round_to="auto"`` were ranked differently.
+64 px) ran in 0.65x of the dense model in fresh processes and in 0.57x inside two of three processes
+that had built latency tables first, where the candidates of ``round_to="auto"`` were ranked
+differently.
 
 :func:`retain_freed_memory` pins the thresholds (blocks up to 32 MiB come from the heap, which is
 never trimmed below 2 GiB), so the pages a forward frees are reused by the next one, whatever ran
@@ -82,7 +83,7 @@ def retain_freed_memory(mallopt: Callable[[int, int], int] | None = None) -> boo
     if call is None:
         return False
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))
-    applied = all([call(parameter, value) == 1 for parameter, value in settings])
+    applied = all([call(parameter, value) == 1 for parameter, value in settings])  # a list: every setting tried
     if mallopt is None:
         _retained = _retained or applied
     return applied
